@@ -1,0 +1,3 @@
+"""Ray-distributed RLHF for summarization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,223 @@
+"""Turning (document, summary) text into model inputs, shared by the policy and the scalar heads.
+
+One rule everywhere: only the document is ever cut to fit a length limit. A summary is cut only to
+``max_target_length`` (its own limit), never to make room for a document, because the summary is
+what is trained on or scored. Documents keep their beginning (they are cut on the right): news
+and papers put the main point first, and this matches what hub tokenizers do by default.
+
+Each encoder logs ONE warning per call with how many documents were cut, rather than one per
+document, so a long dataset does not flood the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from transformers import BatchEncoding, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+# Causal prompt = document + separator; the summary follows it. This is the ending of the OpenAI
+# summarize_from_feedback prompts, so hub checkpoints tuned on them see a familiar format.
+CAUSAL_SEPARATOR = "\nTL;DR:"
+
+
+class ModelKind(str, Enum):
+    """How a backbone reads a (document, summary) pair."""
+
+    ENCODER = "encoder"  # BERT/MiniLM: "[CLS] summary [SEP] document [SEP]"
+    DECODER = "decoder"  # GPT-2/Llama: "document\nTL;DR: summary<eos>"
+    ENCODER_DECODER = "encoder_decoder"  # T5/BART/LED: document -> encoder, summary -> decoder
+
+
+def model_kind(config: PretrainedConfig) -> ModelKind:
+    """The kind from the model's config alone, so a folder or hub name needs no extra flag.
+
+    Masked-LM model types (bert, roberta, ...) are encoders; BERT also has a causal-LM class, so
+    the causal-LM mapping cannot tell them apart. Everything else that is not seq2seq is causal.
+    """
+    if config.is_encoder_decoder:
+        return ModelKind.ENCODER_DECODER
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return ModelKind.ENCODER
+    return ModelKind.DECODER
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """Longest input the model's position embeddings allow (encoder side); None if unbounded (T5)."""
+    for name in ("max_encoder_position_embeddings", "n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token limits after the model's own limit is applied.
+
+    ``source``: encoder input (seq2seq), whole prompt (causal), or whole pair (encoder-only).
+    ``target``: summary tokens including the closing eos.
+    """
+
+    source: int
+    target: int
+
+
+def limits_for(config: PretrainedConfig, max_source_length: int, max_target_length: int) -> Limits:
+    """Fit the configured lengths to the model: a causal prompt leaves room for the summary."""
+    kind = model_kind(config)
+    positions = max_positions(config)
+    wanted = max_source_length + max_target_length if kind is ModelKind.ENCODER else max_source_length
+    if positions is None:
+        return Limits(wanted, max_target_length)
+    if kind is ModelKind.DECODER:
+        positions -= max_target_length
+    if positions <= 0:
+        raise ValueError(f"max_target_length ({max_target_length}) leaves no room for a document")
+    return Limits(min(wanted, positions), max_target_length)
+
+
+def _warn_truncated(count: int, total: int, limit: int) -> None:
+    if count:
+        logger.warning("truncated %d of %d documents to fit %d tokens", count, total, limit)
+
+
+def _text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens; verbose=False hides the per-text 'too long' warning."""
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def pad_rows(rows: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Pad ragged rows to one (B, T) tensor on the given side."""
+    width = max(len(row) for row in rows)
+    padded = [
+        row + [value] * (width - len(row)) if side == "right" else [value] * (width - len(row)) + row
+        for row in rows
+    ]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def encode_sources(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int, is_led: bool = False
+) -> BatchEncoding:
+    """Encoder inputs for a seq2seq model, right-padded; LED also gets its global attention mask.
+
+    LED's sliding-window attention needs at least one globally attending token; the first one is
+    the convention from the LED paper for summarization.
+    """
+    room = limit - tokenizer.num_special_tokens_to_add(pair=False)
+    _warn_truncated(sum(len(ids) > room for ids in _text_ids(tokenizer, documents)), len(documents), limit)
+    batch = tokenizer(
+        documents, truncation=True, max_length=limit, padding=True, return_tensors="pt"
+    )
+    if is_led:
+        global_mask = torch.zeros_like(batch["input_ids"])  # (B, S)
+        global_mask[:, 0] = 1
+        batch["global_attention_mask"] = global_mask
+    return batch
+
+
+def encode_seq2seq_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[str],
+    summaries: list[str],
+    limits: Limits,
+    is_led: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Encoder inputs plus ``labels`` (B, L), -100 on padding, and ``decoder_attention_mask``.
+
+    The model builds its decoder inputs by shifting labels right, so the labels' mask is also the
+    decoder's mask.
+    """
+    batch = dict(encode_sources(tokenizer, documents, limits.source, is_led))
+    targets = tokenizer(
+        text_target=summaries, truncation=True, max_length=limits.target, padding=True,
+        return_tensors="pt",
+    )
+    mask = targets["attention_mask"]  # (B, L)
+    batch["labels"] = targets["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+    batch["decoder_attention_mask"] = mask
+    return batch
+
+
+def _prompt_rows(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int
+) -> list[list[int]]:
+    """bos (only when distinct from eos, as in Llama) + document cut to fit + separator."""
+    prefix = [] if tokenizer.bos_token_id in (None, tokenizer.eos_token_id) else [tokenizer.bos_token_id]
+    separator = _text_ids(tokenizer, [CAUSAL_SEPARATOR])[0]
+    room = limit - len(prefix) - len(separator)
+    if room <= 0:
+        raise ValueError(f"source limit {limit} leaves no room for a document after the separator")
+    doc_ids = _text_ids(tokenizer, documents)
+    _warn_truncated(sum(len(ids) > room for ids in doc_ids), len(documents), limit)
+    return [prefix + ids[:room] + separator for ids in doc_ids]
+
+
+def encode_causal_prompts(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int
+) -> BatchEncoding:
+    """Prompts for generation, LEFT-padded so every row's next token goes at the same position.
+
+    Generation appends new tokens after the last column; with right padding short prompts would
+    continue after pad tokens. Models read positions from the attention mask in ``generate``.
+    """
+    rows = _prompt_rows(tokenizer, documents, limit)
+    input_ids = pad_rows(rows, tokenizer.pad_token_id, side="left")  # (B, P)
+    attention_mask = pad_rows([[1] * len(row) for row in rows], 0, side="left")  # (B, P)
+    return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def encode_causal_pairs(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], summaries: list[str], limits: Limits
+) -> dict[str, torch.Tensor]:
+    """prompt + summary + eos, right-padded; labels are the summary and eos, -100 elsewhere."""
+    prompts = _prompt_rows(tokenizer, documents, limits.source)
+    answers = [ids[: limits.target - 1] + [tokenizer.eos_token_id] for ids in _text_ids(tokenizer, summaries)]
+    rows = [prompt + answer for prompt, answer in zip(prompts, answers)]
+    labels = [[IGNORE_INDEX] * len(prompt) + answer for prompt, answer in zip(prompts, answers)]
+    return {
+        "input_ids": pad_rows(rows, tokenizer.pad_token_id),  # (B, T)
+        "attention_mask": pad_rows([[1] * len(row) for row in rows], 0),  # (B, T)
+        "labels": pad_rows(labels, IGNORE_INDEX),  # (B, T)
+    }
+
+
+def encode_text_pairs(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], summaries: list[str], limits: Limits
+) -> BatchEncoding:
+    """Encoder-only pair "[CLS] summary [SEP] document [SEP]", right-padded.
+
+    The summary goes first so that cutting the document (``only_second``) can never reach it. A
+    summary longer than its own limit is cut by decoding its first tokens (the tokenizers backend
+    cannot join special tokens around raw ids), which is exact for WordPiece up to spacing.
+    """
+    summary_ids = _text_ids(tokenizer, summaries)
+    summaries = [
+        tokenizer.decode(ids[: limits.target]) if len(ids) > limits.target else text
+        for ids, text in zip(summary_ids, summaries)
+    ]
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    cut = sum(
+        len(doc) > limits.source - specials - min(len(summ), limits.target)
+        for doc, summ in zip(_text_ids(tokenizer, documents), summary_ids)
+    )
+    _warn_truncated(cut, len(documents), limits.source)
+    return tokenizer(
+        summaries, documents, truncation="longest_first", max_length=limits.source, padding=True,
+        return_tensors="pt",
+    )
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs from labels (B, L): start token, then labels[:-1], -100 replaced by pad."""
+    shifted = labels.new_full(labels.shape, pad_id)  # (B, L)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start_id
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)

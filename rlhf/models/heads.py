@@ -1,0 +1,238 @@
+"""Scalar heads over a backbone: the reward model (one score per pair) and the value model
+(one value per token). Both are the same class pattern; only pooling and saved metadata differ.
+
+Saved layout (a folder): the backbone in Hugging Face layout (config + safetensors), the
+tokenizer, ``scalar_head.safetensors`` (the head's weight and bias) and ``scalar_head.json``
+(kind, role, and for the reward model the normalisation constants).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config.sections import ModelConfig
+from rlhf.models.encoding import (
+    ModelKind,
+    encode_causal_pairs,
+    encode_seq2seq_pairs,
+    encode_text_pairs,
+    limits_for,
+    model_kind,
+    shift_right,
+)
+from rlhf.models.policy import enable_activation_checkpointing
+from rlhf.models.tiny import build_tiny_backbone, is_tiny_preset
+from rlhf.models.tokenizer import load_tokenizer
+
+HEAD_WEIGHTS = "scalar_head.safetensors"
+HEAD_META = "scalar_head.json"
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) that start at 0 on each row's first real token.
+
+    A causal backbone called outside ``generate`` numbers columns, not tokens, so a left-padded
+    row (PPO rollouts) would otherwise see shifted positions and give different values.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of each row's last real token; right or left padding both work."""
+    return mask.shape[1] - 1 - mask.long().flip(1).argmax(1)
+
+
+class ScalarHeadModel(nn.Module):
+    """``backbone`` -> hidden states (B, T, H) -> ``head`` -> one scalar per token (B, T).
+
+    For an encoder-decoder backbone the tokens are the decoder's: the document is read by the
+    encoder and the summary by the decoder, so values line up with summary tokens as in PPO.
+    """
+
+    role: ClassVar[str] = "scalar"
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_source_length: int,
+        max_target_length: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.kind = model_kind(backbone.config)
+        self.limits = limits_for(backbone.config, max_source_length, max_target_length)
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # Small random init (std 1/sqrt(H+1), as in Ziegler et al. 2019): a zero head would make
+        # every fresh score equal and hide wiring mistakes; the seed keeps it reproducible.
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator)
+            self.head.bias.zero_()
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Per-token values (B, T) for the inputs of ``encode_pairs`` (labels are ignored)."""
+        inputs.pop("labels", None)
+        if self.kind is ModelKind.DECODER and "position_ids" not in inputs:
+            inputs["position_ids"] = positions_from_mask(inputs["attention_mask"])
+        hidden = self.backbone(**inputs).last_hidden_state  # (B, T, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T)
+
+    def encode_pairs(self, documents: list[str], summaries: list[str]) -> dict[str, torch.Tensor]:
+        """Inputs for ``forward``; only documents are cut to fit (see rlhf.models.encoding).
+
+        Encoder: "[CLS] summary [SEP] document [SEP]". Decoder: document + separator + summary +
+        eos, right-padded. Encoder-decoder: document -> encoder; start + summary -> decoder, so
+        the last decoder position has read the whole summary.
+        """
+        if self.kind is ModelKind.ENCODER:
+            return dict(encode_text_pairs(self.tokenizer, documents, summaries, self.limits))
+        if self.kind is ModelKind.DECODER:
+            batch = encode_causal_pairs(self.tokenizer, documents, summaries, self.limits)
+            del batch["labels"]
+            return batch
+        is_led = self.backbone.config.model_type == "led"
+        batch = encode_seq2seq_pairs(self.tokenizer, documents, summaries, self.limits, is_led)
+        config = self.backbone.config
+        start = config.decoder_start_token_id
+        batch["decoder_input_ids"] = shift_right(batch.pop("labels"), start, config.pad_token_id)
+        return batch
+
+    def metadata(self) -> dict[str, Any]:
+        """What ``scalar_head.json`` records besides the weights."""
+        return {"kind": self.kind.value, "role": self.role}
+
+    @classmethod
+    def _kwargs_from_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def save(self, path: str | Path) -> None:
+        """Backbone (HF layout, safetensors) + tokenizer + head weights + head metadata."""
+        folder = Path(path)
+        self.backbone.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
+        save_file(head, str(folder / HEAD_WEIGHTS))
+        (folder / HEAD_META).write_text(json.dumps(self.metadata(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, dtype: torch.dtype | None = None) -> ScalarHeadModel:
+        """From a preset's backbone, a plain HF folder / hub name (fresh head), or our folder."""
+        name = cfg.name_or_path
+        saved = not is_tiny_preset(name) and (Path(name) / HEAD_META).is_file()
+        metadata = json.loads((Path(name) / HEAD_META).read_text()) if saved else {}
+        model = cls(
+            _load_backbone(name, dtype), load_tokenizer(name), cfg.max_source_length,
+            cfg.max_target_length, **cls._kwargs_from_metadata(metadata),
+        )
+        if saved:
+            _check_kind(metadata, model.kind, name)
+            model.head.load_state_dict(load_file(str(Path(name) / HEAD_WEIGHTS)))
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model.backbone)
+        return model.eval()
+
+
+def _load_backbone(name: str, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The base model without any LM head; safetensors only, so loading never unpickles.
+
+    AutoModel on an LM checkpoint (GPT2LMHeadModel, T5ForConditionalGeneration) keeps the base
+    weights and drops the LM head, so an SFT policy folder can start a reward or value model.
+    """
+    if is_tiny_preset(name):
+        backbone = build_tiny_backbone(name)
+        return backbone if dtype is None else backbone.to(dtype)
+    return AutoModel.from_pretrained(name, dtype=dtype, use_safetensors=True)
+
+
+def _check_kind(metadata: dict[str, Any], kind: ModelKind, name: str) -> None:
+    if metadata.get("kind", kind.value) != kind.value:
+        raise ValueError(f"{name}: {HEAD_META} says kind {metadata['kind']!r}, backbone is {kind.value!r}")
+
+
+class RewardModel(ScalarHeadModel):
+    """One score per (document, summary) pair; higher means humans would prefer it.
+
+    ``reward_mean``/``reward_std`` are the raw scores' statistics on reference data, saved with
+    the model so PPO can normalise rewards with the numbers the model was calibrated on.
+    """
+
+    role: ClassVar[str] = "reward"
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_source_length: int,
+        max_target_length: int,
+        seed: int = 0,
+        reward_mean: float = 0.0,
+        reward_std: float = 1.0,
+    ) -> None:
+        super().__init__(backbone, tokenizer, max_source_length, max_target_length, seed)
+        self.reward_mean = float(reward_mean)
+        self.reward_std = float(reward_std)
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Raw scores (B,): the [CLS] value for encoders, else the value at the last real token."""
+        if self.kind is ModelKind.ENCODER_DECODER:
+            mask = inputs["decoder_attention_mask"]  # (B, L)
+        else:
+            mask = inputs["attention_mask"]  # (B, T)
+        values = super().forward(**inputs)  # (B, T)
+        if self.kind is ModelKind.ENCODER:
+            return values[:, 0]
+        return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)  # (B,)
+
+    @torch.no_grad()
+    def score(self, documents: list[str], summaries: list[str]) -> torch.Tensor:
+        """Raw scores (B,) for text pairs, on the CPU; see ``normalize`` for PPO's rewards."""
+        device = next(self.parameters()).device
+        batch = {k: v.to(device) for k, v in self.encode_pairs(documents, summaries).items()}
+        return self(**batch).float().cpu()
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """(scores - reward_mean) / reward_std, same shape."""
+        return (scores - self.reward_mean) / self.reward_std
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "reward_mean": self.reward_mean, "reward_std": self.reward_std}
+
+    @classmethod
+    def _kwargs_from_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {key: metadata[key] for key in ("reward_mean", "reward_std") if key in metadata}
+
+
+class ValueModel(ScalarHeadModel):
+    """Per-token values (B, T) for PPO's critic; ``forward`` is the base class's.
+
+    It may be loaded from a saved reward model folder (a common critic initialisation): the head
+    weights are reused and the reward statistics ignored.
+    """
+
+    role: ClassVar[str] = "value"
+
+
+def load_reward_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> RewardModel:
+    """Reward model from a preset, an HF folder / hub name (fresh head), or a folder we saved."""
+    model = RewardModel.load(cfg, dtype)
+    assert isinstance(model, RewardModel)
+    return model
+
+
+def load_value_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> ValueModel:
+    """Value model from the same sources as ``load_reward_model``."""
+    model = ValueModel.load(cfg, dtype)
+    assert isinstance(model, ValueModel)
+    return model

@@ -1,0 +1,125 @@
+"""The summarization policy: a seq2seq (T5/BART/LED) or causal (GPT-2/Llama) LM plus its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BatchEncoding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.config.sections import ModelConfig
+from rlhf.models.encoding import (
+    Limits,
+    encode_causal_pairs,
+    encode_causal_prompts,
+    encode_seq2seq_pairs,
+    encode_sources,
+    limits_for,
+)
+from rlhf.models.tiny import build_tiny_lm, is_tiny_preset
+from rlhf.models.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Policy:
+    """A language model with the encoding rules that go with it.
+
+    Not an nn.Module: trainers and DeepSpeed wrap ``model`` itself; this class only keeps the
+    model, its tokenizer and its length limits together so every role encodes text the same way.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_source_length: int,
+        max_target_length: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder: bool = bool(model.config.is_encoder_decoder)
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.limits: Limits = limits_for(model.config, max_source_length, max_target_length)
+
+    @property
+    def is_led(self) -> bool:
+        return self.model.config.model_type == "led"
+
+    def encode_documents(self, documents: list[str]) -> BatchEncoding:
+        """Generation inputs for ``model.generate``, documents cut to ``limits.source``.
+
+        Seq2seq: encoder inputs, right-padded (+ ``global_attention_mask`` for LED).
+        Causal: ``document + CAUSAL_SEPARATOR``, LEFT-padded, so generated tokens follow each
+        prompt directly; the generated part of a row starts at column ``input_ids.shape[1]``.
+        """
+        if self.is_encoder_decoder:
+            return encode_sources(self.tokenizer, documents, self.limits.source, self.is_led)
+        return encode_causal_prompts(self.tokenizer, documents, self.limits.source)
+
+    def encode_pairs(self, documents: list[str], summaries: list[str]) -> dict[str, torch.Tensor]:
+        """Training inputs with ``labels`` (right-padded); ``model(**batch).loss`` is the SFT loss.
+
+        Seq2seq: labels are the summary + eos, -100 on padding. Causal: ``input_ids`` is prompt +
+        summary + eos and labels are -100 on the prompt and padding, so the loss is on the
+        summary only. Only documents are cut to fit; summaries only to ``max_target_length``.
+        """
+        if self.is_encoder_decoder:
+            return encode_seq2seq_pairs(
+                self.tokenizer, documents, summaries, self.limits, self.is_led
+            )
+        return encode_causal_pairs(self.tokenizer, documents, summaries, self.limits)
+
+    @torch.no_grad()
+    def generate(self, documents: list[str], **gen_kwargs) -> list[str]:
+        """Summaries as text, without the prompt; ``gen_kwargs`` go to ``model.generate``."""
+        batch = self.encode_documents(documents).to(self.model.device)
+        gen_kwargs.setdefault("max_new_tokens", self.max_target_length)
+        gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        output = self.model.generate(**batch, **gen_kwargs)  # (B, T_out)
+        if not self.is_encoder_decoder:
+            output = output[:, batch["input_ids"].shape[1]:]  # drop the left-padded prompt
+        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+    def save(self, path: str | Path) -> None:
+        """Hugging Face layout (config, safetensors, generation config, tokenizer)."""
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+
+def _load_model(name_or_path: str, dtype: torch.dtype | None) -> PreTrainedModel:
+    """Preset, folder or hub name; seq2seq vs causal is read from the config, never guessed.
+
+    ``use_safetensors=True`` refuses pickled ``.bin`` weights, which could run code on load.
+    """
+    if is_tiny_preset(name_or_path):
+        model = build_tiny_lm(name_or_path)
+        return model if dtype is None else model.to(dtype)
+    config = AutoConfig.from_pretrained(name_or_path)
+    auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto_class.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward; transformers 5 renamed the method (old name warns)."""
+    model.config.use_cache = False  # a KV cache is useless, and refused, when recomputing
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+
+
+def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Policy:
+    """The policy named by ``cfg.name_or_path``; ``dtype`` None keeps the checkpoint's dtype."""
+    model = _load_model(cfg.name_or_path, dtype)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    tokenizer = load_tokenizer(cfg.name_or_path)
+    return Policy(model, tokenizer, cfg.max_source_length, cfg.max_target_length)

@@ -1,0 +1,26 @@
+"""Tokenizer loading for presets, our saved folders, and hub names."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
+
+from rlhf.models.tiny import is_tiny_preset
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer for a preset (ByT5, no files), a saved folder, or a hub name.
+
+    A folder we saved holds ByT5's ``tokenizer_config.json``, which AutoTokenizer reads back as a
+    ByT5Tokenizer, so folders and hub names share one path. Causal LMs often have no pad token
+    (GPT-2, Llama): eos stands in, which is safe because every batch carries an attention mask and
+    labels never read padding. Padding is on the right (training); generation pads prompts on the
+    left explicitly at the call site rather than flipping this shared setting.
+    """
+    if is_tiny_preset(name_or_path):
+        tokenizer = ByT5Tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

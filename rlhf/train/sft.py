@@ -1,0 +1,75 @@
+"""Supervised fine-tuning of the summarization policy (seq2seq or causal) on Ray Train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlhf.config.jobs import SFTConfig
+from rlhf.config.sections import ModelConfig
+from rlhf.data.schemas import Schema
+from rlhf.eval.rouge import rouge
+from rlhf.models import Policy, load_policy
+from rlhf.train.data import train_and_validation
+from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
+
+
+def _chunks(rows: Rows, size: int) -> list[Rows]:
+    n = len(next(iter(rows.values()))) if rows else 0
+    return [{k: v[i : i + size] for k, v in rows.items()} for i in range(0, n, size)]
+
+
+@dataclass
+class SFTTask:
+    """Token-level cross-entropy on the summary given the document (the model's own loss)."""
+
+    model_cfg: ModelConfig
+    batch_size: int
+    rouge_rows: int
+    zero_stage: int
+    policy: Policy | None = field(default=None, repr=False)
+
+    def build_model(self) -> nn.Module:
+        self.policy = load_policy(self.model_cfg)
+        return self.policy.model
+
+    def _batch(self, model: nn.Module, rows: Rows) -> dict[str, torch.Tensor]:
+        batch = self.policy.encode_pairs(rows["original_text"], rows["summary"])
+        device = next(model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
+        return model(**self._batch(model, rows)).loss, {}
+
+    def evaluate(self, model: nn.Module, rows: Rows) -> dict[str, float]:
+        losses = [model(**self._batch(model, chunk)).loss.item()
+                  for chunk in _chunks(rows, self.batch_size)]
+        metrics = {"val_loss": sum(losses) / len(losses)}
+        if self.rouge_rows:
+            sample = {k: v[: self.rouge_rows] for k, v in rows.items()}
+            synced = self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+            predictions = self.policy.generate(sample["original_text"], do_sample=False,
+                                               synced_gpus=synced)
+            metrics.update(rouge(predictions, sample["summary"]))
+        return metrics
+
+    def finalize(self, model: nn.Module) -> None:
+        """Nothing to compute after SFT."""
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        self.policy.save(path)
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; the final model lands in ``output_dir/model``."""
+    train, validation = train_and_validation(
+        cfg.data, cfg.eval_data, Schema.SFT, cfg.train.validation_fraction, cfg.seed
+    )
+    print(f"sft: {train.num_rows} training pairs, {validation.num_rows} validation pairs", flush=True)
+    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.zero_stage)
+    settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
+    return run_training(task, settings, train, validation, resume=resume)

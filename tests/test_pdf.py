@@ -1,0 +1,284 @@
+"""Tests for rlhf.data.pdf: a real two-column ACL paper, a generated PDF with a known layout,
+and every bad-input case."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import reportlab
+from pdfminer.high_level import extract_text
+from reportlab.lib.pagesizes import letter
+from reportlab.pdfbase import pdfmetrics
+from reportlab.pdfbase.ttfonts import TTFont
+from reportlab.pdfgen import canvas
+
+from rlhf.data.pdf import Paper, PdfError, Section, clean_text, extract_paper
+
+DATA = Path(__file__).parent / "data"
+REAL_PDF = DATA / "2023.eacl-main.121.pdf"
+LIGATURES = "\ufb00\ufb01\ufb02\ufb03\ufb04"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def real() -> Paper:
+    return extract_paper(REAL_PDF)
+
+
+@pytest.fixture(scope="module")
+def meta() -> dict:
+    rows = [json.loads(line) for line in (DATA / "pdfs_meta.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r["file"].endswith(REAL_PDF.name))
+
+
+# --- real paper ---------------------------------------------------------------------------
+
+
+def test_real_title(real: Paper, meta: dict) -> None:
+    assert _norm(real.title) == _norm(meta["title"])
+
+
+def test_real_abstract(real: Paper, meta: dict) -> None:
+    # Exact: small caps (LONGEVAL -> LongEval), footnote mark and hyphenation are all undone.
+    assert _norm(real.abstract) == _norm(meta["abstract"])
+
+
+def test_real_headings_in_document_order(real: Paper) -> None:
+    headings = [s.heading for s in real.sections]
+    assert headings == [
+        "1 Introduction",
+        "2 Survey of human evaluation practices",
+        "3 The LongEval guidelines for faithfulness human evaluation",
+        "3.1 RQ1: Does inter-annotator agreement improve using fine-grained annotations?",
+        "3.2 RQ2: Can we reduce annotator workload by partially annotating a long summary?",
+        "3.3 RQ3: Is it useful to align summary units to sentences in the source document?",
+        "3.4 To what extent do our findings generalize to short-form summarization?",
+        "4 Related Work",
+        "5 Conclusion",
+        "Limitations",
+        "Ethical Considerations",
+        "Acknowledgments",
+    ]
+    assert all(s.text for s in real.sections)
+
+
+def test_real_references_and_appendix_dropped(real: Paper) -> None:
+    text = real.to_text()
+    assert not any("reference" in s.heading.lower() for s in real.sections)
+    # Titles of cited papers, as they appear in the reference list.
+    assert "A Dataset and Evaluation Platform for Machine-in-the-Loop" not in text
+    assert "Evaluating content selection in summarization" not in text
+    # Appendix headings: the appendices follow the references and are dropped with them.
+    assert "Bootstrap analysis of inter-annotator" not in text
+    assert "Additional Survey Statistics" not in text
+
+
+def test_real_front_matter_and_page_furniture_dropped(real: Paper) -> None:
+    text = real.to_text()
+    for junk in (
+        "allenai.org",
+        "University of Massachusetts",
+        "Proceedings of the 17th",
+        "Kalpesh Krishna♠",
+        "1650",
+        "longeval-summarization",
+        "PubMed + ngram block",  # Table 3 cells, set in body-size font inside the column
+    ):
+        assert junk not in text, junk
+    for section in real.sections:
+        assert not re.search(r"\b(Figure|Table) \d+:", section.text), section.heading
+        assert not re.search(r"(?m)^\s*\d+\s*$", section.text), section.heading
+
+
+def test_real_two_column_reading_order(real: Paper) -> None:
+    intro = real.sections[0].text
+    # This sentence runs from the bottom of the left column (above a footnote) to the top of
+    # the right column of page 1.
+    assert (
+        "Human judgments are considered the gold standard for evaluating model-generated "
+        "summaries (Kryscinski et al., 2019; Fabbri et al., 2021)"
+    ) in intro
+    assert intro.index("gold standard") < intro.index("To better understand the challenges")
+
+
+def test_real_text_is_clean(real: Paper) -> None:
+    text = real.to_text()
+    assert not set(LIGATURES) & set(text)
+    assert "-\n" not in text
+    assert "summarization" in text and "summari- zation" not in text
+    assert "\n\n" in real.sections[0].text  # paragraph breaks survive
+    assert not re.search(r"[\x00-\x08\x0b-\x1f]", text)
+
+
+# --- generated PDF with a known layout ------------------------------------------------------
+
+FONT_DIR = Path(reportlab.__file__).parent / "fonts"
+TITLE = "Robust Extraction of Scholarly Text"
+ABSTRACT = "We study how to recover clean text from papers. Our method works well."
+HEADER = "Proceedings of the Workshop on Careful Testing 2024"
+
+
+def _fonts() -> None:
+    """Vera is shipped with reportlab and has the fi ligature glyph (U+FB01)."""
+    pdfmetrics.registerFont(TTFont("Vera", str(FONT_DIR / "Vera.ttf")))
+    pdfmetrics.registerFont(TTFont("VeraBd", str(FONT_DIR / "VeraBd.ttf")))
+
+
+def _furniture(c: canvas.Canvas, page: int) -> None:
+    """Running header at a fixed position; the page number drifts (so only the page-number
+    rule, not the repeated-line rule, can remove it)."""
+    c.setFont("Vera", 10)
+    c.drawString(50, 760, HEADER)
+    c.drawCentredString(306, 20 + 15 * page, str(page))
+
+
+def _lines(
+    c: canvas.Canvas,
+    x: float,
+    y: float,
+    lines: list[str],
+    font: str = "Vera",
+    size: float = 10,
+    leading: float = 12,
+) -> float:
+    c.setFont(font, size)
+    for line in lines:
+        c.drawString(x, y, line)
+        y -= leading
+    return y
+
+
+def _known_layout_pdf() -> bytes:
+    _fonts()
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf, pagesize=letter)
+    _furniture(c, 1)
+    _lines(c, 120, 700, [TITLE], "VeraBd", 18)
+    _lines(c, 150, 670, ["Ada Lovelace, Example University, ada@example.org"], size=11)
+    _lines(c, 50, 630, ["Abstract"], "VeraBd", 12)
+    _lines(c, 50, 612, ["We study how to recover clean text from papers.", "Our method works well."])
+    _lines(c, 50, 570, ["1 Introduction"], "VeraBd", 12)
+    _lines(
+        c,
+        50,
+        550,
+        [
+            "Automatic summari-",
+            "zation of papers needs clean input. We \ufb01nd that",
+            "layout matters a lot.",
+        ],
+    )
+    _lines(c, 50, 500, ["A second paragraph starts here."])
+    c.showPage()
+    _furniture(c, 2)
+    _lines(c, 50, 700, ["2 Method"], "VeraBd", 12)
+    _lines(c, 50, 680, ["The left column comes first and", "continues down the page."])
+    c.rect(50, 520, 200, 120)
+    _lines(c, 50, 500, ["Figure 1: The extraction pipeline."])
+    _lines(c, 50, 460, ["Then the left column ends here", "and the text moves on to the"])
+    _lines(c, 330, 700, ["right column, which is read", "second."])
+    _lines(c, 330, 650, ["References"], "VeraBd", 12)
+    _lines(c, 330, 630, ["A. Turing. 1950. Computing Machinery", "and Intelligence. Mind."])
+    c.showPage()
+    c.save()
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def known() -> tuple[bytes, Paper]:
+    data = _known_layout_pdf()
+    return data, extract_paper(data)
+
+
+def test_known_layout_exercises_ligature(known: tuple[bytes, Paper]) -> None:
+    assert "\ufb01" in extract_text(io.BytesIO(known[0]))  # so normalisation is really tested
+
+
+def test_known_layout_structure(known: tuple[bytes, Paper]) -> None:
+    paper = known[1]
+    assert paper.title == TITLE
+    assert paper.abstract == ABSTRACT
+    assert [s.heading for s in paper.sections] == ["1 Introduction", "2 Method"]
+    assert paper.sections[0].text == (
+        "Automatic summarization of papers needs clean input. We find that layout matters a lot."
+        "\n\nA second paragraph starts here."
+    )
+    assert paper.sections[1].text == (
+        "The left column comes first and continues down the page.\n\n"
+        "Then the left column ends here and the text moves on to the right column, "
+        "which is read second."
+    )
+
+
+def test_known_layout_drops_furniture(known: tuple[bytes, Paper]) -> None:
+    text = known[1].to_text()
+    for junk in (HEADER, "Figure 1", "pipeline", "Turing", "Ada Lovelace", "example.org"):
+        assert junk not in text, junk
+    assert not re.search(r"(?m)^\s*\d+\s*$", text)
+
+
+def test_paper_serialisation() -> None:
+    paper = Paper("T", "A", [Section("1 Intro", "Body.")])
+    assert paper.to_dict() == {
+        "title": "T",
+        "abstract": "A",
+        "sections": [{"heading": "1 Intro", "text": "Body."}],
+    }
+    assert paper.to_text() == "T\n\nA\n\n1 Intro\nBody."
+
+
+def test_clean_text_normalises_ligatures_and_controls() -> None:
+    assert clean_text("e\ufb03cient \ufb02ow\x07 \ufb00") == "efficient flow  ff"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def _expect(source: str | os.PathLike | bytes, pattern: str) -> None:
+    with pytest.raises(PdfError, match=pattern) as info:
+        extract_paper(source)
+    assert "\n" not in str(info.value)
+
+
+def test_error_not_a_pdf(tmp_path: Path) -> None:
+    fake = tmp_path / "notes.pdf"
+    fake.write_text("just some notes, not a PDF\n")
+    _expect(fake, r"not a PDF.*%PDF header")
+
+
+def test_error_missing_file(tmp_path: Path) -> None:
+    _expect(tmp_path / "nope.pdf", "cannot read PDF file")
+
+
+def test_error_truncated() -> None:
+    data = REAL_PDF.read_bytes()
+    _expect(data[: len(data) // 2], "corrupt or truncated")
+
+
+def test_error_corrupt_body() -> None:
+    _expect(b"%PDF-1.7\n1 0 obj << /Type /Catalog garbage\n%%EOF\n", "corrupt or truncated")
+
+
+def test_error_encrypted() -> None:
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf, encrypt="secret")
+    c.drawString(100, 700, "Top secret paper text " * 5)
+    c.save()
+    _expect(buf.getvalue(), "encrypted.*password")
+
+
+def test_error_image_only() -> None:
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf)
+    c.rect(100, 100, 300, 400, fill=1)
+    c.circle(300, 600, 50)
+    c.save()
+    _expect(buf.getvalue(), "no extractable text.*OCR")

@@ -1,0 +1,448 @@
+"""Tests for rlhf.ppo.functional against hand-computed numbers, naive twins and edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo.functional import (
+    KL_KINDS,
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    entropy_from_logits,
+    explained_variance,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+)
+
+
+def lengths_to_mask(lengths: list[int], length: int) -> torch.Tensor:
+    """Right-padded float mask (B, T) with row i having lengths[i] leading ones."""
+    return (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
+def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(
+        actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=1e-5
+    )
+
+
+# ------------------------------------------------------------------------------- masked stats
+
+
+def test_masked_mean_is_token_mean_over_batch_and_per_row_with_dim():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = lengths_to_mask([3, 1], 3)
+    # (1 + 2 + 3 + 4) / 4 = 2.5; a mean of row means would be (2 + 4) / 2 = 3.
+    close(masked_mean(x, mask), 2.5)
+    close(masked_mean(x, mask, dim=-1), [2.0, 4.0])
+    close(masked_mean(x, mask.bool()), 2.5)  # bool masks work too
+
+
+def test_masked_mean_empty_mask_is_zero_not_nan():
+    x = torch.tensor([[1.0, float("nan")]])
+    close(masked_mean(x, torch.zeros(1, 2)), 0.0)
+    close(masked_mean(x, torch.tensor([[1.0, 0.0]]), dim=-1), [1.0])
+
+
+def test_masked_var_biased_and_unbiased():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, -50.0, 7.0]])
+    mask = lengths_to_mask([3, 1], 3)
+    # mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5
+    close(masked_var(x, mask, unbiased=False), 5.0 / 4)
+    close(masked_var(x, mask), 5.0 / 3)
+    # a single masked entry: 0, not nan or an error
+    close(masked_var(x, lengths_to_mask([1, 0], 3)), 0.0)
+
+
+def test_masked_whiten_hand_example():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = lengths_to_mask([3], 4)
+    # mean 2, unbiased var 1 -> (x - 2) / 1; padding -> 0
+    close(masked_whiten(x, mask), [[-1.0, 0.0, 1.0, 0.0]], atol=1e-6)
+    close(masked_whiten(x, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], atol=1e-6)
+
+
+def test_masked_whiten_gives_mean_zero_var_one_on_masked_entries():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, generator=g) * 3 + 5
+    mask = lengths_to_mask([7, 3, 1, 5], 7)
+    w = masked_whiten(x, mask)
+    close(masked_mean(w, mask), 0.0, atol=1e-5)
+    close(masked_var(w, mask), 1.0, atol=1e-5)
+    assert torch.all(w[mask == 0] == 0)
+
+    kept = masked_whiten(x, mask, shift_mean=False)  # scale only: mean kept, var 1
+    close(masked_mean(kept, mask), masked_mean(x, mask), atol=1e-5)
+    close(masked_var(kept, mask), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- logits
+
+
+def test_logprobs_from_logits_hand_example():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # softmax [.25, .75], [.5, .5]
+    labels = torch.tensor([[1, 0]])
+    close(logprobs_from_logits(logits, labels), [[math.log(0.75), math.log(0.5)]])
+
+
+def test_logprobs_from_logits_matches_log_softmax_gather_and_half_precision():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=g) * 4
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    reference = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    out = logprobs_from_logits(logits, labels)
+    assert out.shape == (3, 5)
+    close(out, reference, atol=1e-5)
+
+    # bf16 logits are evaluated in fp32 (same numbers as upcasting first), result fp32.
+    half = logits.to(torch.bfloat16)
+    ref_half = torch.log_softmax(half.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    out_half = logprobs_from_logits(half, labels)
+    assert out_half.dtype == torch.float32
+    close(out_half, ref_half, atol=1e-5)
+
+
+def test_entropy_from_logits_hand_example_and_minus_inf_logits():
+    logits = torch.tensor(
+        [[[0.0, math.log(3.0), -math.inf], [0.0, 0.0, -math.inf], [5.0, -math.inf, -math.inf]]]
+    )
+    # H([.25, .75]) = -(.25 ln .25 + .75 ln .75) = 0.5623351446; H([.5, .5]) = ln 2; H([1]) = 0
+    expected = [[0.5623351446, math.log(2.0), 0.0]]
+    out = entropy_from_logits(logits)
+    assert torch.isfinite(out).all()
+    close(out, expected, atol=1e-6)
+
+
+def test_entropy_from_logits_matches_categorical():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 9, generator=g) * 3
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    close(entropy_from_logits(logits), expected, atol=1e-5)
+    out_half = entropy_from_logits(logits.to(torch.float16))
+    assert out_half.dtype == torch.float32 and out_half.shape == (2, 4)
+    close(out_half, expected, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------- KL
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        # logp - ref = [0.5, -1.0]
+        ("k1", [0.5, -1.0]),
+        # 1/2 (logp - ref)^2
+        ("k2", [0.125, 0.5]),
+        # d = ref - logp = [-0.5, 1.0]; exp(d) - d - 1 = [0.6065306597 - 0.5, e - 2]
+        ("k3", [0.1065306597, 0.7182818285]),
+    ],
+)
+def test_kl_penalty_kinds_on_numbers(kind, expected):
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    close(kl_penalty(logp, ref, kind), [expected], atol=1e-7)
+
+
+def test_kl_penalty_default_is_k1_and_unknown_kind_lists_valid_names():
+    logp, ref = torch.tensor([[-1.0]]), torch.tensor([[-1.5]])
+    close(kl_penalty(logp, ref), [[0.5]])
+    assert set(KL_KINDS) == {"k1", "k2", "k3"}
+    with pytest.raises(ValueError, match=r"k1, k2, k3") as err:
+        kl_penalty(logp, ref, "k4")
+    assert "'k4'" in str(err.value)
+
+
+# ------------------------------------------------------------------------------- rewards
+
+
+def test_shape_rewards_hand_example_with_ragged_rows():
+    scores = torch.tensor([2.0, -1.0])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 7.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -1.0, -3.0]])
+    mask = lengths_to_mask([3, 2], 3)
+    # k1 = logp - ref: row 0 [0.5, -1, 0], row 1 [-0.5, 0, pad]; reward = -0.1 * k1,
+    # plus the score at the last response token (index 2 in row 0, index 1 in row 1).
+    close(
+        shape_rewards(scores, logp, ref, mask, kl_coef=0.1),
+        [[-0.05, 0.1, 2.0], [0.05, -1.0, 0.0]],
+    )
+    # k3 = exp(d) - d - 1 with d = ref - logp:
+    #   row 0: d = [-0.5, 1, 0] -> [0.60653066 - 0.5, e - 2, 0] = [0.10653066, 0.71828183, 0]
+    #   row 1: d = [0.5, 0]     -> [1.64872127 - 1.5, 0]       = [0.14872127, 0]
+    close(
+        shape_rewards(scores, logp, ref, mask, kl_coef=0.1, kind="k3"),
+        [[-0.010653066, -0.071828183, 2.0], [-0.014872127, -1.0, 0.0]],
+    )
+
+
+def test_shape_rewards_empty_row_gets_zeros_and_bad_scores_shape_raises():
+    logp = torch.zeros(2, 3)
+    mask = lengths_to_mask([2, 0], 3)
+    out = shape_rewards(torch.tensor([1.0, 5.0]), logp, logp - 1, mask, kl_coef=0.5)
+    close(out, [[-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="one value per row"):
+        shape_rewards(torch.tensor([1.0, 2.0, 3.0]), logp, logp, mask, kl_coef=0.1)
+
+
+# ------------------------------------------------------------------------------- GAE
+
+
+def test_compute_gae_hand_example():
+    gamma, lam = 0.9, 0.8  # gamma * lam = 0.72
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.2, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [0.1, 0.6, 9.0]])
+    mask = lengths_to_mask([3, 2], 3)
+    # Row 0 (length 3):
+    #   t=2: delta = 1 + 0.9*0 - 0.3 = 0.7                 A2 = 0.7
+    #   t=1: delta = 0 + 0.9*0.3 - 0.4 = -0.13             A1 = -0.13 + 0.72*0.7 = 0.374
+    #   t=0: delta = 0 + 0.9*0.4 - 0.5 = -0.14             A0 = -0.14 + 0.72*0.374 = 0.12928
+    #   returns = A + V = [0.62928, 0.774, 1.0]
+    # Row 1 (length 2; the 5.0 reward and 9.0 value are padding and must be ignored):
+    #   t=1: delta = 1 + 0.9*0 - 0.6 = 0.4                 A1 = 0.4
+    #   t=0: delta = 0.2 + 0.9*0.6 - 0.1 = 0.64            A0 = 0.64 + 0.72*0.4 = 0.928
+    #   returns = [1.028, 1.0, 0]
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    close(adv, [[0.12928, 0.374, 0.7], [0.928, 0.4, 0.0]])
+    close(ret, [[0.62928, 0.774, 1.0], [1.028, 1.0, 0.0]])
+
+
+def naive_gae(rewards, values, lengths, gamma, lam):
+    """Per-row python-loop GAE over plain floats, episode ending at each row's length."""
+    batch, length = len(rewards), len(rewards[0])
+    advs = [[0.0] * length for _ in range(batch)]
+    for b in range(batch):
+        running = 0.0
+        for t in reversed(range(lengths[b])):
+            next_value = values[b][t + 1] if t + 1 < lengths[b] else 0.0
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            running = delta + gamma * lam * running
+            advs[b][t] = running
+    rets = [
+        [advs[b][t] + values[b][t] if t < lengths[b] else 0.0 for t in range(length)]
+        for b in range(batch)
+    ]
+    return advs, rets
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compute_gae_matches_naive_loop_on_random_ragged_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, length = 6, 9
+    lengths = torch.randint(0, length + 1, (batch,), generator=g).tolist()
+    lengths[0] = length  # always one full row
+    rewards = torch.randn(batch, length, generator=g, dtype=torch.float64)
+    values = torch.randn(batch, length, generator=g, dtype=torch.float64)
+    gamma, lam = 0.97, 0.9
+    adv, ret = compute_gae(rewards, values, lengths_to_mask(lengths, length), gamma, lam)
+    exp_adv, exp_ret = naive_gae(rewards.tolist(), values.tolist(), lengths, gamma, lam)
+    close(adv, exp_adv, atol=1e-10)
+    close(ret, exp_ret, atol=1e-10)
+
+
+def test_compute_gae_outputs_are_detached():
+    values = torch.ones(1, 3, requires_grad=True)
+    adv, ret = compute_gae(torch.ones(1, 3), values, torch.ones(1, 3), 1.0, 1.0)
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+# ------------------------------------------------------------------------------- losses
+
+
+def policy_example():
+    """2x3 batch, five response tokens, clip_eps 0.2:
+
+    token  A   ratio  -A*ratio  -A*clip(ratio)  max    clipped branch taken?
+    a     +1   1.5    -1.5      -1.2            -1.2   yes (positive A, ratio too high)
+    b     -1   0.5     0.5       0.8             0.8   yes (negative A, ratio too low)
+    c     +1   0.5    -0.5      -0.8            -0.5   no  (pessimistic side)
+    d     -2   1.5     3.0       2.4             3.0   no  (pessimistic side)
+    e     +2   1.1    -2.2      -2.2            -2.2   no  (inside the clip range)
+    loss = (-1.2 + 0.8 - 0.5 + 3.0 - 2.2) / 5 = -0.02; clip_fraction = 2 / 5 = 0.4
+    """
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.3, -0.7]])
+    log_ratio = torch.tensor(
+        [[math.log(1.5), math.log(0.5), math.log(0.5)], [math.log(1.5), math.log(1.1), 0.0]]
+    )
+    logp = old + log_ratio
+    adv = torch.tensor([[1.0, -1.0, 1.0], [-2.0, 2.0, 0.0]])
+    mask = lengths_to_mask([3, 2], 3)
+    return logp, old, adv, mask
+
+
+def test_policy_loss_hand_example_clipping_for_both_advantage_signs():
+    logp, old, adv, mask = policy_example()
+    logp.requires_grad_(True)
+    loss, clip_fraction, approx_kl = policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    close(loss, -0.02, atol=1e-6)  # a mean of row means would be (-0.3 + 0.4) / 2 = 0.05
+    close(clip_fraction, 0.4)
+    # k2: mean of 1/2 (log ratio)^2 over the five tokens
+    squares = [
+        math.log(1.5) ** 2,
+        math.log(0.5) ** 2,
+        math.log(0.5) ** 2,
+        math.log(1.5) ** 2,
+        math.log(1.1) ** 2,
+    ]
+    close(approx_kl, 0.5 * sum(squares) / 5)
+    assert not clip_fraction.requires_grad and not approx_kl.requires_grad
+
+    # d loss / d logp = -A * ratio / 5 on unclipped tokens, 0 on clipped ones and padding:
+    # c: -1*0.5/5 = -0.1, d: 2*1.5/5 = 0.6, e: -2*1.1/5 = -0.44
+    loss.backward()
+    close(logp.grad, [[0.0, 0.0, -0.1], [0.6, -0.44, 0.0]], atol=1e-6)
+
+
+def test_policy_loss_counts_only_the_clipped_sign():
+    # Only positive advantages with ratio above 1 + eps are clipped -> 1 of 2 tokens.
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[math.log(1.5), math.log(1.5)]])
+    adv = torch.tensor([[1.0, -1.0]])
+    _, clip_fraction, _ = policy_loss(logp, old, adv, torch.ones(1, 2), clip_eps=0.2)
+    close(clip_fraction, 0.5)
+    # no clipping at all when ratio == 1 -> loss = -mean(A)
+    loss, clip_fraction, approx_kl = policy_loss(old, old, adv * 3, torch.ones(1, 2), 0.2)
+    close(loss, 0.0)
+    close(clip_fraction, 0.0)
+    close(approx_kl, 0.0)
+
+
+def test_value_loss_hand_example_with_clipping():
+    # clip_eps 0.2:
+    #  v    old  R    clip(v)  (v-R)^2  (clip-R)^2  max
+    #  1.0  0.5  1.0  0.7      0        0.09        0.09  (clipped branch)
+    #  1.0  0.5  0.0  0.7      1        0.49        1     (unclipped branch)
+    #  0.6  0.5  2.0  0.6      1.96     1.96        1.96  (inside the clip range)
+    # loss = 1/2 * (0.09 + 1 + 1.96) / 3 = 0.508333...
+    values = torch.tensor([[1.0, 1.0], [0.6, 42.0]], requires_grad=True)
+    old = torch.tensor([[0.5, 0.5], [0.5, -3.0]])
+    returns = torch.tensor([[1.0, 0.0], [2.0, 11.0]])
+    mask = lengths_to_mask([2, 1], 2)
+    loss = value_loss(values, old, returns, mask, clip_eps=0.2)
+    close(loss, 0.5 * 3.05 / 3)
+    # gradient: 0 on the clipped token, (v - R) / 3 elsewhere: 1/3 and -1.4/3
+    loss.backward()
+    close(values.grad, [[0.0, 1.0 / 3], [-1.4 / 3, 0.0]])
+    # with a huge clip range, it is the plain 1/2 MSE: 1/2 * (0 + 1 + 1.96) / 3
+    close(value_loss(values, old, returns, mask, clip_eps=100.0), 0.5 * 2.96 / 3)
+
+
+def test_explained_variance_hand_examples():
+    returns = torch.tensor([[1.0, 2.0, 3.0], [50.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    close(explained_variance(returns, returns, mask), 1.0)  # perfect
+    close(explained_variance(torch.zeros(2, 3), returns, mask), 0.0)  # Var(R)/Var(R)
+    # R - V = [-0.5, 0, 0.5]: Var = 0.25 (unbiased); Var(R) = 1 -> 1 - 0.25 = 0.75
+    values = torch.tensor([[1.5, 2.0, 2.5], [-7.0, 0.0, 0.0]])
+    out = explained_variance(values, returns, mask)
+    assert out.dtype == torch.float32
+    close(out, 0.75)
+
+
+# ------------------------------------------------------------------------------- masking
+
+
+def all_results(rewards, values, old_values, logp, old_logp, ref_logp, mask):
+    """Every masked function's output on one batch, for before/after comparisons."""
+    scores = torch.tensor([1.0, -2.0, 0.5])
+    adv, ret = compute_gae(rewards, values, mask, 0.9, 0.8)
+    return {
+        "mean": masked_mean(values, mask),
+        "var": masked_var(values, mask),
+        "whiten": masked_whiten(values, mask),
+        "whiten_keep": masked_whiten(values, mask, shift_mean=False),
+        "rewards": shape_rewards(scores, logp, ref_logp, mask, 0.1, "k3"),
+        "adv": adv,
+        "ret": ret,
+        "policy": policy_loss(logp, old_logp, adv, mask, 0.2),
+        "value": value_loss(values, old_values, ret, mask, 0.2),
+        "ev": explained_variance(values, ret, mask),
+    }
+
+
+@pytest.mark.parametrize("garbage", [1e4, float("inf"), float("nan")])
+def test_values_under_mask_do_not_change_any_result(garbage):
+    g = torch.Generator().manual_seed(3)
+    mask = lengths_to_mask([5, 2, 4], 5)
+    clean = [torch.randn(3, 5, generator=g) * 0.5 for _ in range(6)]
+    dirty = [torch.where(mask == 0, torch.full_like(t, garbage), t) for t in clean]
+    expected = all_results(*clean, mask)
+    actual = all_results(*dirty, mask)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+def test_nan_under_mask_gives_finite_gradients():
+    mask = lengths_to_mask([3, 1], 3)
+    nan_pad = torch.where(mask == 0, float("nan"), 0.0)
+    logp = (torch.full((2, 3), -1.0) + nan_pad).requires_grad_(True)
+    values = (torch.full((2, 3), 0.3) + nan_pad).requires_grad_(True)
+    loss, _, _ = policy_loss(logp, torch.full((2, 3), -1.2), torch.ones(2, 3) + nan_pad, mask, 0.2)
+    (loss + value_loss(values, torch.zeros(2, 3), torch.ones(2, 3) + nan_pad, mask, 0.2)).backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logp.grad).all() and torch.isfinite(values.grad).all()
+    assert torch.all(logp.grad[mask == 0] == 0) and torch.all(values.grad[mask == 0] == 0)
+
+
+# ------------------------------------------------------------------------------- KL controllers
+
+
+@pytest.mark.parametrize(
+    ("current_kl", "expected"),
+    [
+        (12.0, 0.1 * (1 + 0.2 * 256 / 10000)),  # 12/6 - 1 = 1 -> clipped to 0.2
+        (6.6, 0.1 * (1 + 0.1 * 256 / 10000)),  # 6.6/6 - 1 = 0.1, not clipped
+        (6.0, 0.1),  # on target: unchanged
+        (0.0, 0.1 * (1 - 0.2 * 256 / 10000)),  # 0/6 - 1 = -1 -> clipped to -0.2
+        (torch.tensor(3.0), 0.1 * (1 - 0.2 * 256 / 10000)),  # tensors accepted; -0.5 -> -0.2
+    ],
+)
+def test_adaptive_kl_controller_update(current_kl, expected):
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
+    assert ctl.value == 0.1
+    ctl.update(current_kl, n_steps=256)
+    assert ctl.value == pytest.approx(expected, rel=1e-12)
+
+
+def test_adaptive_kl_controller_compounds_and_round_trips_state():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(12.0, 256)
+    ctl.update(12.0, 256)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000) ** 2, rel=1e-12)
+
+    state = ctl.state_dict()
+    restored = AdaptiveKLController(0.5, target=6.0, horizon=10000)
+    restored.load_state_dict(state)
+    assert restored.value == ctl.value
+    ctl.update(3.0, 64)
+    restored.update(3.0, 64)
+    assert restored.value == ctl.value
+    with pytest.raises(KeyError, match="value"):
+        restored.load_state_dict({})
+
+
+def test_fixed_kl_controller_is_constant_and_round_trips_state():
+    ctl = FixedKLController(0.05)
+    ctl.update(100.0, 256)
+    assert ctl.value == 0.05
+    other = FixedKLController(0.2)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == 0.05
+
+
+def test_kl_controllers_reject_bad_hyperparameters():
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, target=0.0, horizon=10000)
+    with pytest.raises(ValueError, match="horizon"):
+        AdaptiveKLController(0.1, target=6.0, horizon=0)
+    with pytest.raises(ValueError, match="kl_coef"):
+        FixedKLController(-1.0)
