@@ -120,3 +120,7 @@ def test_job_cli_help_and_error_exit_codes() -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["sft.py: error: train.batch_size: must be > 0, got 0"]
+
+
+def test_exponent_floats_without_a_dot_are_numbers() -> None:
+    assert load_config(SFTConfig, None, ["train.lr=3e-3"]).train.lr == 0.003

@@ -209,9 +209,11 @@ def test_skip_report_merge_adds_counts_and_caps_examples():
             r.add(SkippedRow("f", i, SkipReason.EMPTY_TEXT))
         return r
 
-    merged = report(range(4)).merge(report(range(10, 14)))
-    assert merged.counts[SkipReason.EMPTY_TEXT] == 8 and merged.cut_at_endoftext == 2
-    assert [e.row for e in merged.examples] == [0, 1, 2, 3, 10]
+    assert [e.row for e in report(range(7)).examples] == [0, 1, 2, 3, 4]
+    merged = report(range(3)).merge(report(range(10, 14)))
+    assert merged.counts[SkipReason.EMPTY_TEXT] == 7 and merged.cut_at_endoftext == 2
+    assert [e.row for e in merged.examples] == [0, 1, 2, 10, 11]
+    assert merged.describe(SkipReason.EMPTY_TEXT) == "7 row(s): empty text (rows 0, 1, 2, 10, 11, ...)"
 
 
 def test_ray_dataset_round_trip():
@@ -244,8 +246,15 @@ def test_cli_inspect_prints_rows_skips_and_token_lengths():
     assert "p50" in out and "p99" in out and "summary_1" in out.split("token lengths")[1]
 
 
-def test_cli_missing_file_is_one_line_exit_2():
-    done = run_cli("inspect", "no/such/file.jsonl")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "no/such/file.jsonl"], "error: no such file: no/such/file.jsonl"),
+        (["pdf", str(DATA / "README.md")], "error: "),  # PdfError: not a PDF
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(args, message):
+    done = run_cli(*args)
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: no such file: no/such/file.jsonl"
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr + done.stdout

@@ -15,6 +15,7 @@ from rlhf.models import (
     TINY_PRESETS,
     ModelKind,
     Policy,
+    encoding,
     get_preset,
     load_policy,
     load_reward_model,
@@ -35,6 +36,12 @@ def _cfg(name: str, source: int = 64, target: int = 32) -> ModelConfig:
 
 def _ids(policy: Policy, text: str) -> list[int]:
     return policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_truncation_warnings() -> None:
+    """Each test sees the first-time truncation warning, whatever ran before it."""
+    encoding._warned_limits.clear()
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,10 @@ def test_long_document_truncated_with_one_warning_summary_kept(name: str, caplog
         batch = policy.encode_pairs([LONG_DOC, "short"], SUMS)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "truncated 1 of 2" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf.models"):
+        policy.encode_pairs([LONG_DOC], SUMS[:1])
+    assert not caplog.records  # later batches cut to the same limit log at debug level only
     labels = batch["labels"][0]
     kept = labels[labels != IGNORE_INDEX].tolist()
     assert kept == _ids(policy, SUMS[0]) + [policy.tokenizer.eos_token_id]
@@ -152,6 +163,9 @@ def test_generate_returns_strings(name: str) -> None:
 def test_reward_save_load_keeps_scores_and_stats(name: str, tmp_path: Path) -> None:
     reward = load_reward_model(_cfg(name))
     reward.reward_mean, reward.reward_std = 0.25, 2.0
+    with torch.no_grad():  # a trained head differs from the seeded init the loader starts from
+        reward.head.weight.mul_(-3.0)
+        reward.head.bias.fill_(0.5)
     scores = reward.score(DOCS, SUMS)  # (B,)
     assert scores.shape == (2,) and scores[0] != scores[1]
     reward.save(tmp_path)
@@ -189,16 +203,18 @@ def test_reward_pair_truncates_document_not_summary_seq2seq() -> None:
 
 
 def test_minilm_backbone_scores_offline_and_keeps_summary(minilm_path: str, caplog) -> None:
-    reward = load_reward_model(_cfg(minilm_path, source=24, target=16))
+    reward = load_reward_model(_cfg(minilm_path, source=8, target=16))
     assert reward.kind is ModelKind.ENCODER
+    long_summary = "the cat sat on the mat and then it slept there all day"  # 13 tokens
     with caplog.at_level(logging.WARNING, logger="rlhf.models"):
-        batch = reward.encode_pairs([LONG_DOC, DOCS[1]], SUMS)
+        batch = reward.encode_pairs([LONG_DOC, DOCS[1]], [long_summary, SUMS[1]])
     assert "truncated 1 of 2" in caplog.text
     tokenizer = reward.tokenizer
-    summary = tokenizer(SUMS[0], add_special_tokens=False)["input_ids"]
+    summary = tokenizer(long_summary, add_special_tokens=False)["input_ids"]
     row = batch["input_ids"][0].tolist()
+    # A pair is cut to 8 + 16 tokens; the summary survives whole, the document takes what is left.
     assert row[: len(summary) + 2] == [tokenizer.cls_token_id, *summary, tokenizer.sep_token_id]
-    assert len(row) == 24 + 16 and row[-1] == tokenizer.sep_token_id
+    assert len(row) == 8 + 16 and row[-1] == tokenizer.sep_token_id
     scores = reward(**batch)  # (B,)
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 
@@ -224,3 +240,11 @@ def test_value_model_same_values_with_left_padding() -> None:
         expected = value(**{k: t[1:] for k, t in right.items()})[0, :length]
         got = value(**left)[0, width - length :]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_minilm_summary_cut_only_to_its_own_limit(minilm_path: str) -> None:
+    reward = load_reward_model(_cfg(minilm_path, source=8, target=4))
+    long_summary = "the cat sat on the mat and then it slept there all day"
+    row = reward.encode_pairs([DOCS[0]], [long_summary])["input_ids"][0].tolist()
+    summary = reward.tokenizer(long_summary, add_special_tokens=False)["input_ids"]
+    assert row[1 : row.index(reward.tokenizer.sep_token_id)] == summary[:4]

@@ -9,6 +9,7 @@ overrides. Anything wrong raises :class:`ConfigError` naming the dotted key and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
@@ -136,6 +137,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -23,7 +23,7 @@ class DataSourceConfig:
         "", "Hub dataset config: comparisons or axis for summarize_from_feedback; "
         "section or document for arxiv-summarization."
     )
-    split: str = option("train", "Split to read from a hub dataset or a file with a `split` column.")
+    split: str = option("train", "Split to read from a hub dataset; local files are read whole.")
     columns: dict[str, str] = option(
         factory=dict, help="Canonical column -> source column, e.g. {original_text: body, summary: tldr}."
     )

@@ -33,11 +33,13 @@ from pdfminer.high_level import extract_pages
 from pdfminer.layout import LAParams, LTAnno, LTChar, LTFigure, LTPage, LTTextBox, LTTextLine
 from pdfminer.pdfdocument import PDFEncryptionError, PDFPasswordIncorrect
 
+from rlhf.errors import InputError
+
 _BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi|medi", re.IGNORECASE)
 _NUMBERED = re.compile(r"^\d{1,2}(?:\.\d{1,2}){0,3}\.?\s+[A-Z]")
 _KNOWN_HEADINGS = re.compile(
     r"^(?:acknowledge?ments?|limitations|ethics statement|ethical considerations|conclusions?"
-    r"|introduction|related work|appendix|references|bibliography)$",
+    r"|introduction|related work|appendix)$",
     re.IGNORECASE,
 )
 _REFERENCES = re.compile(
@@ -46,13 +48,13 @@ _REFERENCES = re.compile(
 )
 _ABSTRACT = re.compile(r"^abstract\b[\s.:\u2014\u2013-]*(.*)$", re.IGNORECASE)
 _CAPTION = re.compile(r"^(?:figure|fig\.|table|algorithm)\s*\d+\s*[.:]", re.IGNORECASE)
-_PAGE_NUMBER = re.compile(r"^(?:page\s*)?[\W_]*(?:\d{1,4}|[ivxlc]{1,6})[\W_]*$", re.IGNORECASE)
+_PAGE_NUMBER = re.compile(r"^(?:page\s*)?[\W_]*(?:\d{1,4}|x{0,3}(?:ix|iv|v?i{0,3}))[\W_]*$", re.I)
 _SENTENCE_END = re.compile(r"[.?!:][\"\u201d\u2019)\]]*$")
 _CID = re.compile(r"\(cid:\d+\)")
 _MIN_LETTERS = 50  # fewer extractable letters than this means a scanned / image-only PDF
 
 
-class PdfError(ValueError):
+class PdfError(InputError):
     """A PDF we cannot extract text from; the message names the problem and the fix."""
 
 
@@ -102,7 +104,7 @@ def extract_paper(source: str | os.PathLike | bytes) -> Paper:
     """Extract title, abstract and body sections from a PDF path or raw bytes (uploads)."""
     data = _read_bytes(source)
     lines = _drop_repeated(_all_lines(data))
-    if sum(ch.isalpha() for ln in lines for ch in ln.text) < _MIN_LETTERS:
+    if sum(_letters(ln.text) for ln in lines) < _MIN_LETTERS:
         raise PdfError("PDF has no extractable text (scanned/image-only?); run OCR first")
     body = statistics.mode(round(ln.size, 1) for ln in lines for ch in ln.text if ch.isalpha())
     title_lines = _title_lines(lines)
@@ -127,7 +129,7 @@ def _read_bytes(source: str | os.PathLike | bytes) -> bytes:
         data = bytes(source)
     else:
         try:
-            with open(source, "rb") as fh:
+            with open(os.fspath(source), "rb") as fh:
                 data = fh.read()
         except OSError as exc:
             raise PdfError(f"cannot read PDF file {os.fspath(source)!r}: {exc.strerror}") from exc
@@ -186,14 +188,12 @@ def _ordered_boxes(boxes: Iterable[LTTextBox], width: float) -> list[LTTextBox]:
 
 
 def _make_line(page: int, box_id: int, box: LTTextBox) -> list[_Line]:
-    """Convert one pdfminer box into _Lines (text cleaned, super/subscripts fixed)."""
+    """Convert one pdfminer box into _Lines: size, boldness and cleaned text per line.
+
+    Rotated characters (e.g. arXiv's vertical side stamp) are ignored."""
     out = []
     for line in box:
-        chars = (
-            [c for c in line if isinstance(c, LTChar) and c.upright]
-            if isinstance(line, LTTextLine)
-            else []
-        )
+        chars = [c for c in line if isinstance(c, LTChar) and c.upright]
         if chars:
             size = statistics.median(c.size for c in chars)
             letters = [c for c in chars if c.get_text().isalpha()] or chars
@@ -270,7 +270,8 @@ def _drop_repeated(lines: list[_Line]) -> list[_Line]:
 
 def _title_lines(lines: list[_Line]) -> list[_Line]:
     """The title is the run of largest-font lines on the first page with text."""
-    first = [ln for ln in lines if ln.page == lines[0].page and sum(map(str.isalpha, ln.text)) > 2]
+    wordy = [ln for ln in lines if _letters(ln.text) > 2]  # not stray symbols or digits
+    first = [ln for ln in wordy if ln.page == wordy[0].page]
     biggest = max(ln.size for ln in first)
     return [ln for ln in first if ln.size >= biggest - 0.5]
 
@@ -285,7 +286,7 @@ def _split_abstract(lines: list[_Line], body: float) -> tuple[list[_Line], list[
     inline = _ABSTRACT.match(head.text).group(1)
     after = lines[start + 1 :]
     end = next((i for i, ln in enumerate(after) if _is_heading(ln, body)), len(after))
-    abstract = [ln for ln in after[:end] if ln.size >= 0.9 * (after[0].size if after else 0)]
+    abstract = [ln for ln in after[:end] if ln.size >= 0.9 * after[0].size]  # no footnotes
     if inline:
         abstract.insert(0, _Line(**{**asdict(head), "text": inline}))
     return abstract, after[end:]
@@ -299,7 +300,8 @@ def _is_heading(ln: _Line, body: float) -> bool:
     if text.endswith((".", ",", ";")) or not (ln.bold >= 0.9 or ln.size >= 1.05 * body):
         return False
     name = re.sub(r"^[\d.]+\s*", "", text)
-    return bool(_NUMBERED.match(text) or ln.size >= 1.05 * body or _KNOWN_HEADINGS.match(name))
+    known = _KNOWN_HEADINGS.match(name) or _REFERENCES.match(text)
+    return bool(_NUMBERED.match(text) or ln.size >= 1.05 * body or known)
 
 
 def _sections(lines: list[_Line], body: float, vocab: set[str]) -> list[Section]:
@@ -314,6 +316,9 @@ def _sections(lines: list[_Line], body: float, vocab: set[str]) -> list[Section]
             sections.append((ln, []))
         elif sections:
             sections[-1][1].append(ln)
+    if not sections:  # no recognisable headings: keep the body rather than lose it
+        text = _join_lines(list(_body_lines(lines, body)), vocab)
+        return [Section("", text)] if text else []
     return [Section(head.text, _join_lines(group, vocab)) for head, group in sections]
 
 
@@ -368,6 +373,11 @@ def _join_pair(left: str, right: str, vocab: set[str]) -> str:
 def _vocabulary(lines: list[_Line]) -> set[str]:
     """Lower-cased words of the document, used to decide how to undo line-end hyphens."""
     return {w.strip(".,;:()[]\"'").lower() for ln in lines for w in ln.text.split()}
+
+
+def _letters(text: str) -> int:
+    """Count letters: a scanned PDF has none, a stray symbol line too few to be a title."""
+    return sum(ch.isalpha() for ch in text)
 
 
 def _norm_space(text: str) -> str:

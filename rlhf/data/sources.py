@@ -30,6 +30,7 @@ import pyarrow as pa
 from rlhf.config.core import looks_like_local_path
 from rlhf.config.sections import DataSourceConfig
 from rlhf.data.schemas import Schema
+from rlhf.errors import InputError
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,7 +43,7 @@ ENDOFTEXT = "<|endoftext|>"
 EXAMPLES_PER_REASON = 5
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A source cannot be loaded: unreadable, unknown layout, or a bad row in strict mode."""
 
 
@@ -388,7 +389,11 @@ def _open_parquet(path: Path) -> _Source:
 
 
 def _open_csv(path: Path) -> _Source:
-    """CSV; quoted values may span lines, as multi-paragraph posts do."""
+    """CSV; quoted values may span lines, as multi-paragraph posts do.
+
+    Without ``newlines_in_values`` pyarrow's parallel reader may cut a large file into blocks
+    inside such a value.
+    """
     import pyarrow.csv as pcsv
 
     try:

@@ -83,9 +83,20 @@ def limits_for(config: PretrainedConfig, max_source_length: int, max_target_leng
     return Limits(min(wanted, positions), max_target_length)
 
 
+_warned_limits: set[int] = set()
+
+
 def _warn_truncated(count: int, total: int, limit: int) -> None:
-    if count:
-        logger.warning("truncated %d of %d documents to fit %d tokens", count, total, limit)
+    """A warning the first time documents are cut to ``limit``; later batches log at debug level.
+
+    Training on long documents cuts nearly every batch: one warning per batch would bury the
+    progress lines, and the first one already tells the user what is happening.
+    """
+    if not count:
+        return
+    level = logging.DEBUG if limit in _warned_limits else logging.WARNING
+    _warned_limits.add(limit)
+    logger.log(level, "truncated %d of %d documents to fit %d tokens", count, total, limit)
 
 
 def _text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -210,7 +221,7 @@ def encode_text_pairs(
     )
     _warn_truncated(cut, len(documents), limits.source)
     return tokenizer(
-        summaries, documents, truncation="longest_first", max_length=limits.source, padding=True,
+        summaries, documents, truncation="only_second", max_length=limits.source, padding=True,
         return_tensors="pt",
     )
 

@@ -174,6 +174,14 @@ def _save_checkpoint(task: TrainTask, engine: Any, state: TrainState, zero_stage
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _evaluate(task: TrainTask, engine: Any, validation: Rows, log: _MetricsLog, step: int):
+    engine.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(engine.module, validation)
+    log.evaluation(step, metrics)
+    return metrics
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker."""
     import ray.train
@@ -203,6 +211,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = _MetricsLog(settings.output_dir, cfg.max_steps, state.step)
     world = dist.get_world_size() if dist.is_initialized() else 1
 
+    if state.step == 0:  # the baseline every later evaluation is compared with
+        _evaluate(task, engine, validation, log, 0)
     window: list[dict[str, float]] = []
     window_start, window_samples = time.time(), 0
     last_eval: dict[str, float] = {}
@@ -230,10 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.progress(state, averaged, scheduler.get_last_lr()[0], rate)
                 window, window_start, window_samples = [], time.time(), 0
             if state.step % cfg.eval_every == 0 or final:
-                engine.eval()
-                with torch.no_grad():
-                    last_eval = task.evaluate(engine.module, validation)
-                log.evaluation(state.step, last_eval)
+                last_eval = _evaluate(task, engine, validation, log, state.step)
             if final:
                 engine.eval()
                 with torch.no_grad():

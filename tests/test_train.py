@@ -1,0 +1,127 @@
+"""SFT and reward training on Ray Train + DeepSpeed with tiny models on sample data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config.core import load_config
+from rlhf.config.jobs import RewardConfig, SFTConfig
+from rlhf.config.sections import ModelConfig
+from rlhf.models import load_reward_model
+from rlhf.train.reward import bradley_terry_loss, run_reward
+from rlhf.train.sft import run_sft
+
+DATA = Path(__file__).resolve().parent / "data"
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _evals(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "eval"]
+
+
+def _sft_config(tmp_path: Path, *overrides: str) -> SFTConfig:
+    return load_config(SFTConfig, None, [
+        f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_sft_sample.jsonl'}", "data.limit=40",
+        "model.max_source_length=192", "model.max_target_length=48", "rouge_rows=2",
+        "train.batch_size=4", "train.lr=3e-3", "train.log_every=2", *overrides,
+    ])
+
+
+@pytest.mark.parametrize("preset", ["tiny-t5", "tiny-gpt2"])
+def test_sft_lowers_validation_loss(tmp_path: Path, preset: str) -> None:
+    cfg = _sft_config(tmp_path, f"model.name_or_path={preset}", "train.max_steps=12",
+                      "train.eval_every=12", "train.save_every=12")
+    result = run_sft(cfg)
+    evals = _evals(tmp_path)
+    assert [e["step"] for e in evals] == [0, 12]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+    assert {"rouge1", "rouge2", "rougeL"} <= set(evals[-1])
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert not list(result.model_dir.glob("*.bin"))
+
+
+def test_resume_continues_at_the_same_step_with_the_same_weights(tmp_path: Path) -> None:
+    common = ("model.name_or_path=tiny-t5", "train.lr_schedule=constant", "train.save_every=3",
+              "train.eval_every=100", "rouge_rows=0")
+    straight = run_sft(_sft_config(tmp_path / "a", *common, "train.max_steps=6"))
+    run_sft(_sft_config(tmp_path / "b", *common, "train.max_steps=3"))
+    resumed = run_sft(_sft_config(tmp_path / "b", *common, "train.max_steps=6"), resume=True)
+    train_steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").open()
+                   if json.loads(line)["event"] == "train"]
+    assert train_steps == [2, 3, 4, 6]  # resumed at 3: no step is trained twice
+    a = load_file(straight.model_dir / "model.safetensors")
+    b = load_file(resumed.model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        run_sft(_sft_config(tmp_path, "train.max_steps=1"), resume=True)
+
+
+def test_bradley_terry_loss_matches_hand_computed_values() -> None:
+    chosen = torch.tensor([2.0, 0.0])
+    rejected = torch.tensor([0.0, 1.0])
+    loss, accuracy, margin = bradley_terry_loss(chosen, rejected)
+    # -log sigmoid(2) = 0.126928, -log sigmoid(-1) = 1.313262
+    assert loss.item() == pytest.approx((0.126928 + 1.313262) / 2, abs=1e-5)
+    assert accuracy.item() == 0.5
+    assert margin.item() == pytest.approx(0.5)
+
+
+def _easy_preferences(path: Path, n: int) -> Path:
+    """Chosen summaries are plain words, rejected ones are symbol noise: trivially separable."""
+    rng = random.Random(0)
+    words = ["cat", "dog", "rent", "job", "car", "friend", "money", "school"]
+    with path.open("w") as f:
+        for i in range(n):
+            good = " ".join(rng.choice(words) for _ in range(6))
+            bad = "".join(rng.choice("#$%&*@!?") for _ in range(24))
+            choice = i % 2
+            pair = [bad, bad]
+            pair[choice] = good
+            f.write(json.dumps({"original_text": f"post {i} about {good}",
+                                "summary_0": pair[0], "summary_1": pair[1], "choice": choice}) + "\n")
+    return path
+
+
+def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
+    data = _easy_preferences(tmp_path / "easy.jsonl", 96)
+    cfg = load_config(RewardConfig, None, [
+        f"output_dir={tmp_path / 'run'}", f"data.path={data}", "model.max_source_length=64",
+        "model.max_target_length=32", "train.batch_size=8", "train.lr=2e-3", "train.max_steps=24",
+        "train.eval_every=24", "train.save_every=24",
+    ])
+    result = run_reward(cfg)
+    evals = _evals(tmp_path / "run")
+    assert evals[-1]["val_accuracy"] >= 0.9, evals
+    model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
+    assert model.reward_std > 0 and model.reward_mean != 0.0
+    scores = model.score(["post about cat"] * 2, ["cat dog rent job", "#$%&*@!?#$%&"])
+    assert scores[0] > scores[1]
+
+
+def test_reward_with_zero3_on_two_workers(tmp_path: Path) -> None:
+    data = _easy_preferences(tmp_path / "easy.jsonl", 48)
+    cfg = load_config(RewardConfig, None, [
+        f"output_dir={tmp_path / 'run'}", f"data.path={data}", "model.max_source_length=64",
+        "model.max_target_length=32", "train.batch_size=4", "train.max_steps=3",
+        "train.num_workers=2", "train.zero_stage=3", "train.eval_every=3", "train.save_every=3",
+    ])
+    result = run_reward(cfg)
+    shards = sorted(p.name for p in (result.checkpoint_dir / "deepspeed").glob("*optim_states.pt"))
+    assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], shards  # state split over 2 ranks
+    model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
+    full = sum(p.numel() for p in model.parameters())
+    assert full > 10_000  # the saved model is whole, gathered from the shards
+    assert model.score(["d"], ["s"]).shape == (1,)
