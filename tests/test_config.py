@@ -124,3 +124,16 @@ def test_job_cli_help_and_error_exit_codes() -> None:
 
 def test_exponent_floats_without_a_dot_are_numbers() -> None:
     assert load_config(SFTConfig, None, ["train.lr=3e-3"]).train.lr == 0.003
+
+
+def test_every_shipped_yaml_config_loads() -> None:
+    from rlhf.config.jobs import EvalConfig
+
+    jobs = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig}
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cls = jobs[path.stem.split("_")[0]]
+        text = path.read_text()
+        # Files outside the repository (shared sample data) are checked where they exist.
+        overrides = [] if "../shared" not in text or (ROOT.parent / "shared").exists() else [
+            f"data.path={ROOT / 'tests' / 'data' / 'tldr_comparisons_sample.jsonl'}"]
+        load_config(cls, str(path), overrides)

@@ -216,17 +216,12 @@ def test_skip_report_merge_adds_counts_and_caps_examples():
     assert merged.describe(SkipReason.EMPTY_TEXT) == "7 row(s): empty text (rows 0, 1, 2, 10, 11, ...)"
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_ray_dataset_round_trip():
-    import ray
-
     result = load("tldr_sft_sample.jsonl", limit=12)
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
-    try:
-        dataset = to_ray_dataset(result)
-        assert dataset.count() == 12
-        assert dataset.take(1)[0] == result.table.slice(0, 1).to_pylist()[0]
-    finally:
-        ray.shutdown()
+    dataset = to_ray_dataset(result)
+    assert dataset.count() == 12
+    assert dataset.take(1)[0] == result.table.slice(0, 1).to_pylist()[0]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

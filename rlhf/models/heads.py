@@ -28,6 +28,7 @@ from rlhf.models.encoding import (
     model_kind,
     shift_right,
 )
+from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.policy import enable_activation_checkpointing
 from rlhf.models.tiny import build_tiny_backbone, is_tiny_preset
 from rlhf.models.tokenizer import load_tokenizer
@@ -129,7 +130,7 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def load(cls, cfg: ModelConfig, dtype: torch.dtype | None = None) -> ScalarHeadModel:
         """From a preset's backbone, a plain HF folder / hub name (fresh head), or our folder."""
-        name = cfg.name_or_path
+        name = resolve_name_or_path(cfg.name_or_path)
         saved = not is_tiny_preset(name) and (Path(name) / HEAD_META).is_file()
         metadata = json.loads((Path(name) / HEAD_META).read_text()) if saved else {}
         model = cls(

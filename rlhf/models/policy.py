@@ -24,6 +24,7 @@ from rlhf.models.encoding import (
     encode_sources,
     limits_for,
 )
+from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.tiny import build_tiny_lm, is_tiny_preset
 from rlhf.models.tokenizer import load_tokenizer
 
@@ -118,8 +119,9 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 
 def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Policy:
     """The policy named by ``cfg.name_or_path``; ``dtype`` None keeps the checkpoint's dtype."""
-    model = _load_model(cfg.name_or_path, dtype)
+    name = resolve_name_or_path(cfg.name_or_path)
+    model = _load_model(name, dtype)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    tokenizer = load_tokenizer(cfg.name_or_path)
+    tokenizer = load_tokenizer(name)
     return Policy(model, tokenizer, cfg.max_source_length, cfg.max_target_length)

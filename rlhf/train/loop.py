@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -59,9 +60,10 @@ class TrainTask(Protocol):
 class TrainState:
     """Where training stands; saved in every checkpoint so resume continues at the same step."""
 
-    step: int = 0
+    step: int = 0  # optimizer steps
     epoch: int = 0
-    micro_in_epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    micro_steps: int = 0  # micro-batches in all, for gradient-accumulation boundaries
     samples: int = 0
 
     def save(self, directory: Path) -> None:
@@ -174,86 +176,127 @@ def _save_checkpoint(task: TrainTask, engine: Any, state: TrainState, zero_stage
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _evaluate(task: TrainTask, engine: Any, validation: Rows, log: _MetricsLog, step: int):
-    engine.eval()
-    with torch.no_grad():
-        metrics = task.evaluate(engine.module, validation)
-    log.evaluation(step, metrics)
-    return metrics
+class _Window:
+    """Loss, metrics and throughput since the last progress line."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.start, self.samples, self.steps = time.time(), 0, 0
+
+    def add(self, metrics: dict[str, float], samples: int) -> None:
+        self.metrics.append(metrics)
+        self.samples += samples
+
+    def summary(self) -> tuple[dict[str, float], float, float]:
+        """(mean metrics over ranks, samples/s, seconds per optimizer step)."""
+        elapsed = max(time.time() - self.start, 1e-9)
+        averaged = {k: sum(m[k] for m in self.metrics) / len(self.metrics) for k in self.metrics[0]}
+        return _mean_across_ranks(averaged), self.samples / elapsed, elapsed / max(self.steps, 1)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of the busiest rank, in MiB."""
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
+
+
+class _Worker:
+    """One Ray Train rank: builds the engine, restores state, and runs the step loop."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        self.task: TrainTask = config["task"]
+        self.settings: LoopSettings = config["settings"]
+        self.cfg = self.settings.train
+        ds.set_threads_for_worker(self.cfg.cpus_per_worker)
+        torch.manual_seed(self.settings.seed)
+        with ds.zero3_init_context(ds.deepspeed_config(self.cfg)):
+            model = self.task.build_model()
+        self.engine, self.scheduler = ds.initialize(model, self.cfg)
+        self.state = self._restore(config["resume_from"])
+        self.shard = ray.train.get_dataset_shard("train")
+        self.validation = _read_all(ray.train.get_dataset_shard("validation"), self.cfg.max_eval_rows)
+        self.log = _MetricsLog(self.settings.output_dir, self.cfg.max_steps, self.state.step)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.last_eval: dict[str, float] = {}
+
+    def _restore(self, resume_from: str | None) -> TrainState:
+        """State from a restart inside this run (worker failure) or else the --resume checkpoint."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and resume_from:
+            checkpoint = ray.train.Checkpoint(resume_from)
+        if checkpoint is None:
+            return TrainState()
+        with checkpoint.as_directory() as directory:
+            self.engine.load_checkpoint(directory, tag=DS_TAG)
+            return TrainState.load(Path(directory))
+
+    def run(self) -> None:
+        if self.state.step == 0:  # the baseline every later evaluation is compared with
+            self._evaluate()
+        window = _Window()
+        while self.state.step < self.cfg.max_steps:
+            batches = _epoch_batches(self.shard, self.cfg, self.settings.seed, self.state.epoch)
+            for index, rows in enumerate(batches):
+                if index < self.state.micro_in_epoch:
+                    continue  # consumed before the checkpoint we resumed from
+                self._micro_step(rows, window)
+                if self.state.micro_steps % self.cfg.grad_accum_steps == 0:
+                    window.steps += 1
+                    window = self._after_optimizer_step(window)
+                    if self.state.step >= self.cfg.max_steps:
+                        return
+            if self.state.samples == 0:
+                raise RuntimeError("the training shard yielded no full batch; lower train.batch_size")
+            self.state.epoch += 1
+            self.state.micro_in_epoch = 0
+
+    def _micro_step(self, rows: Rows, window: _Window) -> None:
+        self.engine.train()
+        loss, metrics = self.task.loss(self.engine, rows)
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries
+        n_rows = len(next(iter(rows.values()))) * self.world
+        self.state.micro_in_epoch += 1
+        self.state.micro_steps += 1
+        self.state.samples += n_rows
+        window.add({"loss": loss.item(), **metrics}, n_rows)
+
+    def _after_optimizer_step(self, window: _Window) -> _Window:
+        """Log, evaluate, finalize and checkpoint as due; returns the window to continue with."""
+        self.state.step += 1
+        step, cfg = self.state.step, self.cfg
+        final = step >= cfg.max_steps
+        if step % cfg.log_every == 0 or final:
+            metrics, rate, step_time = window.summary()
+            metrics.update(step_time_s=step_time, peak_rss_mb=_peak_rss_mb())
+            self.log.progress(self.state, metrics, self.scheduler.get_last_lr()[0], rate)
+            window = _Window()
+        if step % cfg.eval_every == 0 or final:
+            self._evaluate()
+        if final:
+            self.engine.eval()
+            with torch.no_grad():
+                self.task.finalize(self.engine.module)
+        if step % cfg.save_every == 0 or final:
+            _save_checkpoint(self.task, self.engine, self.state, cfg.zero_stage, self.last_eval)
+        return window
+
+    def _evaluate(self) -> None:
+        self.engine.eval()
+        with torch.no_grad():
+            self.last_eval = self.task.evaluate(self.engine.module, self.validation)
+        self.log.evaluation(self.state.step, self.last_eval)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker."""
-    import ray.train
-
-    task: TrainTask = config["task"]
-    settings: LoopSettings = config["settings"]
-    cfg = settings.train
-    ds.set_threads_for_worker(cfg.cpus_per_worker)
-    torch.manual_seed(settings.seed)
-
-    with ds.zero3_init_context(ds.deepspeed_config(cfg)):
-        model = task.build_model()
-    engine, scheduler = ds.initialize(model, cfg)
-
-    state = TrainState()
-    # A restart inside this run (worker failure) wins over the --resume checkpoint.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config["resume_from"]:
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=DS_TAG)
-            state = TrainState.load(Path(directory))
-
-    shard = ray.train.get_dataset_shard("train")
-    validation = _read_all(ray.train.get_dataset_shard("validation"), cfg.max_eval_rows)
-    log = _MetricsLog(settings.output_dir, cfg.max_steps, state.step)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-
-    if state.step == 0:  # the baseline every later evaluation is compared with
-        _evaluate(task, engine, validation, log, 0)
-    window: list[dict[str, float]] = []
-    window_start, window_samples = time.time(), 0
-    last_eval: dict[str, float] = {}
-    while state.step < cfg.max_steps:
-        for index, rows in enumerate(_epoch_batches(shard, cfg, settings.seed, state.epoch)):
-            if index < state.micro_in_epoch:
-                continue  # consumed before the checkpoint we resumed from
-            engine.train()
-            loss, metrics = task.loss(engine, rows)
-            engine.backward(loss)
-            engine.step()
-            state.micro_in_epoch += 1
-            n_rows = len(next(iter(rows.values())))
-            state.samples += n_rows * world
-            window_samples += n_rows * world
-            window.append({"loss": loss.item(), **metrics})
-            if state.micro_in_epoch % cfg.grad_accum_steps:
-                continue
-            state.step += 1
-            final = state.step >= cfg.max_steps
-            if state.step % cfg.log_every == 0 or final:
-                averaged = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                averaged = _mean_across_ranks(averaged)
-                rate = window_samples / max(time.time() - window_start, 1e-9)
-                log.progress(state, averaged, scheduler.get_last_lr()[0], rate)
-                window, window_start, window_samples = [], time.time(), 0
-            if state.step % cfg.eval_every == 0 or final:
-                last_eval = _evaluate(task, engine, validation, log, state.step)
-            if final:
-                engine.eval()
-                with torch.no_grad():
-                    task.finalize(engine.module)
-            if state.step % cfg.save_every == 0 or final:
-                _save_checkpoint(task, engine, state, cfg.zero_stage, last_eval)
-            if final:
-                break
-        else:
-            state.epoch += 1
-            state.micro_in_epoch = 0
-            if state.samples == 0:
-                raise RuntimeError("the training shard yielded no full batch; lower train.batch_size")
+    _Worker(config).run()
 
 
 # ---------------------------------------------------------------- driver side

@@ -1,0 +1,42 @@
+"""jobs/eval.py: evaluate a reward model and/or a policy, print a table, write eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf.config.jobs import EvalConfig
+from rlhf.data.schemas import Schema
+from rlhf.data.sources import load_source
+from rlhf.eval.metrics import evaluate_policy, evaluate_reward_model
+from rlhf.models import load_policy, load_reward_model
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One "section  metric  value" line per number, aligned for a terminal."""
+    lines = []
+    for section, metrics in results.items():
+        for name, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{section:<8} {name:<34} {shown:>10}")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig, resume: bool = False) -> dict:
+    """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json."""
+    reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model else None
+    results: dict[str, dict] = {}
+    if cfg.comparisons is not None:
+        comparisons = load_source(cfg.comparisons, Schema.PREFERENCE).table
+        results["reward"] = evaluate_reward_model(reward_model, comparisons, cfg.batch_size)
+    if cfg.references is not None:
+        pairs = load_source(cfg.references, Schema.SFT).table
+        policy = load_policy(cfg.policy)
+        results["policy"] = evaluate_policy(policy, pairs, cfg.batch_size, reward_model)
+    print(format_table(results), flush=True)
+    report = {**results.get("reward", {}), **({"policy": results["policy"]} if "policy" in results else {})}
+    path = Path(cfg.output_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+    return report

@@ -1,0 +1,213 @@
+"""FeedbackStore: documents, pending comparisons and people's choices, read back as training data."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+from rlhf.config.sections import StoreConfig
+from rlhf.data.schemas import PREFERENCE_SCHEMA, PROMPTS_SCHEMA
+from rlhf.store.engine import WRITE_OPTION, create_engine, resolve_url
+from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError
+from rlhf.store.queries import check_aware, preference_query, prompts_query
+from rlhf.store.tables import comparisons, create_schema, documents, utcnow
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two summaries of one document shown to a person, and their choice once made."""
+
+    id: str
+    document_id: str
+    summary_0: str
+    summary_1: str
+    policy_0: str  # policy version that wrote summary_0, e.g. "v0003"
+    policy_1: str
+    created_at: datetime  # aware UTC, like decided_at
+    choice: int | None  # None while pending, else the index (0 or 1) of the preferred summary
+    labeler: str | None
+    decided_at: datetime | None
+
+    @property
+    def pending(self) -> bool:
+        """No choice recorded yet."""
+        return self.choice is None
+
+
+def _require_text(field: str, value: str) -> None:
+    """Empty texts would become empty training rows; refuse them at the door."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidFeedbackError(field, f"must be a non-empty string, got {value!r}")
+
+
+def _check_choice(choice: int) -> None:
+    """A choice is an index into (summary_0, summary_1); booleans are refused as ambiguous."""
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise InvalidFeedbackError(
+            "choice", f"must be 0 or 1 (the index of the preferred summary), got {choice!r}"
+        )
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class FeedbackStore:
+    """The feedback database: SQLite file by default, PostgreSQL on clusters.
+
+    Every write is one committed transaction before the method returns, so a choice acknowledged
+    to the web page survives a crash. Several instances (threads, processes) may share a database.
+    """
+
+    def __init__(self, url: str):
+        """Open (and on first use create) the database at ``url``; ``${VAR}`` parts are expanded
+        from the environment here, so secrets stay out of config files."""
+        self._engine = create_engine(resolve_url(url))
+        create_schema(self._engine)
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> FeedbackStore:
+        """The store named by a job's ``store`` config section."""
+        return cls(config.url)
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine, for admin queries and for building readers on other processes."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close pooled connections (the store must not be used afterwards)."""
+        self._engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One write transaction, committed on leaving the block (see engine._begin_sqlite)."""
+        with self._engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+            yield conn
+
+    def add_document(self, text: str, title: str | None = None, source: str = "paste") -> str:
+        """Store a document and return its id; the same text again returns the first id (the
+        first title and source are kept), so repeated pastes do not weight PPO prompts."""
+        _require_text("text", text)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        try:
+            with self._write() as conn:
+                return self._document_id(conn, digest) or self._insert_document(
+                    conn, text, digest, title, source
+                )
+        except sa.exc.IntegrityError:
+            # PostgreSQL only (SQLite writers are serialised): a concurrent call stored it first.
+            with self._engine.connect() as conn:
+                return self._document_id(conn, digest)
+
+    @staticmethod
+    def _document_id(conn: sa.Connection, digest: str) -> str | None:
+        return conn.scalar(sa.select(documents.c.id).where(documents.c.text_sha256 == digest))
+
+    @staticmethod
+    def _insert_document(conn: sa.Connection, text: str, digest: str, title: str | None, source: str) -> str:
+        document_id = _new_id()
+        conn.execute(documents.insert().values(
+            id=document_id, text=text, text_sha256=digest, title=title, source=source, created_at=utcnow()
+        ))
+        return document_id
+
+    def create_comparison(
+        self, document_id: str, summary_0: str, summary_1: str, policy_0: str, policy_1: str
+    ) -> str:
+        """Store a pending comparison of two different summaries of a stored document."""
+        for field, value in (("summary_0", summary_0), ("summary_1", summary_1),
+                             ("policy_0", policy_0), ("policy_1", policy_1)):
+            _require_text(field, value)
+        if summary_0 == summary_1:
+            raise InvalidFeedbackError("summary_1", "is identical to summary_0; a comparison needs two "
+                                                    "different summaries (reward training drops ties)")
+        comparison_id = _new_id()
+        with self._write() as conn:
+            if conn.scalar(sa.select(documents.c.id).where(documents.c.id == document_id)) is None:
+                raise NotFoundError("document_id", f"no document {document_id!r}; store it with "
+                                                   "add_document() first and pass the id it returns")
+            conn.execute(comparisons.insert().values(
+                id=comparison_id, document_id=document_id, summary_0=summary_0, summary_1=summary_1,
+                policy_0=policy_0, policy_1=policy_1, created_at=utcnow(),
+            ))
+        return comparison_id
+
+    def record_choice(self, comparison_id: str, choice: int, labeler: str | None = None) -> Comparison:
+        """Record which summary a person preferred; committed before returning.
+
+        Sending the same choice again (a retried HTTP request) returns the stored comparison; a
+        different choice for a decided comparison raises AlreadyDecidedError.
+        """
+        _check_choice(choice)
+        with self._write() as conn:
+            # Update first, conditioned on still pending: two racing requests cannot both win,
+            # on PostgreSQL (row lock) or SQLite (one writer).
+            updated = conn.execute(
+                comparisons.update()
+                .where(comparisons.c.id == comparison_id, comparisons.c.choice.is_(None))
+                .values(choice=int(choice), labeler=labeler, decided_at=utcnow())
+            ).rowcount
+            stored = self._comparison(conn, comparison_id)
+        if stored is None:
+            raise NotFoundError("comparison_id", f"no comparison {comparison_id!r}; use the id that "
+                                                 "create_comparison() (POST /v1/compare) returned")
+        if not updated and stored.choice != choice:
+            raise AlreadyDecidedError(
+                "choice", f"comparison {comparison_id!r} was already decided as {stored.choice} at "
+                f"{stored.decided_at.isoformat()}; a decision cannot change, create a new comparison"
+            )
+        return stored
+
+    @staticmethod
+    def _comparison(conn: sa.Connection, comparison_id: str) -> Comparison | None:
+        row = conn.execute(sa.select(comparisons).where(comparisons.c.id == comparison_id)).one_or_none()
+        return None if row is None else Comparison(**row._mapping)
+
+    def get_comparison(self, comparison_id: str) -> Comparison:
+        """One comparison, pending or decided."""
+        with self._engine.connect() as conn:
+            stored = self._comparison(conn, comparison_id)
+        if stored is None:
+            raise NotFoundError("comparison_id", f"no comparison {comparison_id!r}")
+        return stored
+
+    def count_decided(self, since: datetime | None = None) -> int:
+        """How many choices were recorded after ``since`` (all when None): the online loop's trigger."""
+        check_aware("since", since)
+        decided_at = comparisons.c.decided_at
+        query = sa.select(sa.func.count()).select_from(comparisons).where(decided_at.is_not(None))
+        if since is not None:
+            query = query.where(decided_at > since)
+        with self._engine.connect() as conn:
+            return conn.scalar(query)
+
+    def latest_decided_at(self) -> datetime | None:
+        """When the newest choice was recorded: pass it as ``since`` next time to read only new rows.
+
+        On PostgreSQL two choices recorded at once may commit in the opposite order of their
+        timestamps, so a reader right in between can miss the earlier one; read with
+        ``until=now - a few seconds`` where that matters.
+        """
+        with self._engine.connect() as conn:
+            return conn.scalar(sa.select(sa.func.max(comparisons.c.decided_at)))
+
+    def comparisons_table(self, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
+        """Choices recorded in ``(since, until]`` as PREFERENCE_SCHEMA rows, oldest first."""
+        return self._table(preference_query(since, until), PREFERENCE_SCHEMA)
+
+    def documents_table(self, limit: int | None = None, since: datetime | None = None) -> pa.Table:
+        """Documents (created after ``since``) as PROMPTS_SCHEMA rows for PPO, oldest first."""
+        return self._table(prompts_query(since, limit), PROMPTS_SCHEMA)
+
+    def _table(self, query: sa.Select, schema: pa.Schema) -> pa.Table:
+        with self._engine.connect() as conn:
+            rows = [dict(row) for row in conn.execute(query).mappings()]
+        return pa.Table.from_pylist(rows, schema=schema)
