@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from rlhf.config.core import ConfigError, describe, load_config, option, parse_cli, save_config
-from rlhf.config.jobs import RewardConfig, SFTConfig
+from rlhf.config.jobs import EvalConfig, PPOConfig, RewardConfig, SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_job_configs_validate_relations_and_files() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    for cls in (SFTConfig, RewardConfig):
+    for cls in (SFTConfig, RewardConfig, EvalConfig, PPOConfig):
         rows = describe(cls)
         assert rows, cls
         undocumented = [key for key, _, doc in rows if not doc.strip()]
@@ -127,9 +127,7 @@ def test_exponent_floats_without_a_dot_are_numbers() -> None:
 
 
 def test_every_shipped_yaml_config_loads() -> None:
-    from rlhf.config.jobs import EvalConfig
-
-    jobs = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig}
+    jobs = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig, "ppo": PPOConfig}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cls = jobs[path.stem.split("_")[0]]
         text = path.read_text()
@@ -137,3 +135,15 @@ def test_every_shipped_yaml_config_loads() -> None:
         overrides = [] if "../shared" not in text or (ROOT.parent / "shared").exists() else [
             f"data.path={ROOT / 'tests' / 'data' / 'tldr_comparisons_sample.jsonl'}"]
         load_config(cls, str(path), overrides)
+
+
+def test_ppo_config_checks_batch_division_and_reward_choice() -> None:
+    assert load_config(PPOConfig, None, []).reward.fn == "rlhf.ppo.rewards:brevity"
+    with pytest.raises(ConfigError, match=r"ppo\.minibatch_size: 5 must divide rollout_batch_size \(16\)"):
+        load_config(PPOConfig, None, ["ppo.minibatch_size=5"])
+    with pytest.raises(ConfigError, match=r"reward\.fn: set exactly one"):
+        load_config(PPOConfig, None, ["reward.model.name_or_path=tiny-gpt2"])
+    with pytest.raises(ConfigError, match=r"reward\.fn: file not found: /nowhere/r\.py"):
+        load_config(PPOConfig, None, ["reward.fn=/nowhere/r.py:score"])
+    cfg = load_config(PPOConfig, None, ["reward.fn=", "reward.model.name_or_path=tiny-gpt2"])
+    assert cfg.reward.model.name_or_path == "tiny-gpt2"

@@ -166,7 +166,7 @@ def test_concurrent_stores_lose_no_choice(url: str):
     same document at once and record 50 choices in all: no lock errors, no lost or duplicated rows.
     """
     threads, per_thread = 4, 13  # 52 comparisons, the last 2 stay pending
-    barrier = threading.Barrier(threads)
+    barrier = threading.Barrier(threads, timeout=60)
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
@@ -181,7 +181,8 @@ def test_concurrent_stores_lose_no_choice(url: str):
                 if worker * per_thread + i < 50:
                     store.record_choice(comparison, i % 2, labeler=f"w{worker}")
             store.close()
-        except BaseException as exc:  # re-raised by the main thread
+        except BaseException as exc:  # reported by the main thread
+            barrier.abort()  # so the other threads stop waiting for this one
             errors.append(exc)
 
     pool = [threading.Thread(target=work, args=(worker,)) for worker in range(threads)]

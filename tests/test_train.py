@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from rlhf.models import load_reward_model
 from rlhf.train.reward import bradley_terry_loss, run_reward
 from rlhf.train.sft import run_sft
 
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -110,6 +113,16 @@ def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
     scores = model.score(["post about cat"] * 2, ["cat dog rent job", "#$%&*@!?#$%&"])
     assert scores[0] > scores[1]
 
+    # The online loop continues from an existing reward checkpoint: its first evaluation
+    # already separates the pairs, so backbone and head were both restored.
+    more = load_config(RewardConfig, None, [
+        f"output_dir={tmp_path / 'more'}", f"data.path={data}", f"model.name_or_path={result.model_dir}",
+        "model.max_source_length=64", "model.max_target_length=32", "train.batch_size=8",
+        "train.max_steps=2", "train.eval_every=2", "train.save_every=2",
+    ])
+    run_reward(more)
+    assert _evals(tmp_path / "more")[0]["val_accuracy"] >= 0.9
+
 
 def test_reward_with_zero3_on_two_workers(tmp_path: Path) -> None:
     data = _easy_preferences(tmp_path / "easy.jsonl", 48)
@@ -125,3 +138,53 @@ def test_reward_with_zero3_on_two_workers(tmp_path: Path) -> None:
     full = sum(p.numel() for p in model.parameters())
     assert full > 10_000  # the saved model is whole, gathered from the shards
     assert model.score(["d"], ["s"]).shape == (1,)
+
+
+def test_minilm_reward_backbone_trains_a_few_steps(tmp_path: Path) -> None:
+    """The real-model path of configs/reward_minilm.yaml, cut to a few steps on sample data."""
+    cfg = load_config(RewardConfig, str(ROOT / "configs" / "reward_minilm.yaml"), [
+        f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_comparisons_sample.jsonl'}",
+        "model.max_source_length=128", "train.batch_size=4", "train.max_steps=2",
+        "train.warmup_steps=0", "train.eval_every=2", "train.save_every=2", "train.max_eval_rows=8",
+        "train.cpus_per_worker=1",
+    ])
+    result = run_reward(cfg)
+    assert [e["step"] for e in _evals(tmp_path)] == [0, 2]
+    model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
+    assert model.backbone.config.model_type == "bert" and model.backbone.config.num_hidden_layers == 6
+
+
+def test_bad_data_stops_the_job_with_one_line(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "reward.py"), f"output_dir={tmp_path}",
+         f"data.path={DATA / 'bad_rows.jsonl'}", "data.strict=true"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad_rows.jsonl" in lines[0] and "row" in lines[0], run.stderr
+
+
+def test_reward_data_mixes_files_feedback_database_and_synthetic_pairs(tmp_path: Path) -> None:
+    from rlhf.store import FeedbackStore
+    from rlhf.train.reward import reward_data
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    store = FeedbackStore(url)
+    for i in range(10):
+        doc = store.add_document(f"document number {i}")
+        comparison = store.create_comparison(doc, f"good summary {i}", f"bad {i}", "v0001", "v0002")
+        if i < 8:  # two stay pending and must not be trained on
+            store.record_choice(comparison, 0)
+    cfg = load_config(RewardConfig, None, [
+        f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_comparisons_sample.jsonl'}",
+        "from_store=true", f"store.url={url}", f"augment.data.path={DATA / 'tldr_sft_sample.jsonl'}",
+        "augment.ratio=0.5", "train.validation_fraction=0.1",
+    ])
+    train, validation = reward_data(cfg)
+    sources = train.column("source").to_pylist()
+    assert sources.count("feedback") == 8
+    n_file = 57 - len(validation.column("source"))  # 57 valid rows in the sample file
+    n_human = n_file + 8
+    assert sum(s.startswith("synthetic:") for s in sources) == round(0.5 * n_human)
+    assert not any(s.startswith("synthetic:") for s in validation.column("source").to_pylist())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import rlhf
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, ModelConfig, TrainConfig
+from rlhf.config.sections import DataSourceConfig, ModelConfig, StoreConfig, TrainConfig
 
 SAMPLES_DIR = Path(rlhf.__file__).parent / "data" / "samples"
 
@@ -74,12 +74,14 @@ class RewardConfig:
     eval_data: DataSourceConfig | None = option(
         None, "Validation comparisons; null holds out train.validation_fraction of data instead."
     )
+    from_store: bool = option(False, "Also train on the decided comparisons in the feedback database.")
+    store: StoreConfig = option(factory=StoreConfig, help="The feedback database.")
     augment: AugmentConfig = option(factory=AugmentConfig, help="Synthetic preference pairs.")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=5e-4), help="Ray Train settings.")
 
     def validate(self) -> None:
-        if self.data is None and self.augment.data is None:
-            raise ConfigError("data", "no training data: set data.path or augment.data.path")
+        if self.data is None and not self.from_store and self.augment.data is None:
+            raise ConfigError("data", "no training data: set data.path, from_store=true or augment.data.path")
 
 
 @dataclass
@@ -103,3 +105,112 @@ class EvalConfig:
             raise ConfigError("policy", "references need a policy.name_or_path to evaluate")
         if self.comparisons is None and self.references is None:
             raise ConfigError("comparisons", "nothing to evaluate: set comparisons.path or references.path")
+
+
+@dataclass
+class PPOAlgoConfig:
+    """The PPO algorithm: rollout sizes, losses, KL control and sampling."""
+
+    iterations: int = option(12, "PPO iterations (generate -> score -> learn -> sync).", gt=0)
+    rollout_batch_size: int = option(16, "Documents sampled per iteration.", gt=0)
+    minibatch_size: int = option(8, "Rows per optimizer step; divides rollout_batch_size.", gt=0)
+    epochs: int = option(4, "Passes over each rollout batch.", gt=0)
+    lr: float = option(1e-4, "Learning rate of policy and value model.", gt=0)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm (0 = off).", ge=0)
+    clip_eps: float = option(0.2, "Policy ratio clip range.", gt=0)
+    value_clip_eps: float = option(0.2, "Value clip range around the rollout's values.", gt=0)
+    vf_coef: float = option(0.1, "Weight of the value loss.", ge=0)
+    entropy_coef: float = option(0.0, "Weight of the entropy bonus.", ge=0)
+    gamma: float = option(1.0, "Discount.", gt=0, le=1)
+    lam: float = option(0.95, "GAE lambda.", ge=0, le=1)
+    kl_coef: float = option(0.05, "KL penalty coefficient (initial value when adaptive).", ge=0)
+    kl_kind: str = option("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
+    kl_target: float | None = option(
+        None, "Adaptive KL controller target (summed KL per sequence); null = fixed kl_coef.", gt=0
+    )
+    kl_horizon: int = option(10000, "Adaptive KL controller horizon in samples.", gt=0)
+    whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
+    temperature: float = option(1.0, "Sampling temperature.", gt=0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    max_new_tokens: int = option(32, "Longest summary in tokens.", gt=0)
+    no_eos_penalty: float | None = option(
+        None, "Score given instead of the reward to a summary that never emits EOS (null = off)."
+    )
+    checkpoint_every: int = option(5, "Checkpoint every N iterations (and at the end).", gt=0)
+    publish_every: int = option(5, "Publish a policy version every N iterations (and at the end).", gt=0)
+
+    def validate(self) -> None:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ConfigError(
+                "minibatch_size",
+                f"{self.minibatch_size} must divide rollout_batch_size ({self.rollout_batch_size})",
+            )
+
+
+@dataclass
+class PPORewardConfig:
+    """What scores a summary: a trained reward model or a rule-based Python function."""
+
+    model: ModelConfig | None = option(
+        None, "Reward-model checkpoint (from jobs/reward.py); its stored mean/std normalise rewards."
+    )
+    fn: str = option(
+        "", "Rule-based reward instead of a model: package.module:function or path/file.py:function, "
+        "called as fn(documents, summaries) -> list[float]."
+    )
+    normalize: bool = option(True, "Normalise reward-model scores with the stored mean/std.")
+
+    def validate(self) -> None:
+        if (self.model is None) == (not self.fn):
+            raise ConfigError("fn", "set exactly one of reward.model.name_or_path and reward.fn")
+        if self.fn:
+            target = self.fn.rpartition(":")[0]
+            if target.endswith(".py") and not Path(target).is_file():
+                raise ConfigError("fn", f"file not found: {target}")
+
+
+@dataclass
+class RolesConfig:
+    """How many Ray actors play each role, and what they reserve (fractions share a device)."""
+
+    rollout_workers: int = option(1, "Generation actors, each with a policy copy.", gt=0)
+    reward_workers: int = option(1, "Reward-scoring actors.", gt=0)
+    reference_workers: int = option(1, "Actors holding the frozen initial policy.", gt=0)
+    learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
+    cpus_per_actor: float = option(0.5, "CPUs reserved by each actor.", gt=0)
+    gpus_per_actor: float = option(
+        0.0, "GPUs per actor; fractions (0.25) colocate roles on one GPU, 0 = CPU only.", ge=0
+    )
+    placement: str = option(
+        "PACK", "Placement group strategy: PACK (colocate) or SPREAD (across nodes).",
+        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    )
+    zero_stage: int = option(0, "Learner DeepSpeed ZeRO stage.", choices=(0, 1, 2, 3))
+    offload_optimizer: bool = option(False, "Learner optimizer state in CPU memory.")
+    offload_params: bool = option(False, "Learner parameters in CPU memory (ZeRO-3).")
+    max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
+
+
+@dataclass
+class PPOConfig:
+    """jobs/ppo.py: RLHF with PPO across Ray actors."""
+
+    output_dir: str = option("runs/ppo", "Checkpoints, metrics.jsonl, TensorBoard events, registry.")
+    seed: int = option(0, "Seed for sampling, data order and init.")
+    policy: ModelConfig = option(
+        factory=lambda: ModelConfig(name_or_path="tiny-t5", max_source_length=256, max_target_length=32),
+        help="Initial policy (an SFT checkpoint); also the frozen reference.",
+    )
+    value: ModelConfig | None = option(
+        None, "Value model init (e.g. a reward checkpoint); null = the policy's backbone."
+    )
+    reward: PPORewardConfig = option(
+        factory=lambda: PPORewardConfig(fn="rlhf.ppo.rewards:brevity"), help="The reward."
+    )
+    prompts: DataSourceConfig = option(
+        factory=lambda: DataSourceConfig(path=_sample("tldr_sft.jsonl")),
+        help="Documents to summarise (any layout with a document column).",
+    )
+    ppo: PPOAlgoConfig = option(factory=PPOAlgoConfig, help="The algorithm.")
+    roles: RolesConfig = option(factory=RolesConfig, help="Ray actors and placement.")
+    registry: str = option("", "Policy registry directory or URI; empty = output_dir/registry.")

@@ -587,3 +587,13 @@ def to_ray_dataset(result: LoadResult) -> ray.data.Dataset:
 def read_dataset(cfg: DataSourceConfig, schema: Schema | None = None) -> ray.data.Dataset:
     """Load ``cfg`` and hand it to Ray; skips are still warned about as in load_source."""
     return to_ray_dataset(load_source(cfg, schema))
+
+
+def dataset_table(dataset: ray.data.Dataset, schema: Schema) -> pa.Table:
+    """All rows of a Ray dataset as one Arrow table in ``schema`` (empty datasets included)."""
+    import ray
+
+    tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
+    if not tables:
+        return schema.arrow.empty_table()
+    return pa.concat_tables([table.select(schema.arrow.names).cast(schema.arrow) for table in tables])

@@ -44,6 +44,7 @@ def feedback_dataset(url: str, kind: Schema, since: datetime | None = None) -> r
     variable nor the driver's working directory. The values are rendered into the SQL (they are
     typed datetimes, never user text) because DB-API drivers disagree on parameter syntax. One
     read task: feedback tables are small, and read_sql's sharding needs MD5, which SQLite lacks.
+    With no matching rows the dataset is empty and its ``schema()`` is None (Ray drops empty blocks).
     """
     import ray.data  # deferred: only this function of rlhf.store needs Ray
 

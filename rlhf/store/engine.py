@@ -92,7 +92,7 @@ def _begin_sqlite(connection: sa.Connection) -> None:
     transaction that reads first and then writes fails at once if another writer committed
     in between (SQLITE_BUSY_SNAPSHOT), whatever the timeout."""
     immediate = connection.get_execution_options().get(WRITE_OPTION, False)
-    connection.exec_driver_sql("BEGIN")
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def create_engine(url: sa.URL, poolclass: type[Pool] | None = None) -> sa.Engine:

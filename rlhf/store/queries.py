@@ -20,11 +20,13 @@ def check_aware(field: str, value: datetime | None) -> None:
         )
 
 
-def _window(column: sa.ColumnElement[datetime], since: datetime | None, until: datetime | None) -> list:
+def _window(
+    column: sa.ColumnElement[datetime], since: datetime | None, until: datetime | None
+) -> list[sa.ColumnElement[bool]]:
     """Conditions for ``since < column <= until``: consecutive windows tile without overlap."""
     check_aware("since", since)
     check_aware("until", until)
-    conditions: list = []
+    conditions: list[sa.ColumnElement[bool]] = []
     if since is not None:
         conditions.append(column > since)
     if until is not None:

@@ -22,9 +22,10 @@ from rlhf.config.jobs import RewardConfig
 from rlhf.config.sections import ModelConfig
 from rlhf.data.augment import synthetic_preferences
 from rlhf.data.schemas import Schema
-from rlhf.data.sources import load_source
+from rlhf.data.sources import dataset_table, load_source
 from rlhf.errors import InputError
 from rlhf.models import RewardModel, load_reward_model
+from rlhf.store import feedback_dataset
 from rlhf.train.data import split_validation, train_and_validation
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
 
@@ -106,29 +107,44 @@ class RewardTask:
         self.reward_model.save(path)
 
 
-def _mix_in_synthetic(cfg: RewardConfig, human: pa.Table | None) -> pa.Table:
-    """Human comparisons plus ``augment.ratio`` synthetic pairs per human one."""
+def _human_comparisons(cfg: RewardConfig) -> tuple[pa.Table | None, pa.Table | None]:
+    """(train, validation) human comparisons from files and the feedback database, or Nones."""
+    tables, validation = [], None
+    if cfg.data is not None:
+        train, validation = train_and_validation(
+            cfg.data, cfg.eval_data, Schema.PREFERENCE, cfg.train.validation_fraction, cfg.seed
+        )
+        tables.append(train)
+    if cfg.from_store:
+        feedback = dataset_table(feedback_dataset(cfg.store.url, Schema.PREFERENCE), Schema.PREFERENCE)
+        print(f"reward: {feedback.num_rows} comparisons from the feedback database", flush=True)
+        if validation is None and feedback.num_rows:
+            feedback, validation = split_validation(feedback, cfg.train.validation_fraction, cfg.seed)
+        tables.append(feedback)
+    return (pa.concat_tables(tables) if tables else None), validation
+
+
+def _synthetic(cfg: RewardConfig, n_human: int) -> pa.Table | None:
+    """``augment.ratio`` synthetic pairs per human comparison (all augment rows without humans)."""
     if cfg.augment.data is None:
-        return human
+        return None
     sft = load_source(cfg.augment.data, Schema.SFT).table
-    n_pairs = round(cfg.augment.ratio * human.num_rows) if human is not None else sft.num_rows
+    n_pairs = round(cfg.augment.ratio * n_human) if n_human else sft.num_rows
     synthetic = synthetic_preferences(sft, n_pairs, cfg.augment.kinds, cfg.seed)
     print(f"reward: {synthetic.num_rows} synthetic pairs from {cfg.augment.data.path}", flush=True)
-    if human is None:
-        return synthetic
-    return pa.concat_tables([human, synthetic])
+    return synthetic
 
 
 def reward_data(cfg: RewardConfig) -> tuple[pa.Table, pa.Table]:
     """(train, validation): validation is human-only whenever human data exists."""
-    if cfg.data is None:
-        if cfg.augment.data is None:
-            raise InputError("data: no training data; set data.path or augment.data.path")
-        return split_validation(_mix_in_synthetic(cfg, None), cfg.train.validation_fraction, cfg.seed)
-    human, validation = train_and_validation(
-        cfg.data, cfg.eval_data, Schema.PREFERENCE, cfg.train.validation_fraction, cfg.seed
-    )
-    return _mix_in_synthetic(cfg, human), validation
+    human, validation = _human_comparisons(cfg)
+    synthetic = _synthetic(cfg, human.num_rows if human is not None else 0)
+    if validation is None:
+        if synthetic is None:
+            raise InputError("data: no training rows; add comparisons or augment.data.path")
+        synthetic, validation = split_validation(synthetic, cfg.train.validation_fraction, cfg.seed)
+    train = pa.concat_tables([t for t in (human, synthetic) if t is not None])
+    return train, validation
 
 
 def run_reward(cfg: RewardConfig, resume: bool = False) -> TrainResult:

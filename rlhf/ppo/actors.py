@@ -1,0 +1,209 @@
+"""The PPO roles as Ray actors in one placement group, and the fan-out to each role's actors.
+
+Actors are thin: each wraps a plain role class from :mod:`rlhf.ppo.roles`. ``RayRoles`` offers
+the same methods as ``LocalRoles``, so :class:`rlhf.ppo.trainer.PPOTrainer` runs unchanged on a
+laptop (fractional CPUs) or a GPU cluster (fractional GPUs or whole nodes per role).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf.config.jobs import PPOConfig
+from rlhf.errors import InputError
+from rlhf.ppo.batch import PPOBatch
+from rlhf.ppo.experience import Rollout
+from rlhf.ppo.roles import Generator, Learner, LearnStats, ReferenceScorer, RewardScorer, free_port
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120
+RESTART_WAIT_S = 120
+
+
+class LearnerActor:
+    """A learner rank; built in two phases because rank 0's address must be known first."""
+
+    def __init__(self) -> None:
+        self.learner: Learner | None = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, cfg: PPOConfig, rank: int, world_size: int, address: str, port: int) -> None:
+        self.learner = Learner(cfg, rank, world_size, address, port, threads=_threads(cfg))
+
+    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.learner.evaluate(rollout)
+
+    def train(self, batch: PPOBatch) -> LearnStats:
+        return self.learner.train(batch)
+
+    def changed_weights(self):
+        return self.learner.changed_weights()
+
+    def synced_weights(self):
+        return self.learner.synced_weights()
+
+    def save_policy(self, path: str) -> None:
+        self.learner.save_policy(path)
+
+    def save_checkpoint(self, path: str) -> None:
+        self.learner.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.learner.load_checkpoint(path)
+
+
+def _threads(cfg: PPOConfig) -> int:
+    return max(1, int(cfg.roles.cpus_per_actor))
+
+
+def _actor_count(cfg: PPOConfig) -> int:
+    r = cfg.roles
+    return r.rollout_workers + r.reward_workers + r.reference_workers + r.learner_workers
+
+
+def check_placement(cfg: PPOConfig) -> None:
+    """Fail before any model loads when the cluster cannot hold every role's actors."""
+    r = cfg.roles
+    n = _actor_count(cfg)
+    need_cpu, need_gpu = n * r.cpus_per_actor, n * r.gpus_per_actor
+    have = ray.cluster_resources()
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise InputError(
+            f"roles: {n} actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower roles.cpus_per_actor, "
+            "roles.gpus_per_actor or the worker counts"
+        )
+    if r.learner_workers > 1 and cfg.ppo.minibatch_size % r.learner_workers:
+        raise InputError(f"roles.learner_workers: {r.learner_workers} must divide ppo.minibatch_size")
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices covering range(n), sizes differing by at most one."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class RayRoles:
+    """Every role as Ray actors, placed by ``roles.placement``; same methods as LocalRoles."""
+
+    def __init__(self, cfg: PPOConfig):
+        check_placement(cfg)
+        self.cfg = cfg
+        r = cfg.roles
+        bundle = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
+        self.pg = placement_group([bundle] * _actor_count(cfg), strategy=r.placement)
+        if not self.pg.wait(PLACEMENT_TIMEOUT_S):
+            remove_placement_group(self.pg)
+            raise InputError(f"roles.placement: {r.placement} placement of {_actor_count(cfg)} actors "
+                             f"could not be met within {PLACEMENT_TIMEOUT_S}s")
+        bundles = iter(range(_actor_count(cfg)))
+        restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
+        self.generators = [self._actor(Generator, next(bundles), restartable, cfg, _threads(cfg))
+                           for _ in range(r.rollout_workers)]
+        self.scorers = [self._actor(RewardScorer, next(bundles), restartable, cfg, _threads(cfg))
+                        for _ in range(r.reward_workers)]
+        self.references = [self._actor(ReferenceScorer, next(bundles), restartable, cfg, _threads(cfg))
+                           for _ in range(r.reference_workers)]
+        self.learners = [self._actor(LearnerActor, next(bundles), {}) for _ in range(r.learner_workers)]
+        address, port = ray.get(self.learners[0].rendezvous.remote())
+        ray.get([a.setup.remote(cfg, rank, len(self.learners), address, port)
+                 for rank, a in enumerate(self.learners)])
+        self.sync()
+
+    def _actor(self, cls: type, bundle: int, options: dict, *args):
+        r = self.cfg.roles
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+        remote = ray.remote(cls).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                         scheduling_strategy=strategy, **options)
+        return remote.remote(*args)
+
+    # ------------------------------------------------------------ generation with recovery
+
+    def generate(self, documents: list[str], seed: int) -> Rollout:
+        shards = _split(len(documents), len(self.generators))
+        refs = [g.generate.remote(documents[s], seed * 1000 + i)
+                for i, (g, s) in enumerate(zip(self.generators, shards))]
+        parts = []
+        for i, ref in enumerate(refs):
+            try:
+                parts.append(ray.get(ref))
+            except RayActorError:
+                parts.append(self._retry_generate(i, documents[shards[i]], seed * 1000 + i))
+        return Rollout.concat(parts)
+
+    def _retry_generate(self, index: int, documents: list[str], seed: int) -> Rollout:
+        """Wait for Ray to restart a dead generator, give it current weights, rerun its shard."""
+        logger.warning("rollout worker %d died; waiting for its restart to retry its batch", index)
+        actor = self.generators[index]
+        deadline = time.time() + RESTART_WAIT_S
+        while True:
+            try:
+                ray.get(actor.load_weights.remote(self.learners[0].synced_weights.remote()))
+                break
+            except RayActorError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        return ray.get(actor.generate.remote(documents, seed))
+
+    # ------------------------------------------------------------ scoring and learning
+
+    def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = _split(len(documents), len(self.scorers))
+        parts = ray.get([w.score.remote(documents[s], summaries[s]) for w, s in zip(self.scorers, shards)])
+        return torch.cat([raw for raw, _ in parts]), torch.cat([used for _, used in parts])
+
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        shards = _split(len(rollout.documents), len(self.references))
+        parts = ray.get([w.logprobs.remote(rollout.select(s)) for w, s in zip(self.references, shards)])
+        return _pad_cat(parts, rollout.response_ids.shape[1])
+
+    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = _split(len(rollout.documents), len(self.learners))
+        parts = ray.get([a.evaluate.remote(rollout.select(s)) for a, s in zip(self.learners, shards)])
+        width = rollout.response_ids.shape[1]
+        return _pad_cat([p[0] for p in parts], width), _pad_cat([p[1] for p in parts], width)
+
+    def train(self, batch: PPOBatch) -> LearnStats:
+        shards = _split(len(batch), len(self.learners))
+        stats = ray.get([a.train.remote(batch.select(torch.arange(len(batch))[s]))
+                         for a, s in zip(self.learners, shards)])
+        return LearnStats.mean([vars(s) for s in stats])
+
+    def sync(self) -> float:
+        """Changed policy tensors from learner rank 0 to every generator via the object store."""
+        results = [a.changed_weights.options(num_returns=2).remote() for a in self.learners]
+        weights_ref, seconds_ref = results[0]
+        ray.get([g.load_weights.remote(weights_ref) for g in self.generators])
+        ray.get([ref for pair in results for ref in pair])  # every rank finished its gather
+        return ray.get(seconds_ref)
+
+    def save_policy(self, path: str) -> None:
+        ray.get([a.save_policy.remote(path) for a in self.learners])
+
+    def save_checkpoint(self, path: str) -> None:
+        ray.get([a.save_checkpoint.remote(path) for a in self.learners])
+
+    def load_checkpoint(self, path: str) -> None:
+        ray.get([a.load_checkpoint.remote(path) for a in self.learners])
+        self.sync()
+
+    def shutdown(self) -> None:
+        for actor in self.generators + self.scorers + self.references + self.learners:
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate (b_i, t_i) shards into (B, width), zero-padding shorter ones on the right."""
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])

@@ -1,0 +1,265 @@
+"""From models to PPO tensors: sample responses, then score exactly those tokens.
+
+Every response-aligned tensor here is ``(B, T)``, right-padded with the pad id, and ``mask`` is
+1.0 on response tokens (the first EOS included) and 0.0 after, as in ``rlhf.ppo.functional``.
+One code path serves encoder-decoder (T5/BART/LED) and decoder-only (GPT-2/Llama) policies:
+
+* seq2seq: the document goes to the encoder; the decoder reads ``start + response[:-1]``, so
+  decoder position ``t`` predicts (and values the state before) ``response[t]``;
+* causal: the decoder reads ``left-padded prompt + response[:-1]`` (one contiguous run of real
+  tokens), with position ids counted from the attention mask, so the last ``T`` columns predict
+  (and value the state before) ``response[0..T-1]``. The last response token is never an input:
+  nothing PPO needs is predicted from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf.models.encoding import ModelKind, shift_right
+from rlhf.models.heads import ValueModel, positions_from_mask
+from rlhf.models.policy import Policy
+from rlhf.ppo.functional import entropy_from_logits, logprobs_from_logits
+
+# Hub generation configs often ask for beam search, repetition penalties, banned n-grams or a
+# forced first/last token (BART configs force EOS at max length). Each changes the distribution
+# tokens are drawn from, so the log-probs PPO computes would no longer be those of the samples.
+# These values switch all of them off; passed as keyword arguments they override the model's
+# generation config (a GenerationConfig object would inherit every field it leaves None).
+_PLAIN_SAMPLING: dict[str, Any] = {
+    "do_sample": True,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "typical_p": 1.0,
+    "min_p": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+}
+
+
+@dataclass
+class Rollout:
+    """Sampled summaries of a batch of documents, as token tensors ready for scoring."""
+
+    documents: list[str]
+    summaries: list[str]  # decoded responses, special tokens skipped
+    query: dict[str, torch.Tensor]  # policy inputs from Policy.encode_documents: (B, S) each
+    response_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
+    mask: torch.Tensor  # (B, T) float, 1.0 on response tokens incl. the first EOS
+    ended: torch.Tensor  # (B,) bool, True where the response emitted EOS
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """A copy with every tensor on ``device``."""
+        return replace(
+            self,
+            query={name: tensor.to(device) for name, tensor in self.query.items()},
+            response_ids=self.response_ids.to(device),
+            mask=self.mask.to(device),
+            ended=self.ended.to(device),
+        )
+
+    def select(self, index: torch.Tensor | slice) -> Rollout:
+        """The rows ``index`` (a slice, or a (K,) tensor of row ids or (B,) bool mask).
+
+        Widths are kept, not trimmed to the longest kept row, so the selection stays aligned
+        with (B, T) tensors computed on the whole rollout (old log-probs, values, advantages)
+        that the caller indexes with the same ``index``. Extra padding costs compute only.
+        """
+        rows = torch.arange(len(self.documents))[index].tolist()
+        return replace(
+            self,
+            documents=[self.documents[i] for i in rows],
+            summaries=[self.summaries[i] for i in rows],
+            query={name: tensor[index] for name, tensor in self.query.items()},
+            response_ids=self.response_ids[index],
+            mask=self.mask[index],
+            ended=self.ended[index],
+        )
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) float: 1.0 up to and including each row's first EOS, 0.0 after it.
+
+    Computed from EOS positions, never from ``!= pad``: many causal tokenizers use EOS as pad.
+    """
+    is_eos = (response_ids == eos_token_id).long()  # (B, T)
+    eos_before = is_eos.cumsum(1) - is_eos  # (B, T) EOS count strictly before each column
+    return (eos_before == 0).float()
+
+
+@torch.no_grad()
+def generate_rollout(
+    policy: Policy,
+    documents: list[str],
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int = 0,
+    synced_gpus: bool = False,
+    stop_at_eos: bool = True,
+) -> Rollout:
+    """Sample one response per document from ``policy.model`` (plain ancestral sampling).
+
+    Only ``temperature``, ``top_p``, ``top_k`` (0: off) and ``min_new_tokens`` (EOS banned
+    before it) shape the distribution; the model's generation config cannot add anything (see
+    ``_PLAIN_SAMPLING``). With top_p=1, top_k=0 and min_new_tokens=0 the samples come exactly
+    from ``softmax(logits / temperature)``, what ``response_logprobs`` scores.
+    ``max_new_tokens`` defaults to ``policy.max_target_length``. ``synced_gpus`` must be True
+    under ZeRO-3 so that ranks that finish early keep joining the sharded forward passes.
+
+    stop_at_eos=False generates exactly ``max_new_tokens`` tokens per row (TRL's fixed-length
+    benchmark setting): EOS is not a stop token, its probability is left untouched (rather than
+    banned, which would change the distribution), every token is in the mask, and ``ended``
+    says whether an EOS was sampled anywhere.
+    """
+    model, tokenizer = policy.model, policy.tokenizer
+    query = {name: tensor.cpu() for name, tensor in policy.encode_documents(documents).items()}
+    output = model.generate(
+        **{name: tensor.to(model.device) for name, tensor in query.items()},
+        **_PLAIN_SAMPLING,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens or policy.max_target_length,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced_gpus,
+    ).cpu()  # (B, prefix + T): seq2seq prefix is the start token, causal prefix the prompt
+    prefix = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
+    response_ids = output[:, prefix:]  # (B, T), generate pads each row after its EOS
+    if stop_at_eos:
+        mask = response_mask(response_ids, tokenizer.eos_token_id)  # (B, T)
+    else:
+        mask = torch.ones(response_ids.shape)  # (B, T)
+    return Rollout(
+        documents=list(documents),
+        summaries=tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+        query=query,
+        response_ids=response_ids,
+        mask=mask,
+        ended=(response_ids == tokenizer.eos_token_id).any(1),  # (B,)
+    )
+
+
+def policy_inputs(
+    policy_is_encoder_decoder: bool, rollout: Rollout, start_token_id: int | None, pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Forward-pass inputs whose outputs at the response positions predict the response tokens.
+
+    Seq2seq: the query (encoder inputs, LED's global mask) + ``decoder_input_ids`` =
+    start + response[:-1] (B, T). No decoder attention mask: its causal attention never lets a
+    response position see the padding after it, and without a mask attention kernels can take
+    their fast causal path.
+    Causal: ``input_ids`` = prompt (B, P) + response[:-1] (B, T-1), the prompt left-padded and
+    the response right-padded, ``attention_mask`` likewise, and ``position_ids`` counted from
+    the mask (a plain forward pass would number columns, shifting left-padded rows). Outputs
+    at the last T columns then line up with the response; ``start_token_id`` may be None.
+    """
+    if policy_is_encoder_decoder:
+        return {
+            **rollout.query,
+            "decoder_input_ids": shift_right(rollout.response_ids, start_token_id, pad_token_id),
+        }
+    input_ids = torch.cat([rollout.query["input_ids"], rollout.response_ids[:, :-1]], 1)  # (B, P+T-1)
+    attention_mask = torch.cat([rollout.query["attention_mask"], rollout.mask[:, :-1].long()], 1)  # same
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": positions_from_mask(attention_mask),  # (B, P+T-1)
+    }
+
+
+def _policy_inputs_for(policy: Policy, rollout: Rollout, device: torch.device) -> dict[str, torch.Tensor]:
+    """``policy_inputs`` with the policy's own start and pad ids, on ``device``."""
+    start = getattr(policy.model.config, "decoder_start_token_id", None)  # causal configs lack it
+    inputs = policy_inputs(policy.is_encoder_decoder, rollout, start, policy.tokenizer.pad_token_id)
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where inputs must go: ``.device`` of a HF model or DeepSpeed engine, else the parameters'."""
+    device = getattr(module, "device", None)
+    return device if isinstance(device, torch.device) else next(module.parameters()).device
+
+
+def response_logits(model: nn.Module, policy: Policy, rollout: Rollout) -> torch.Tensor:
+    """Logits (B, T, V) with ``logits[:, t]`` predicting ``rollout.response_ids[:, t]``.
+
+    ``model`` is ``policy.model`` or a wrapper of it (a DeepSpeed engine): only ``model(**inputs)``
+    is called on it; ``policy`` supplies the config and tokenizer. Causal models compute logits
+    for the response columns only (``logits_to_keep``), never for the (long) prompt.
+    """
+    inputs = _policy_inputs_for(policy, rollout, _device(model))
+    if policy.is_encoder_decoder:
+        return model(**inputs).logits  # (B, T, V)
+    return model(**inputs, logits_to_keep=rollout.response_ids.shape[1]).logits  # (B, T, V)
+
+
+def response_logprobs(
+    model: nn.Module,
+    policy: Policy,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens under ``softmax(logits / temperature)``, the
+    distribution they were sampled from, and its entropy (B, T) if ``with_entropy``, else None.
+
+    Differentiable (call under ``torch.no_grad()`` for the old or reference log-probs); both are
+    0 where ``mask == 0``, on the rollout's device.
+    """
+    logits = response_logits(model, policy, rollout) / temperature  # (B, T, V)
+    padding = rollout.mask.to(logits.device) == 0  # (B, T)
+    labels = rollout.response_ids.to(logits.device)  # (B, T)
+    logprobs = logprobs_from_logits(logits, labels).masked_fill(padding, 0.0)  # (B, T)
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T)
+
+
+def _check_value_model(value_model: ValueModel, policy: Policy) -> None:
+    """The value model must read the policy's tokens the policy's way (reward models need not)."""
+    if len(value_model.tokenizer) != len(policy.tokenizer):
+        raise ValueError(
+            f"the value model's tokenizer has {len(value_model.tokenizer)} tokens, the policy's "
+            f"{len(policy.tokenizer)}: PPO values the policy's own response tokens, so the value "
+            "model must use the policy's tokenizer"
+        )
+    wanted = ModelKind.ENCODER_DECODER if policy.is_encoder_decoder else ModelKind.DECODER
+    if value_model.kind is not wanted:
+        raise ValueError(
+            f"the value model is {value_model.kind.value!r} but the policy is {wanted.value!r}: "
+            "per-token values need a backbone that reads the response the way the policy does"
+        )
+
+
+def response_values(value_model: ValueModel, rollout: Rollout, policy: Policy) -> torch.Tensor:
+    """Values (B, T): ``values[:, t]`` is the value of the state before ``response_ids[:, t]``
+    (document + response[:t]), 0 where ``mask == 0``. Differentiable, like ``response_logprobs``.
+
+    The value model gets the policy's inputs (``policy_inputs``), so it must share the policy's
+    tokenizer and kind; otherwise ValueError.
+    """
+    _check_value_model(value_model, policy)
+    values = value_model(**_policy_inputs_for(policy, rollout, _device(value_model)))  # (B, P+T-1) or (B, T)
+    values = values[:, -rollout.response_ids.shape[1]:]  # (B, T)
+    return values.masked_fill(rollout.mask.to(values.device) == 0, 0.0)

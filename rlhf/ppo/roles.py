@@ -1,0 +1,289 @@
+"""The PPO roles as plain classes: generation, reward scoring, reference log-probs, learning.
+
+No Ray in here. :mod:`rlhf.ppo.actors` wraps each class in a Ray actor; tests and the
+single-process benchmark drive them directly. Every role loads its own models from config, so
+an actor needs nothing from the driver but the config and the data it works on.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlhf.config.jobs import PPOConfig
+from rlhf.config.sections import TrainConfig
+from rlhf.models import Policy, RewardModel, load_policy, load_reward_model, load_value_model
+from rlhf.ppo import functional as F
+from rlhf.ppo.batch import PPOBatch
+from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
+from rlhf.ppo.reward_fn import load_reward_fn
+from rlhf.train import engine as ds
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _device(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+class Generator:
+    """A policy copy that samples summaries; receives new weights after each learner update."""
+
+    def __init__(self, cfg: PPOConfig, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = _device(cfg.roles.gpus_per_actor)
+        self.policy = load_policy(cfg.policy)
+        self.policy.model.to(self.device).eval()
+
+    def generate(self, documents: list[str], seed: int) -> Rollout:
+        """Sampled summaries of ``documents``; ``seed`` makes a retried batch identical."""
+        torch.manual_seed(seed)
+        algo = self.cfg.ppo
+        rollout = generate_rollout(
+            self.policy, documents, temperature=algo.temperature, top_p=algo.top_p,
+            max_new_tokens=algo.max_new_tokens,
+        )
+        return rollout.to("cpu")
+
+    def load_weights(self, weights: StateDict) -> None:
+        """Copy in the tensors that changed since the last sync (a subset of the state dict)."""
+        missing = set(weights) - set(self.policy.model.state_dict())
+        if missing:
+            raise KeyError(f"weights for unknown parameters: {sorted(missing)[:3]}")
+        self.policy.model.load_state_dict(weights, strict=False)
+
+
+class RewardScorer:
+    """Scores (document, summary) pairs with a reward model or a rule-based function."""
+
+    def __init__(self, cfg: PPOConfig, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.cfg = cfg.reward
+        self.model: RewardModel | None = None
+        if cfg.reward.model is not None:
+            self.model = load_reward_model(cfg.reward.model)
+            self.model.to(_device(cfg.roles.gpus_per_actor)).eval()
+        self.fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
+
+    def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw, used) scores (B,): ``used`` is normalised with the model's stored mean/std."""
+        if self.fn is not None:
+            raw = torch.tensor(self.fn(documents, summaries), dtype=torch.float32)
+            return raw, raw.clone()
+        raw = self.model.score(documents, summaries)
+        return raw, self.model.normalize(raw) if self.cfg.normalize else raw.clone()
+
+
+class ReferenceScorer:
+    """Log-probs of the frozen initial policy, for the KL penalty."""
+
+    def __init__(self, cfg: PPOConfig, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = _device(cfg.roles.gpus_per_actor)
+        self.policy = load_policy(cfg.policy)
+        self.policy.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log pi_ref of the sampled tokens."""
+        logprobs, _ = response_logprobs(
+            self.policy.model, self.policy, rollout.to(self.device), self.cfg.ppo.temperature
+        )
+        return logprobs.cpu()
+
+
+class ActorCritic(nn.Module):
+    """Policy and value model under one DeepSpeed engine: one optimizer, one backward."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, address: str, port: int, gpu: bool) -> None:
+    """The learner ranks' own process group (DeepSpeed gradient all-reduce)."""
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if gpu else "gloo", init_method=f"tcp://{address}:{port}",
+            rank=rank, world_size=world_size,
+        )
+
+
+@dataclass
+class LearnStats:
+    """Means over all minibatch updates of one iteration."""
+
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    clip_fraction: float
+    approx_kl: float
+
+    @staticmethod
+    def mean(rows: list[dict[str, float]]) -> LearnStats:
+        return LearnStats(**{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]})
+
+
+class Learner:
+    """One data-parallel rank training policy + value with PPO on DeepSpeed."""
+
+    def __init__(self, cfg: PPOConfig, rank: int = 0, world_size: int = 1,
+                 address: str = "127.0.0.1", port: int | None = None, threads: int = 1):
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        gpu = cfg.roles.gpus_per_actor > 0
+        init_process_group(rank, world_size, address, port or free_port(), gpu)
+        self.train_cfg = self._train_config(cfg)
+        with ds.zero3_init_context(ds.deepspeed_config(self.train_cfg)):
+            self.policy: Policy = load_policy(cfg.policy)
+            value = load_value_model(cfg.value or cfg.policy)
+        self.engine, _ = ds.initialize(ActorCritic(self.policy.model, value), self.train_cfg)
+        self.value = value
+        self.device = self.engine.device
+        self.rng = torch.Generator().manual_seed(cfg.seed + rank)
+        self._last_sent: StateDict = {}
+
+    @staticmethod
+    def _train_config(cfg: PPOConfig) -> TrainConfig:
+        """DeepSpeed settings for PPO minibatch updates, via the shared training plumbing."""
+        roles, algo = cfg.roles, cfg.ppo
+        return TrainConfig(
+            num_workers=roles.learner_workers, use_gpu=roles.gpus_per_actor > 0,
+            zero_stage=roles.zero_stage, offload_optimizer=roles.offload_optimizer,
+            offload_params=roles.offload_params,
+            batch_size=max(1, algo.minibatch_size // roles.learner_workers),
+            max_grad_norm=algo.max_grad_norm, lr=algo.lr, lr_schedule="constant",
+            max_steps=algo.iterations * algo.epochs * (algo.rollout_batch_size // algo.minibatch_size),
+        )
+
+    @torch.no_grad()
+    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi_old, V_old), each (B, T), for the rollout as sampled."""
+        self.engine.eval()
+        rollout = rollout.to(self.device)
+        logprobs, _ = response_logprobs(self.policy.model, self.policy, rollout, self.cfg.ppo.temperature)
+        values = response_values(self.value, rollout, self.policy)
+        return logprobs.cpu(), values.float().cpu()
+
+    def train(self, batch: PPOBatch) -> LearnStats:
+        """PPO epochs over minibatches of this rank's shard of the batch."""
+        self.engine.train()
+        algo = self.cfg.ppo
+        size = max(1, algo.minibatch_size // self.world_size)
+        rows = []
+        for _ in range(algo.epochs):
+            order = torch.randperm(len(batch), generator=self.rng)
+            for index in order.split(size):
+                rows.append(self._update(batch.select(index).to(self.device)))
+        return LearnStats.mean(rows)
+
+    def _update(self, mb: PPOBatch) -> dict[str, float]:
+        """One optimizer step on a minibatch: clipped policy loss + clipped value loss - entropy."""
+        algo = self.cfg.ppo
+        logprobs, entropy = response_logprobs(
+            self.policy.model, self.policy, mb.rollout, algo.temperature, with_entropy=True
+        )
+        values = response_values(self.value, mb.rollout, self.policy)
+        pg_loss, clip_fraction, approx_kl = F.policy_loss(
+            logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip_eps
+        )
+        v_loss = F.value_loss(values, mb.values, mb.returns, mb.mask, algo.value_clip_eps)
+        mean_entropy = F.masked_mean(entropy, mb.mask)
+        loss = pg_loss + algo.vf_coef * v_loss - algo.entropy_coef * mean_entropy
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                "entropy": mean_entropy.item(), "clip_fraction": clip_fraction.item(),
+                "approx_kl": approx_kl.item()}
+
+    def changed_weights(self) -> tuple[StateDict, float]:
+        """Policy tensors that changed since the last call (all on the first), and seconds taken.
+
+        Every rank must call it (ZeRO-3 gathers the shards); only rank 0 returns tensors.
+        """
+        start = time.perf_counter()
+        changed: StateDict = {}
+        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+            if self.rank == 0:
+                for name, tensor in self.policy.model.state_dict().items():
+                    current = tensor.detach().to("cpu", copy=True)
+                    previous = self._last_sent.get(name)
+                    if previous is None or not torch.equal(previous, current):
+                        changed[name] = current
+                        self._last_sent[name] = current
+        return changed, time.perf_counter() - start
+
+    def synced_weights(self) -> StateDict:
+        """Every policy tensor as last sent to the generators, to bring a restarted one up to date."""
+        return dict(self._last_sent)
+
+    def save_policy(self, path: str) -> None:
+        """The current policy in Hugging Face layout (all ranks call; rank 0 writes)."""
+        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+            if self.rank == 0:
+                self.policy.save(path)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Optimizer, weights and RNG for an exact resume (every rank writes its shard)."""
+        self.engine.save_checkpoint(path, tag="learner", client_state={"rng": self.rng.get_state()})
+
+    def load_checkpoint(self, path: str) -> None:
+        _, client = self.engine.load_checkpoint(path, tag="learner")
+        self.rng.set_state(client["rng"])
+        self._last_sent = {}
+
+
+class LocalRoles:
+    """Every role in this process: for tests, the no-Ray benchmark twin, and debugging."""
+
+    def __init__(self, cfg: PPOConfig, threads: int = 1):
+        self.generator = Generator(cfg, threads)
+        self.scorer = RewardScorer(cfg, threads)
+        self.reference = ReferenceScorer(cfg, threads)
+        self.learner = Learner(cfg, threads=threads)
+        self.sync()  # the generator starts from exactly the learner's weights
+
+    def generate(self, documents: list[str], seed: int) -> Rollout:
+        return self.generator.generate(documents, seed)
+
+    def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scorer.score(documents, summaries)
+
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return self.reference.logprobs(rollout)
+
+    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.learner.evaluate(rollout)
+
+    def train(self, batch: PPOBatch) -> LearnStats:
+        return self.learner.train(batch)
+
+    def sync(self) -> float:
+        weights, seconds = self.learner.changed_weights()
+        self.generator.load_weights(weights)
+        return seconds
+
+    def save_policy(self, path: str) -> None:
+        self.learner.save_policy(path)
+
+    def save_checkpoint(self, path: str) -> None:
+        self.learner.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.learner.load_checkpoint(path)
+        self.sync()

@@ -1,0 +1,209 @@
+"""The PPO driver loop as a plain class: Ray-free, so a test can drive it with local roles.
+
+An iteration is a dozen named steps: sample documents, generate, score, reference log-probs,
+old log-probs and values, shape rewards, GAE, PPO epochs, weight sync, KL control, logging,
+checkpoint and publish. The roles behind it are local objects or Ray actor groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rlhf.config.jobs import PPOAlgoConfig, PPOConfig
+from rlhf.ppo import functional as F
+from rlhf.ppo.batch import PPOBatch
+from rlhf.ppo.experience import Rollout
+from rlhf.ppo.registry import PolicyRegistry
+from rlhf.ppo.roles import LearnStats
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class Roles(Protocol):
+    """What the loop needs from the roles, wherever they run."""
+
+    def generate(self, documents: list[str], seed: int) -> Rollout: ...
+    def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor: ...
+    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def train(self, batch: PPOBatch) -> LearnStats: ...
+    def sync(self) -> float: ...
+    def save_policy(self, path: str) -> None: ...
+    def save_checkpoint(self, path: str) -> None: ...
+    def load_checkpoint(self, path: str) -> None: ...
+
+
+class PromptStream:
+    """Documents in a seeded order per epoch, with a cursor that checkpoints save and restore."""
+
+    def __init__(self, epoch_documents: Callable[[int], Iterator[str]]):
+        self._epoch_documents = epoch_documents
+        self.seek(0, 0)
+
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue at document ``position`` of ``epoch`` (replays the epoch's seeded order)."""
+        self.epoch, self.position = epoch, position
+        self._iterator = self._open()
+
+    def _open(self) -> Iterator[str]:
+        iterator = self._epoch_documents(self.epoch)
+        for _ in range(self.position):  # replay to the saved cursor
+            next(iterator)
+        return iterator
+
+    def next_batch(self, size: int) -> list[str]:
+        documents: list[str] = []
+        while len(documents) < size:
+            try:
+                documents.append(next(self._iterator))
+                self.position += 1
+            except StopIteration:
+                if self.position == 0:
+                    raise ValueError("prompts: the dataset has no documents") from None
+                self.epoch, self.position = self.epoch + 1, 0
+                self._iterator = self._open()
+        return documents
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def apply_no_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Replace the score of summaries that never emitted EOS by ``penalty`` (None = keep)."""
+    if penalty is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, penalty))
+
+
+def build_batch(rollout: Rollout, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                values: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig) -> PPOBatch:
+    """KL-shaped rewards, GAE advantages and returns for a scored rollout (all (B, T))."""
+    mask = rollout.mask
+    rewards = F.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, algo.kl_kind)
+    advantages, returns = F.compute_gae(rewards, values, mask, algo.gamma, algo.lam)
+    if algo.whiten_advantages:
+        advantages = F.masked_whiten(advantages, mask)
+    return PPOBatch(rollout, scores, logprobs, ref_logprobs, values, rewards, advantages, returns)
+
+
+class RoleTimer:
+    """Wall time per role within one iteration."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, role: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[role] = self.seconds.get(role, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint restores besides the learner: iteration, data cursor, KL controller."""
+
+    iteration: int
+    prompts: dict[str, int]
+    kl: dict[str, float]
+
+
+class PPOTrainer:
+    """Runs PPO iterations over ``roles``, logging, checkpointing and publishing as configured."""
+
+    def __init__(self, cfg: PPOConfig, roles: Roles, prompts: PromptStream, log: Callable[[dict], None]):
+        self.cfg, self.roles, self.prompts, self.log = cfg, roles, prompts, log
+        algo = cfg.ppo
+        self.kl = (F.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+                   if algo.kl_target is not None else F.FixedKLController(algo.kl_coef))
+        self.iteration = 0
+        self.output_dir = Path(cfg.output_dir)
+        self.registry = PolicyRegistry(cfg.registry or self.output_dir / "registry")
+
+    def run(self) -> list[dict]:
+        history = []
+        while self.iteration < self.cfg.ppo.iterations:
+            metrics = self.step()
+            history.append(metrics)
+            self.log(metrics)
+            self._checkpoint_and_publish(metrics)
+        return history
+
+    def step(self) -> dict:
+        """One PPO iteration; returns its metrics."""
+        algo, timer, start = self.cfg.ppo, RoleTimer(), time.perf_counter()
+        documents = self.prompts.next_batch(algo.rollout_batch_size)
+        with timer("generate"):
+            rollout = self.roles.generate(documents, seed=self.cfg.seed * 1_000_003 + self.iteration)
+        with timer("score"):
+            raw, scores = self.roles.score(documents, rollout.summaries)
+        scores = apply_no_eos_penalty(scores, rollout.ended, algo.no_eos_penalty)
+        with timer("reference"):
+            ref_logprobs = self.roles.ref_logprobs(rollout)
+        with timer("learn"):
+            logprobs, values = self.roles.evaluate(rollout)
+            batch = build_batch(rollout, scores, logprobs, ref_logprobs, values, self.kl.value, algo)
+            stats = self.roles.train(batch)
+        with timer("sync"):
+            sync_transfer_s = self.roles.sync()
+        kl_per_sequence = (F.kl_penalty(logprobs, ref_logprobs, "k1") * rollout.mask).sum(1)  # (B,)
+        kl_coef = self.kl.value
+        self.kl.update(kl_per_sequence.mean().item(), len(documents))
+        self.iteration += 1
+        lengths = rollout.mask.sum(1)  # (B,)
+        return {
+            "iteration": self.iteration,
+            "reward_mean": raw.mean().item(),
+            "reward_used_mean": scores.mean().item(),
+            "kl_mean": kl_per_sequence.mean().item(),
+            "kl_coef": kl_coef,
+            **asdict(stats),
+            "explained_variance": F.explained_variance(values, batch.returns, rollout.mask).item(),
+            "response_length_mean": lengths.mean().item(),
+            "eos_fraction": rollout.ended.float().mean().item(),
+            "generate_tokens_per_s": lengths.sum().item() / max(timer.seconds["generate"], 1e-9),
+            "sync_transfer_s": sync_transfer_s,
+            "time_s": time.perf_counter() - start,
+            **{f"time_{role}_s": seconds for role, seconds in timer.seconds.items()},
+        }
+
+    # ------------------------------------------------------------ checkpoints and versions
+
+    def _due(self, every: int) -> bool:
+        return self.iteration % every == 0 or self.iteration == self.cfg.ppo.iterations
+
+    def _checkpoint_and_publish(self, metrics: dict) -> None:
+        if self._due(self.cfg.ppo.checkpoint_every):
+            self.save_checkpoint()
+        if self._due(self.cfg.ppo.publish_every):
+            version = self.registry.publish(lambda folder: self.roles.save_policy(str(folder)), metrics)
+            print(f"published policy {version}", flush=True)
+
+    def save_checkpoint(self) -> Path:
+        folder = self.output_dir / "checkpoints" / f"iter_{self.iteration:06d}"
+        self.roles.save_checkpoint(str(folder))
+        state = TrainerState(self.iteration, self.prompts.state(), self.kl.state_dict())
+        (folder / TRAINER_STATE).write_text(json.dumps(asdict(state)))
+        return folder
+
+    def restore(self, folder: Path) -> None:
+        """Continue from ``folder``: learner, data cursor and KL controller as they were saved."""
+        state = TrainerState(**json.loads((folder / TRAINER_STATE).read_text()))
+        self.roles.load_checkpoint(str(folder))
+        self.iteration = state.iteration
+        self.prompts.seek(state.prompts["epoch"], state.prompts["position"])
+        self.kl.load_state_dict(state.kl)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The PPO checkpoint with the highest iteration under ``output_dir``."""
+    folders = sorted((Path(output_dir) / "checkpoints").glob(f"iter_*/{TRAINER_STATE}"))
+    return folders[-1].parent if folders else None
