@@ -58,8 +58,9 @@ def test_reward_fn_from_module_and_file(tmp_path: Path) -> None:
     f = tmp_path / "my_reward.py"
     f.write_text("def score(documents, summaries):\n    return [float(len(s)) for s in summaries]\n")
     assert load_reward_fn(f"{f}:score")(["d"], ["abc"]) == [3.0]
-    for bad, fragment in [("nocolon", "must look like"), ("rlhf.nope:f", "cannot import"),
-                          ("rlhf.ppo.rewards:nothing", "has no function"), (f"{tmp_path}/x.py:f", "not found")]:
+    cases = [("nocolon", "must look like"), ("rlhf.nope:f", "cannot import"),
+             ("rlhf.ppo.rewards:nothing", "has no function"), (f"{tmp_path}/x.py:f", "not found")]
+    for bad, fragment in cases:
         with pytest.raises(InputError, match=fragment):
             load_reward_fn(bad)
 
