@@ -300,6 +300,24 @@ def test_select_keeps_rows_aligned_with_full_batch_tensors(policies, name: str) 
         torch.testing.assert_close(logprobs, full[index], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["tiny-bart", "tiny-gpt2"])  # absolute positions: sides matter
+def test_concat_repads_parts_of_different_widths(policies, name: str) -> None:
+    policy = policies(name)
+    torch.manual_seed(0)
+    parts = [generate_rollout(policy, DOCUMENTS[:1], max_new_tokens=4), _rollout(policy).select(slice(1, 5))]
+    assert parts[0].query["input_ids"].shape[1] != parts[1].query["input_ids"].shape[1]
+    joined = Rollout.concat(parts)
+    assert joined.documents == DOCUMENTS and joined.response_ids.shape == (len(DOCUMENTS), MAX_NEW)
+    assert torch.equal(joined.ended, torch.cat([part.ended for part in parts]))
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(policy.model, policy, joined)
+        for part, rows in zip(parts, (slice(0, 1), slice(1, 5))):
+            expected, _ = response_logprobs(policy.model, policy, part)
+            width = expected.shape[1]
+            torch.testing.assert_close(logprobs[rows, :width], expected, atol=1e-5, rtol=0)
+            assert (logprobs[rows, width:] == 0).all()
+
+
 def test_to_moves_every_tensor(policies) -> None:
     rollout = _rollout(policies("tiny-led"))
     moved = rollout.to("meta")

@@ -49,7 +49,7 @@ def test_no_eos_penalty_replaces_only_unfinished_summaries() -> None:
 
 
 def test_builtin_rewards() -> None:
-    assert brevity(["d", "d"], ["one two three", ""]) == [-0.3, 0.0]
+    assert brevity(["d", "d"], ["one two three", ""]) == [-0.65, 0.0]
     assert document_overlap(["the cat sat"], ["The cat ran"]) == [pytest.approx(2 / 3)]
 
 

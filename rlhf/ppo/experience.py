@@ -15,7 +15,7 @@ One code path serves encoder-decoder (T5/BART/LED) and decoder-only (GPT-2/Llama
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -63,6 +63,8 @@ class Rollout:
     response_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
     mask: torch.Tensor  # (B, T) float, 1.0 on response tokens incl. the first EOS
     ended: torch.Tensor  # (B,) bool, True where the response emitted EOS
+    pad_token_id: int  # fills response_ids and query input_ids, for ``concat``
+    query_padding_side: Literal["left", "right"]  # causal prompts: left; encoder inputs: right
 
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor on ``device``."""
@@ -72,6 +74,30 @@ class Rollout:
             response_ids=self.response_ids.to(device),
             mask=self.mask.to(device),
             ended=self.ended.to(device),
+        )
+
+    @classmethod
+    def concat(cls, parts: list[Rollout]) -> Rollout:
+        """The rows of ``parts`` in order (e.g. shards from several rollout workers), each tensor
+        padded to the widest part on its own padding side: (sum of B, max S) and (sum of B, max T).
+        """
+        first = parts[0]
+        query = {
+            name: _pad_cat(
+                [part.query[name] for part in parts],
+                first.pad_token_id if name == "input_ids" else 0,
+                first.query_padding_side,
+            )
+            for name in first.query
+        }
+        return replace(
+            first,
+            documents=[document for part in parts for document in part.documents],
+            summaries=[summary for part in parts for summary in part.summaries],
+            query=query,
+            response_ids=_pad_cat([part.response_ids for part in parts], first.pad_token_id, "right"),
+            mask=_pad_cat([part.mask for part in parts], 0, "right"),
+            ended=torch.cat([part.ended for part in parts]),
         )
 
     def select(self, index: torch.Tensor | slice) -> Rollout:
@@ -91,6 +117,13 @@ class Rollout:
             mask=self.mask[index],
             ended=self.ended[index],
         )
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+    """(B_i, T_i) tensors -> (sum B_i, max T_i), each padded with ``value`` on ``side``."""
+    width = max(tensor.shape[1] for tensor in tensors)
+    pads = [(width - t.shape[1], 0) if side == "left" else (0, width - t.shape[1]) for t in tensors]
+    return torch.cat([nn.functional.pad(t, pad, value=value) for t, pad in zip(tensors, pads)])
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -157,6 +190,8 @@ def generate_rollout(
         response_ids=response_ids,
         mask=mask,
         ended=(response_ids == tokenizer.eos_token_id).any(1),  # (B,)
+        pad_token_id=tokenizer.pad_token_id,
+        query_padding_side="right" if policy.is_encoder_decoder else "left",
     )
 
 

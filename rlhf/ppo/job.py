@@ -21,12 +21,18 @@ PROGRESS_KEYS = ["iteration", "reward_mean", "kl_mean", "entropy", "clip_fractio
 
 
 def prompt_stream(cfg: PPOConfig) -> PromptStream:
-    """Documents from Ray Data, reshuffled each epoch with a seed so resume replays the order."""
+    """Documents from Ray Data, reshuffled each epoch with a seed so resume replays the order.
+
+    The dataset is materialized before the role actors take the cluster's CPUs, and each epoch
+    shuffles locally on the driver: a Ray Data task started later could wait forever for a CPU
+    that the placement group holds.
+    """
     dataset = read_dataset(cfg.prompts, Schema.PROMPTS).materialize()
 
     def epoch_documents(epoch: int) -> Iterator[str]:
-        for row in dataset.random_shuffle(seed=cfg.seed + epoch).iter_rows():
-            yield row["original_text"]
+        for batch in dataset.iter_batches(batch_size=256, batch_format="pyarrow",
+                                          local_shuffle_buffer_size=4096, local_shuffle_seed=cfg.seed + epoch):
+            yield from batch.column("original_text").to_pylist()
 
     return PromptStream(epoch_documents)
 

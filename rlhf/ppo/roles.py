@@ -7,6 +7,7 @@ an actor needs nothing from the driver but the config and the data it works on.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -115,7 +116,13 @@ def free_port() -> int:
 
 
 def init_process_group(rank: int, world_size: int, address: str, port: int, gpu: bool) -> None:
-    """The learner ranks' own process group (DeepSpeed gradient all-reduce)."""
+    """The learner ranks' own process group (DeepSpeed gradient all-reduce).
+
+    DeepSpeed reads the rank from the environment. LOCAL_RANK is 0 because Ray shows each actor
+    only its own GPU (as device 0), also when fractional GPUs put several actors on one device.
+    """
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                      MASTER_ADDR=address, MASTER_PORT=str(port))
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if gpu else "gloo", init_method=f"tcp://{address}:{port}",
