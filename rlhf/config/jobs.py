@@ -115,7 +115,9 @@ class PPOAlgoConfig:
     rollout_batch_size: int = option(16, "Documents sampled per iteration.", gt=0)
     minibatch_size: int = option(8, "Rows per optimizer step; divides rollout_batch_size.", gt=0)
     epochs: int = option(4, "Passes over each rollout batch.", gt=0)
-    lr: float = option(1e-3, "Learning rate of policy and value model (tiny default; ~1e-5 for real models).", gt=0)
+    lr: float = option(
+        1e-3, "Learning rate of policy and value model (tiny default; ~1e-5 for real models).", gt=0
+    )
     max_grad_norm: float = option(1.0, "Clip the global gradient norm (0 = off).", ge=0)
     clip_eps: float = option(0.2, "Policy ratio clip range.", gt=0)
     value_clip_eps: float = option(0.2, "Value clip range around the rollout's values.", gt=0)

@@ -20,7 +20,15 @@ from rlhf.config.jobs import PPOConfig
 from rlhf.errors import InputError
 from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.experience import Rollout
-from rlhf.ppo.roles import Generator, Learner, LearnStats, ReferenceScorer, RewardScorer, free_port
+from rlhf.ppo.roles import (
+    Generator,
+    Learner,
+    LearnStats,
+    ReferenceScorer,
+    RewardScorer,
+    StaleWeightsError,
+    free_port,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,7 @@ class RayRoles:
         self.references = [self._actor(ReferenceScorer, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(r.reference_workers)]
         self.learners = [self._actor(LearnerActor, next(bundles), {}) for _ in range(r.learner_workers)]
+        self.version = 0  # syncs sent to the generators
         address, port = ray.get(self.learners[0].rendezvous.remote())
         ray.get([a.setup.remote(cfg, rank, len(self.learners), address, port)
                  for rank, a in enumerate(self.learners)])
@@ -131,30 +140,30 @@ class RayRoles:
 
     def generate(self, documents: list[str], seed: int) -> Rollout:
         shards = _split(len(documents), len(self.generators))
-        refs = [g.generate.remote(documents[s], seed * 1000 + i)
+        refs = [g.generate.remote(documents[s], seed * 1000 + i, self.version)
                 for i, (g, s) in enumerate(zip(self.generators, shards))]
         parts = []
         for i, ref in enumerate(refs):
             try:
                 parts.append(ray.get(ref))
-            except RayActorError:
-                parts.append(self._retry_generate(i, documents[shards[i]], seed * 1000 + i))
+            except (RayActorError, StaleWeightsError) as err:
+                parts.append(self._retry_generate(i, documents[shards[i]], seed * 1000 + i, err))
         return Rollout.concat(parts)
 
-    def _retry_generate(self, index: int, documents: list[str], seed: int) -> Rollout:
-        """Wait for Ray to restart a dead generator, give it current weights, rerun its shard."""
-        logger.warning("rollout worker %d died; waiting for its restart to retry its batch", index)
+    def _retry_generate(self, index: int, documents: list[str], seed: int, error: Exception) -> Rollout:
+        """Wait for Ray to restart a dead generator, give it every current tensor, rerun its shard."""
+        logger.warning("rollout worker %d failed (%s); retrying its batch", index, type(error).__name__)
         actor = self.generators[index]
         deadline = time.time() + RESTART_WAIT_S
         while True:
             try:
-                ray.get(actor.load_weights.remote(self.learners[0].synced_weights.remote()))
-                break
+                weights = self.learners[0].synced_weights.remote()
+                ray.get(actor.load_weights.remote(weights, self.version))
+                return ray.get(actor.generate.remote(documents, seed, self.version))
             except RayActorError:
                 if time.time() > deadline:
                     raise
                 time.sleep(1)
-        return ray.get(actor.generate.remote(documents, seed))
 
     # ------------------------------------------------------------ scoring and learning
 
@@ -184,7 +193,8 @@ class RayRoles:
         """Changed policy tensors from learner rank 0 to every generator via the object store."""
         results = [a.changed_weights.options(num_returns=2).remote() for a in self.learners]
         weights_ref, seconds_ref = results[0]
-        ray.get([g.load_weights.remote(weights_ref) for g in self.generators])
+        self.version += 1
+        ray.get([g.load_weights.remote(weights_ref, self.version) for g in self.generators])
         ray.get([ref for pair in results for ref in pair])  # every rank finished its gather
         return ray.get(seconds_ref)
 

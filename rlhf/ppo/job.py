@@ -30,8 +30,9 @@ def prompt_stream(cfg: PPOConfig) -> PromptStream:
     dataset = read_dataset(cfg.prompts, Schema.PROMPTS).materialize()
 
     def epoch_documents(epoch: int) -> Iterator[str]:
-        for batch in dataset.iter_batches(batch_size=256, batch_format="pyarrow",
-                                          local_shuffle_buffer_size=4096, local_shuffle_seed=cfg.seed + epoch):
+        batches = dataset.iter_batches(batch_size=256, batch_format="pyarrow",
+                                       local_shuffle_buffer_size=4096, local_shuffle_seed=cfg.seed + epoch)
+        for batch in batches:
             yield from batch.column("original_text").to_pylist()
 
     return PromptStream(epoch_documents)

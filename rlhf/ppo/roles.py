@@ -32,8 +32,16 @@ def _device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
+class StaleWeightsError(RuntimeError):
+    """A generator holds older weights than the learner's last sync (e.g. after a restart)."""
+
+
 class Generator:
-    """A policy copy that samples summaries; receives new weights after each learner update."""
+    """A policy copy that samples summaries; receives new weights after each learner update.
+
+    ``version`` counts the syncs it has received; a restarted actor starts again at 0, so the
+    driver can tell it missed updates instead of sampling from stale weights.
+    """
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
         torch.set_num_threads(threads)
@@ -41,9 +49,12 @@ class Generator:
         self.device = _device(cfg.roles.gpus_per_actor)
         self.policy = load_policy(cfg.policy)
         self.policy.model.to(self.device).eval()
+        self.version = 0
 
-    def generate(self, documents: list[str], seed: int) -> Rollout:
+    def generate(self, documents: list[str], seed: int, version: int) -> Rollout:
         """Sampled summaries of ``documents``; ``seed`` makes a retried batch identical."""
+        if version != self.version:
+            raise StaleWeightsError(f"generator has weights v{self.version}, the learner is at v{version}")
         torch.manual_seed(seed)
         algo = self.cfg.ppo
         rollout = generate_rollout(
@@ -52,12 +63,13 @@ class Generator:
         )
         return rollout.to("cpu")
 
-    def load_weights(self, weights: StateDict) -> None:
+    def load_weights(self, weights: StateDict, version: int) -> None:
         """Copy in the tensors that changed since the last sync (a subset of the state dict)."""
         missing = set(weights) - set(self.policy.model.state_dict())
         if missing:
             raise KeyError(f"weights for unknown parameters: {sorted(missing)[:3]}")
         self.policy.model.load_state_dict(weights, strict=False)
+        self.version = version
 
 
 class RewardScorer:
@@ -263,10 +275,11 @@ class LocalRoles:
         self.scorer = RewardScorer(cfg, threads)
         self.reference = ReferenceScorer(cfg, threads)
         self.learner = Learner(cfg, threads=threads)
+        self.version = 0
         self.sync()  # the generator starts from exactly the learner's weights
 
     def generate(self, documents: list[str], seed: int) -> Rollout:
-        return self.generator.generate(documents, seed)
+        return self.generator.generate(documents, seed, self.version)
 
     def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scorer.score(documents, summaries)
@@ -282,7 +295,8 @@ class LocalRoles:
 
     def sync(self) -> float:
         weights, seconds = self.learner.changed_weights()
-        self.generator.load_weights(weights)
+        self.version += 1
+        self.generator.load_weights(weights, self.version)
         return seconds
 
     def save_policy(self, path: str) -> None:

@@ -1,0 +1,136 @@
+"""PPO end to end on tiny models: known rewards go up with bounded KL, on local roles and on Ray
+actors (ZeRO-3 learners, resume, a rollout worker killed mid-run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rlhf.config.core import load_config
+from rlhf.config.jobs import PPOConfig
+from rlhf.config.sections import ModelConfig
+from rlhf.models import load_policy, load_reward_model
+from rlhf.ppo.actors import RayRoles
+from rlhf.ppo.experience import generate_rollout
+from rlhf.ppo.job import run_ppo
+from rlhf.ppo.roles import LocalRoles
+from rlhf.ppo.trainer import PPOTrainer, PromptStream
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+DOCUMENTS = [f"post {i}: my landlord kept the deposit and the flat had mould" for i in range(32)]
+
+# Dense enough for a random byte-level policy: about 7% of its bytes are lowercase letters.
+LOWERCASE_REWARD = (
+    "def score(documents, summaries):\n    return [sum(c.islower() for c in s) / 4 for s in summaries]\n"
+)
+
+
+def _cfg(tmp_path: Path, *overrides: str) -> PPOConfig:
+    reward = tmp_path / "lowercase_reward.py"
+    reward.write_text(LOWERCASE_REWARD)
+    return load_config(PPOConfig, None, [
+        f"output_dir={tmp_path / 'run'}", f"reward.fn={reward}:score", "policy.max_source_length=96",
+        "ppo.max_new_tokens=24", "ppo.kl_coef=0.01", "ppo.lr=1e-3", "ppo.iterations=12",
+        "ppo.checkpoint_every=100", "ppo.publish_every=100", *overrides,
+    ])
+
+
+def _local_run(cfg: PPOConfig) -> list[dict]:
+    stream = PromptStream(lambda epoch: iter(DOCUMENTS))
+    return PPOTrainer(cfg, LocalRoles(cfg), stream, log=lambda record: None).run()
+
+
+@pytest.mark.parametrize(("preset", "lr", "iterations"), [("tiny-t5", "1e-3", 12), ("tiny-gpt2", "3e-3", 16)])
+def test_ppo_raises_a_rule_based_reward_with_bounded_kl(
+    tmp_path: Path, preset: str, lr: str, iterations: int
+) -> None:
+    torch.manual_seed(0)
+    history = _local_run(_cfg(tmp_path, f"policy.name_or_path={preset}", f"ppo.lr={lr}",
+                              f"ppo.iterations={iterations}"))
+    rewards = [h["reward_mean"] for h in history]
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
+    assert end > start + 0.25, rewards
+    assert max(h["kl_mean"] for h in history) < 40, [h["kl_mean"] for h in history]
+    assert all(h["response_length_mean"] > 0 for h in history)
+
+
+def _train_a_reward_model(folder: Path) -> None:
+    """A tiny reward model preferring lowercase letters to what the untrained policy samples.
+
+    The rejected summaries are the policy's own samples, as in real preference data, so PPO
+    starts where the reward model scores low and has somewhere to climb.
+    """
+    torch.manual_seed(0)
+    policy = load_policy(ModelConfig(name_or_path="tiny-t5", max_source_length=96))
+    sampled = [s for _ in range(4) for s in generate_rollout(policy, DOCUMENTS, max_new_tokens=24).summaries]
+    model = load_reward_model(ModelConfig(name_or_path="tiny-gpt2", max_source_length=64,
+                                          max_target_length=32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(60):
+        bad = sampled[(step * 8) % len(sampled):][:8]
+        good = ["".join(chr(97 + int(i)) for i in torch.randint(26, (len(b) or 1,), generator=generator))
+                for b in bad]
+        scores = model(**model.encode_pairs(DOCUMENTS[:2 * len(bad)], good + bad))
+        loss = -torch.nn.functional.logsigmoid(scores[:len(bad)] - scores[len(bad):]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save(folder)
+
+
+def test_ppo_raises_the_score_of_a_tiny_trained_reward_model(tmp_path: Path) -> None:
+    _train_a_reward_model(tmp_path / "reward")
+    cfg = _cfg(tmp_path, "reward.fn=", f"reward.model.name_or_path={tmp_path / 'reward'}",
+               "reward.model.max_source_length=64", "reward.normalize=false",
+               "policy.name_or_path=tiny-t5", "ppo.iterations=10")
+    history = _local_run(cfg)
+    rewards = [h["reward_mean"] for h in history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.5, rewards
+    assert max(h["kl_mean"] for h in history) < 40
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Path) -> None:
+    common = ("roles.learner_workers=2", "roles.zero_stage=3", "roles.cpus_per_actor=0.4",
+              "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1",
+              "ppo.checkpoint_every=1", "ppo.publish_every=2",
+              f"prompts.path={DATA / 'tldr_sft_sample.jsonl'}")
+    first = run_ppo(_cfg(tmp_path, *common, "ppo.iterations=2"))
+    assert [h["iteration"] for h in first] == [1, 2]
+    resumed = run_ppo(_cfg(tmp_path, *common, "ppo.iterations=3"), resume=True)
+    assert [h["iteration"] for h in resumed] == [3]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    for key in ("reward_mean", "kl_mean", "response_length_mean", "time_s", "time_generate_s",
+                "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s"):
+        assert all(key in r for r in records), key
+    versions = sorted(p.name for p in (tmp_path / "run" / "registry").iterdir())
+    assert versions == ["v0001", "v0002"]  # published at iterations 2 and 3 (the last)
+    assert (tmp_path / "run" / "registry" / "v0002" / "model.safetensors").is_file()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_killed_rollout_worker_is_restarted_and_its_batch_retried(tmp_path: Path, caplog) -> None:
+    cfg = _cfg(tmp_path, "ppo.iterations=4", "ppo.rollout_batch_size=8", "ppo.minibatch_size=8",
+               "ppo.epochs=1", "roles.rollout_workers=2", "roles.cpus_per_actor=0.4")
+    roles = RayRoles(cfg)
+    victim = roles.generators[0]
+
+    def log(record: dict) -> None:
+        if record["iteration"] == 2:
+            ray.kill(victim, no_restart=False)  # dies between iterations; Ray restarts it
+
+    try:
+        history = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), log).run()
+    finally:
+        roles.shutdown()
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    assert "rollout worker 0 failed" in caplog.text
