@@ -135,6 +135,9 @@ class PPOAlgoConfig:
     temperature: float = option(1.0, "Sampling temperature.", gt=0)
     top_p: float = option(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = option(32, "Longest summary in tokens.", gt=0)
+    stop_at_eos: bool = option(
+        True, "End a summary at EOS; false samples exactly max_new_tokens (fixed-length benchmarks)."
+    )
     no_eos_penalty: float | None = option(
         None, "Score given instead of the reward to a summary that never emits EOS (null = off)."
     )

@@ -59,7 +59,7 @@ class Generator:
         algo = self.cfg.ppo
         rollout = generate_rollout(
             self.policy, documents, temperature=algo.temperature, top_p=algo.top_p,
-            max_new_tokens=algo.max_new_tokens,
+            max_new_tokens=algo.max_new_tokens, stop_at_eos=algo.stop_at_eos,
         )
         return rollout.to("cpu")
 
