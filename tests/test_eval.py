@@ -67,3 +67,18 @@ def test_eval_job_with_nothing_to_evaluate_exits_2() -> None:
     assert run.returncode == 2
     assert run.stderr.strip() == ("eval.py: error: comparisons: nothing to evaluate: "
                                   "set comparisons.path or references.path")
+
+
+def test_plot_renders_ppo_curves_to_png(tmp_path: Path) -> None:
+    records = [{"iteration": i, "reward_mean": 0.1 * i, "kl_mean": 0.5 * i, "entropy": 4 - 0.1 * i,
+                "response_length_mean": 30 - i} for i in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = subprocess.run([sys.executable, "-m", "rlhf.eval", "plot", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    png = tmp_path / "curves.png"
+    assert run.stdout.strip() == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    missing = subprocess.run([sys.executable, "-m", "rlhf.eval", "plot", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr

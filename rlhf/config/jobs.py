@@ -167,7 +167,10 @@ class PPORewardConfig:
 
     def validate(self) -> None:
         if (self.model is None) == (not self.fn):
-            raise ConfigError("fn", "set exactly one of reward.model.name_or_path and reward.fn")
+            raise ConfigError(
+                "fn", "set exactly one of reward.model.name_or_path and reward.fn "
+                "(to use a reward model instead of the default function, also set reward.fn='')"
+            )
         if self.fn:
             target = self.fn.rpartition(":")[0]
             if target.endswith(".py") and not Path(target).is_file():
