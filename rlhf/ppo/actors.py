@@ -36,38 +36,9 @@ PLACEMENT_TIMEOUT_S = 120
 RESTART_WAIT_S = 120
 
 
-class LearnerActor:
-    """A learner rank; built in two phases because rank 0's address must be known first."""
-
-    def __init__(self) -> None:
-        self.learner: Learner | None = None
-
-    def rendezvous(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
-
-    def setup(self, cfg: PPOConfig, rank: int, world_size: int, address: str, port: int) -> None:
-        self.learner = Learner(cfg, rank, world_size, address, port, threads=_threads(cfg))
-
-    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.learner.evaluate(rollout)
-
-    def train(self, batch: PPOBatch) -> LearnStats:
-        return self.learner.train(batch)
-
-    def changed_weights(self):
-        return self.learner.changed_weights()
-
-    def synced_weights(self):
-        return self.learner.synced_weights()
-
-    def save_policy(self, path: str) -> None:
-        self.learner.save_policy(path)
-
-    def save_checkpoint(self, path: str) -> None:
-        self.learner.save_checkpoint(path)
-
-    def load_checkpoint(self, path: str) -> None:
-        self.learner.load_checkpoint(path)
+def _rendezvous() -> tuple[str, int]:
+    """Address and a free port on the node of learner rank 0, for its process group."""
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def _threads(cfg: PPOConfig) -> int:
@@ -122,19 +93,25 @@ class RayRoles:
                         for _ in range(r.reward_workers)]
         self.references = [self._actor(ReferenceScorer, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(r.reference_workers)]
-        self.learners = [self._actor(LearnerActor, next(bundles), {}) for _ in range(r.learner_workers)]
+        first_learner = next(bundles)
+        address, port = ray.get(self._task(_rendezvous, first_learner).remote())
+        learner_bundles = [first_learner] + [next(bundles) for _ in range(r.learner_workers - 1)]
+        self.learners = [
+            self._actor(Learner, bundle, {}, cfg, rank, r.learner_workers, address, port, _threads(cfg))
+            for rank, bundle in enumerate(learner_bundles)
+        ]
         self.version = 0  # syncs sent to the generators
-        address, port = ray.get(self.learners[0].rendezvous.remote())
-        ray.get([a.setup.remote(cfg, rank, len(self.learners), address, port)
-                 for rank, a in enumerate(self.learners)])
         self.sync()
 
-    def _actor(self, cls: type, bundle: int, options: dict, *args):
+    def _task(self, fn, bundle: int, **options):
+        """``fn`` (a class or function) as a Ray remote pinned to one bundle of the group."""
         r = self.cfg.roles
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
-        remote = ray.remote(cls).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
-                                         scheduling_strategy=strategy, **options)
-        return remote.remote(*args)
+        return ray.remote(fn).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                      scheduling_strategy=strategy, **options)
+
+    def _actor(self, cls: type, bundle: int, options: dict, *args):
+        return self._task(cls, bundle, **options).remote(*args)
 
     # ------------------------------------------------------------ generation with recovery
 

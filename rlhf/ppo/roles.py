@@ -32,6 +32,15 @@ def _device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
+def _frozen_policy(cfg: PPOConfig, threads: int) -> tuple[Policy, torch.device]:
+    """The initial policy in eval mode on this actor's device (generation and reference)."""
+    torch.set_num_threads(threads)
+    device = _device(cfg.roles.gpus_per_actor)
+    policy = load_policy(cfg.policy)
+    policy.model.to(device).eval()
+    return policy, device
+
+
 class StaleWeightsError(RuntimeError):
     """A generator holds older weights than the learner's last sync (e.g. after a restart)."""
 
@@ -44,11 +53,8 @@ class Generator:
     """
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
-        torch.set_num_threads(threads)
         self.cfg = cfg
-        self.device = _device(cfg.roles.gpus_per_actor)
-        self.policy = load_policy(cfg.policy)
-        self.policy.model.to(self.device).eval()
+        self.policy, self.device = _frozen_policy(cfg, threads)
         self.version = 0
 
     def generate(self, documents: list[str], seed: int, version: int) -> Rollout:
@@ -97,11 +103,8 @@ class ReferenceScorer:
     """Log-probs of the frozen initial policy, for the KL penalty."""
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
-        torch.set_num_threads(threads)
         self.cfg = cfg
-        self.device = _device(cfg.roles.gpus_per_actor)
-        self.policy = load_policy(cfg.policy)
-        self.policy.model.to(self.device).eval()
+        self.policy, self.device = _frozen_policy(cfg, threads)
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:

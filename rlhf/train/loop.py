@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf.config.sections import TrainConfig
+from rlhf.metrics import MetricsWriter, emit, progress_line
 from rlhf.train import engine as ds
 
 logger = logging.getLogger(__name__)
@@ -119,45 +119,30 @@ def _read_all(shard: Any, limit: int) -> Rows:
     return pa.concat_tables(tables).slice(0, limit).to_pydict() if tables else {}
 
 
-def _emit(line: str) -> None:
-    """Write straight to stdout: Ray Train's patched ``print`` shows each line twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 class _MetricsLog:
-    """Progress lines on stdout and one JSON object per event in metrics.jsonl (rank 0 only)."""
+    """Progress lines on stdout, metrics.jsonl and TensorBoard events, from rank 0 only."""
 
     def __init__(self, output_dir: str, total_steps: int, start_step: int):
-        self.path = Path(output_dir) / "metrics.jsonl"
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.time()
-        self.enabled = _rank() == 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.writer = MetricsWriter(output_dir, step_key="step") if _rank() == 0 else None
 
     def progress(self, state: TrainState, metrics: dict[str, float], lr: float, samples_s: float):
+        if self.writer is None:
+            return
         done = state.step - self.start_step
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - state.step)
-        record = {"event": "train", "step": state.step, "lr": lr, "samples_per_s": samples_s, **metrics}
-        self.write(record)
-        if self.enabled:
-            shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            _emit(
-                f"step {state.step}/{self.total} | {shown} | lr {lr:.3g} | "
-                f"{samples_s:.1f} samples/s | eta {eta:.0f}s"
-            )
+        self.writer.write({"event": "train", "step": state.step, "lr": lr, "samples_per_s": samples_s,
+                           **metrics})
+        emit(f"step {state.step}/{self.total} | {progress_line(metrics, list(metrics))} | lr {lr:.3g} | "
+             f"{samples_s:.1f} samples/s | eta {eta:.0f}s")
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
-        self.write({"event": "eval", "step": step, **metrics})
-        if self.enabled:
-            shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            _emit(f"eval step {step} | {shown}")
+        if self.writer is None:
+            return
+        self.writer.write({"event": "eval", "step": step, **metrics})
+        emit(f"eval step {step} | {progress_line(metrics, list(metrics))}")
 
 
 def _save_checkpoint(task: TrainTask, engine: Any, state: TrainState, zero_stage: int,
