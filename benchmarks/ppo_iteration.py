@@ -236,16 +236,16 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     records = []
     try:
         for _ in range(n_iters):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             metrics = trainer.step()  # no checkpoint/publish: run() would add them
-            wall = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             assert metrics["response_length_mean"] == RESPONSE_TOKENS, metrics["response_length_mean"]
-            record = {"wall_s": wall, **{k: metrics[k] for k in ROLE_KEYS},
+            record = {"wall_s": wall, "process_cpu_s": cpu, **{k: metrics[k] for k in ROLE_KEYS},
                       "sync_transfer_s": metrics["sync_transfer_s"], "reward_mean": metrics["reward_mean"],
                       "kl_mean": metrics["kl_mean"], "eos_fraction": metrics["eos_fraction"],
                       "peak_rss_mb": peak_rss_mb()}
             records.append(record)
-            print(f"[{name}] iter {metrics['iteration']}: {wall:.3f} s "
+            print(f"[{name}] iter {metrics['iteration']}: {wall:.3f} s (cpu {cpu:.3f} s) "
                   + " ".join(f"{k[5:-2]}={metrics[k]:.3f}" for k in ROLE_KEYS[:-1]), flush=True)
         actors_rss = descendants_rss_mb() if name == "ray" else None
     finally:
@@ -267,6 +267,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
         "warmup_iters": args.warmup,
         "measured_iters": len(measured),
         "iteration_s": summarize([r["wall_s"] for r in measured]),
+        # CPU seconds of this process (all its threads) per iteration; for ray: the driver's only
+        "process_cpu_s": summarize([r["process_cpu_s"] for r in measured]),
         **{k: summarize([r[k] for r in measured]) for k in ROLE_KEYS},
         "warmup_iteration_s": [r["wall_s"] for r in records[: args.warmup]],
         "peak_rss_mb": peak,

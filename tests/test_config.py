@@ -147,3 +147,8 @@ def test_ppo_config_checks_batch_division_and_reward_choice() -> None:
         load_config(PPOConfig, None, ["reward.fn=/nowhere/r.py:score"])
     cfg = load_config(PPOConfig, None, ["reward.fn=", "reward.model.name_or_path=tiny-gpt2"])
     assert cfg.reward.model.name_or_path == "tiny-gpt2"
+
+
+def test_paths_with_two_slashes_are_checked_as_files() -> None:
+    with pytest.raises(ConfigError, match=r"reward\.model\.name_or_path: file not found: runs/none/model"):
+        load_config(PPOConfig, None, ["reward.fn=", "reward.model.name_or_path=runs/none/model"])

@@ -4,6 +4,9 @@ actors (ZeRO-3 learners, resume, a rollout worker killed mid-run)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +137,19 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_retried(tmp_path: Path
         roles.shutdown()
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
     assert "rollout worker 0 failed" in caplog.text
+
+
+def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "ppo.py"), f"output_dir={tmp_path}", "roles.cpus_per_actor=1000"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2
+    error_lines = [line for line in run.stderr.splitlines() if line.startswith("ppo.py: error")]
+    assert len(error_lines) == 1
+    assert re.fullmatch(
+        r"ppo\.py: error: roles: 4 actors need 4000 CPUs and 0 GPUs, the cluster has \d+ CPUs and 0 GPUs; "
+        r"lower roles\.cpus_per_actor, roles\.gpus_per_actor or the worker counts", error_lines[0]
+    ), error_lines
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

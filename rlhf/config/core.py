@@ -60,8 +60,13 @@ def option(
 
 
 def looks_like_local_path(value: str) -> bool:
-    """True when ``value`` names a file on disk rather than a hub id such as ``org/model``."""
+    """True when ``value`` names a file on disk rather than a hub id such as ``org/model``.
+
+    Hub ids have exactly one slash, so ``runs/reward/model`` is a local path.
+    """
     if value.startswith(("/", "./", "../", "~")) or value.endswith(LOCAL_FILE_SUFFIXES):
+        return True
+    if value.count("/") >= 2:
         return True
     return os.path.exists(value)
 
