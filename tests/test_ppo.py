@@ -141,7 +141,8 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_retried(tmp_path: Path
 
 def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "ppo.py"), f"output_dir={tmp_path}", "roles.cpus_per_actor=1000"],
+        [sys.executable, str(ROOT / "jobs" / "ppo.py"), f"output_dir={tmp_path}",
+         "roles.cpus_per_actor=1000"],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 2
