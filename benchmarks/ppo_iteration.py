@@ -23,6 +23,9 @@ generator follows each iteration. Dropout is 0 in the saved GPT-2 config, as TRL
 ``disable_dropout_in_model`` does to all its models (same architecture and parameter count).
 
     python benchmarks/ppo_iteration.py --config all --warmup 2 --iters 14 --out-dir benchmarks/results
+    python benchmarks/ppo_iteration.py --config summary   # the table again from the JSON files
+
+Run it on an idle machine: each JSON records the load average before and after its run.
 """
 
 from __future__ import annotations
@@ -317,8 +320,8 @@ def summary_table(out_dir: Path) -> str:
         return f"{res[key]['mean']:.3f}" if key in res else "-"
 
     rows = ["| config | iters | mean s/iter | min | max | generate | score | reference | learn | sync "
-            "| peak RSS MB | loadavg before |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| peak RSS MB | RSS all processes MB | loadavg before |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         t = total(res)
         if name == "trl":
@@ -326,11 +329,19 @@ def summary_table(out_dir: Path) -> str:
                      f"{res['ref_fwd_s']['mean']:.3f}", f"{res['train_s']['mean']:.3f} (8 updates)", "-"]
         else:
             split = [role(res, f"time_{k}_s") for k in ("generate", "score", "reference", "learn", "sync")]
+        others = res.get("ray_descendants_rss_mb_at_end")
+        everything = f"{res['peak_rss_mb'] + sum(others.values()):.0f}" if others else "-"
         load = res.get("loadavg_before")
         rows.append(f"| {name} | {t['n']} | {t['mean']:.3f} | {t['min']:.3f} | {t['max']:.3f} | "
                     + " | ".join(split)
-                    + f" | {res['peak_rss_mb']:.0f}{' (driver)' if name == 'ray' else ''} | "
+                    + f" | {res['peak_rss_mb']:.0f}{' (driver)' if name == 'ray' else ''} | {everything} | "
                     + (f"{load[0]:.2f}" if load else "-") + " |")
+    rows.append("")
+    rows.append("Role columns are means in s. Ours: learn = old log-probs/values forward + GAE + 8 minibatch "
+                "updates; score = reward model; reference = reference log-probs. TRL: score = value + reward "
+                "forwards, reference = reference forward, learn = the 8 updates; TRL's per-iteration "
+                "gc.collect() is only in the total. RSS all processes (ray) = driver peak + Ray processes "
+                "(raylet, GCS, agents, 4 actors) at the end.")
     ratios = []
     for a, b in (("ray", "single"), ("ray", "single_1t"), ("ray", "trl"), ("single", "trl"),
                  ("single_1t", "trl")):
@@ -357,6 +368,9 @@ def main() -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.config != "summary" and loadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: load average {loadavg()} on {os.cpu_count()} CPUs: timings will be contaminated "
+              "(2-thread OpenMP configs slow down by 10-100x when the cores are shared)", flush=True)
 
     if args.config == "all":
         for name in CONFIGS:
