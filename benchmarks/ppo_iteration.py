@@ -54,12 +54,13 @@ SEPARATOR_BYTES = len(b"\nTL;DR:")  # rlhf.models.CAUSAL_SEPARATOR in ByT5 = 7 t
 DOCUMENT_BYTES = PROMPT_TOKENS - SEPARATOR_BYTES  # 57
 RESPONSE_TOKENS = 32
 SEED = 42
-CONFIGS = ("single", "single_1t", "ray", "trl")
+CONFIGS = ("single", "single_1t", "ray", "ray_2t", "trl")
 THREADS = {"single": 2, "single_1t": 1}
 WHAT = {
     "single": "LocalRoles + PPOTrainer, no Ray, 2 threads",
     "single_1t": "LocalRoles + PPOTrainer, no Ray, 1 thread",
     "ray": "RayRoles (4 actors x 0.5 CPU, 1 thread each) + PPOTrainer, ray.init(num_cpus=2)",
+    "ray_2t": "RayRoles (4 actors x 0.5 CPU, 2 threads each: roles.threads_per_actor=2) + PPOTrainer",
 }
 ROLE_KEYS = ("time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s", "time_s")
 
@@ -211,7 +212,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     documents = build_documents(anchor_sentences(args.anchor))
     policy_dir, reward_dir = build_models(workdir)
     n_iters = args.warmup + args.iters
-    extra = ["roles.cpus_per_actor=0.5"] if name == "ray" else []
+    extra = {"ray": ["roles.cpus_per_actor=0.5"],
+             "ray_2t": ["roles.cpus_per_actor=0.5", "roles.threads_per_actor=2"]}.get(name, [])
     cfg = ppo_config(workdir, policy_dir, reward_dir, n_iters, extra)
     prompt_shape = check_prompts(cfg, documents)
 
@@ -220,7 +222,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
 
     t_setup = time.perf_counter()
     ray_mod = None
-    if name == "ray":
+    if name.startswith("ray"):
         import ray as ray_mod
 
         from rlhf.ppo.actors import RayRoles, _threads
@@ -250,7 +252,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             records.append(record)
             print(f"[{name}] iter {metrics['iteration']}: {wall:.3f} s (cpu {cpu:.3f} s) "
                   + " ".join(f"{k[5:-2]}={metrics[k]:.3f}" for k in ROLE_KEYS[:-1]), flush=True)
-        actors_rss = descendants_rss_mb() if name == "ray" else None
+        actors_rss = descendants_rss_mb() if name.startswith("ray") else None
     finally:
         if ray_mod is not None:
             roles.shutdown()
@@ -275,7 +277,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
         **{k: summarize([r[k] for r in measured]) for k in ROLE_KEYS},
         "warmup_iteration_s": [r["wall_s"] for r in records[: args.warmup]],
         "peak_rss_mb": peak,
-        "peak_rss_scope": "driver only; actors are other processes" if name == "ray" else "process",
+        "peak_rss_scope": "driver only; actors are other processes" if name.startswith("ray") else "process",
         "ray_descendants_rss_mb_at_end": actors_rss,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
@@ -343,7 +345,8 @@ def summary_table(out_dir: Path) -> str:
                 "gc.collect() is only in the total. RSS all processes (ray) = driver peak + Ray processes "
                 "(raylet, GCS, agents, 4 actors) at the end.")
     ratios = []
-    for a, b in (("ray", "single"), ("ray", "single_1t"), ("ray", "trl"), ("single", "trl"),
+    for a, b in (("ray", "single"), ("ray", "single_1t"), ("ray_2t", "single"), ("ray", "trl"),
+                 ("single", "trl"),
                  ("single_1t", "trl")):
         if a in results and b in results:
             ratios.append(f"| {a} / {b} | {total(results[a])['mean'] / total(results[b])['mean']:.2f} |")

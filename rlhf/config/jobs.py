@@ -186,6 +186,10 @@ class RolesConfig:
     reference_workers: int = option(1, "Actors holding the frozen initial policy.", gt=0)
     learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
     cpus_per_actor: float = option(0.5, "CPUs reserved by each actor.", gt=0)
+    threads_per_actor: int = option(
+        0, "Torch threads in each actor; 0 = whole CPUs reserved (at least 1). The roles run one "
+        "after another, so colocated actors may use more threads than they reserve.", ge=0
+    )
     gpus_per_actor: float = option(
         0.0, "GPUs per actor; fractions (0.25) colocate roles on one GPU, 0 = CPU only.", ge=0
     )

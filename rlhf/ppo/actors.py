@@ -42,7 +42,8 @@ def _rendezvous() -> tuple[str, int]:
 
 
 def _threads(cfg: PPOConfig) -> int:
-    return max(1, int(cfg.roles.cpus_per_actor))
+    roles = cfg.roles
+    return roles.threads_per_actor or max(1, int(roles.cpus_per_actor))
 
 
 def _actor_count(cfg: PPOConfig) -> int:
