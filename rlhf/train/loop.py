@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import resource
 import shutil
@@ -29,7 +28,6 @@ from rlhf.config.sections import TrainConfig
 from rlhf.metrics import MetricsWriter, emit, progress_line
 from rlhf.train import engine as ds
 
-logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
