@@ -28,7 +28,6 @@ from rlhf.config.sections import TrainConfig
 from rlhf.metrics import MetricsWriter, emit, progress_line
 from rlhf.train import engine as ds
 
-
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
 DS_TAG = "deepspeed"
