@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from rlhf.config.core import ConfigError, describe, load_config, option, parse_cli, save_config
-from rlhf.config.jobs import EvalConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config.jobs import EvalConfig, PPOConfig, RewardConfig, ServeConfig, SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_job_configs_validate_relations_and_files() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    for cls in (SFTConfig, RewardConfig, EvalConfig, PPOConfig):
+    for cls in (SFTConfig, RewardConfig, EvalConfig, PPOConfig, ServeConfig):
         rows = describe(cls)
         assert rows, cls
         undocumented = [key for key, _, doc in rows if not doc.strip()]
@@ -134,7 +134,8 @@ CHAINED = {
 
 
 def test_every_shipped_yaml_config_loads() -> None:
-    jobs = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig, "ppo": PPOConfig}
+    jobs = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig, "ppo": PPOConfig,
+            "serve": ServeConfig}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cls = jobs[path.stem.split("_")[0]]
         text = path.read_text()
@@ -163,3 +164,11 @@ def test_ppo_config_checks_batch_division_and_reward_choice() -> None:
 def test_paths_with_two_slashes_are_checked_as_files() -> None:
     with pytest.raises(ConfigError, match=r"reward\.model\.name_or_path: file not found: runs/none/model"):
         load_config(PPOConfig, None, ["reward.fn=", "reward.model.name_or_path=runs/none/model"])
+
+
+def test_serve_config_checks_replica_bounds_and_strategy() -> None:
+    with pytest.raises(ConfigError, match=r"serve\.min_replicas: 5 exceeds max_replicas=4"):
+        load_config(ServeConfig, None, ["serve.min_replicas=5"])
+    with pytest.raises(ConfigError, match=r"serve\.compare_strategy"):
+        load_config(ServeConfig, None, ["serve.compare_strategy=newest"])
+    assert load_config(ServeConfig, None, ["serve.max_batch_size=1"]).serve.max_batch_size == 1

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+import sqlite3
 import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 
@@ -16,12 +21,16 @@ from rlhf.data.schemas import PREFERENCE_SCHEMA, PROMPTS_SCHEMA, Schema
 from rlhf.errors import InputError
 from rlhf.store import (
     AlreadyDecidedError,
+    Comparison,
     FeedbackStore,
     InvalidFeedbackError,
     NotFoundError,
     StoreInputError,
     feedback_dataset,
 )
+from rlhf.store.engine import _enable_wal, create_engine, resolve_url
+from rlhf.store.queries import EXPORT_SCHEMA
+from rlhf.store.tables import MIGRATIONS, SCHEMA_VERSION, UTCDateTime
 
 
 def _fresh_postgres_database(server_url: str) -> str:
@@ -35,11 +44,18 @@ def _fresh_postgres_database(server_url: str) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path) -> str:
-    """The URL of an empty feedback database of each kind (not yet created by the store)."""
+def new_url(request: pytest.FixtureRequest, tmp_path) -> Callable[[], str]:
+    """Makes URLs of empty feedback databases (not yet created by the store), of each kind."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/db/feedback.db"
-    return _fresh_postgres_database(request.getfixturevalue("postgres_url"))
+        return lambda: f"sqlite:///{tmp_path}/{uuid.uuid4().hex[:8]}/feedback.db"
+    server_url = request.getfixturevalue("postgres_url")
+    return lambda: _fresh_postgres_database(server_url)
+
+
+@pytest.fixture
+def url(new_url: Callable[[], str]) -> str:
+    """The URL of an empty feedback database of each kind."""
+    return new_url()
 
 
 @pytest.fixture
@@ -154,7 +170,7 @@ def test_sqlite_commits_are_durable_and_visible_to_another_process(tmp_path):
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: fsync at each commit
     # A plain sqlite3 reader in another process, while the store's connections stay open.
     reader = "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(" \
-             "'SELECT choice FROM comparisons WHERE id = ?', (sys.argv[2],)).fetchone()[0])"
+             "'SELECT choice FROM choices WHERE comparison_id = ?', (sys.argv[2],)).fetchone()[0])"
     out = subprocess.run([sys.executable, "-c", reader, str(tmp_path / "feedback.db"), comparison],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
@@ -221,6 +237,27 @@ def test_a_password_from_the_environment_needs_no_url_escaping(postgres_url: str
     store.close()
 
 
+def test_switching_a_new_sqlite_file_to_wal_retries_while_it_is_locked():
+    """Connections opening a new file at once get "database is locked" without waiting; see _enable_wal."""
+
+    class Cursor:
+        def __init__(self, error: str):
+            self.error, self.calls = error, 0
+
+        def execute(self, sql: str) -> None:
+            self.calls += 1
+            if self.calls < 3:
+                raise sqlite3.OperationalError(self.error)
+
+    locked = Cursor("database is locked")
+    _enable_wal(locked)
+    assert locked.calls == 3
+    broken = Cursor("disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        _enable_wal(broken)
+    assert broken.calls == 1
+
+
 def test_a_relative_sqlite_path_is_resolved_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = FeedbackStore("sqlite:///data/feedback.db")
@@ -253,3 +290,284 @@ def test_the_ray_dataset_returns_the_same_rows_as_the_tables(url: str, store: Fe
     assert feedback_dataset(url, Schema.PROMPTS).take_all() == store.documents_table().to_pylist()
     with pytest.raises(StoreInputError, match="kind: the feedback store holds no 'sft' table"):
         feedback_dataset(url, Schema.SFT)
+
+
+def test_a_choice_stored_between_the_read_and_the_insert_wins(store: FeedbackStore, monkeypatch):
+    """The race that PostgreSQL allows: another request inserts its choice after record_choice read
+    the comparison as pending; the primary key refuses the second insert and the first choice wins."""
+    comparison = store.create_comparison(store.add_document("doc"), "s0", "s1", "v0001", "v0002")
+    winner = store.record_choice(comparison, 1, labeler="ann")
+    read = FeedbackStore._comparison
+    reads: list[Comparison] = []
+
+    def stale_first_read(conn: sa.Connection, comparison_id: str) -> Comparison | None:
+        reads.append(read(conn, comparison_id))
+        pending = dataclasses.replace(reads[-1], choice=None, labeler=None, decided_at=None)
+        return pending if len(reads) == 1 else reads[-1]
+
+    monkeypatch.setattr(FeedbackStore, "_comparison", staticmethod(stale_first_read))
+    assert store.record_choice(comparison, 1, labeler="bob") == winner
+    reads.clear()
+    with pytest.raises(AlreadyDecidedError, match="already decided as 1"):
+        store.record_choice(comparison, 0)
+    assert store.get_comparison(comparison) == winner
+    assert store.count_decided() == 1
+
+
+def test_racing_choices_for_one_comparison_keep_exactly_one(url: str, store: FeedbackStore):
+    """Four stores record different choices for one comparison at once: one wins, the requests with
+    its choice get it back, the others get AlreadyDecidedError."""
+    comparison = store.create_comparison(store.add_document("contested"), "s0", "s1", "v0001", "v0002")
+    workers = 4
+    barrier = threading.Barrier(workers, timeout=60)
+    results: dict[int, Comparison | BaseException] = {}
+
+    def work(worker: int) -> None:
+        racer = FeedbackStore(url)
+        try:
+            barrier.wait()
+            results[worker] = racer.record_choice(comparison, worker % 2, labeler=f"w{worker}")
+        except BaseException as exc:  # checked by the main thread
+            results[worker] = exc
+        finally:
+            racer.close()
+
+    pool = [threading.Thread(target=work, args=(worker,)) for worker in range(workers)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    stored = store.get_comparison(comparison)
+    for worker, result in results.items():
+        if worker % 2 == stored.choice:
+            assert result == stored
+        else:
+            assert isinstance(result, AlreadyDecidedError)
+    assert len(results) == workers and store.count_decided() == 1
+
+
+def test_count_comparisons_splits_pending_and_decided(store: FeedbackStore):
+    assert store.count_comparisons() == 0
+    doc = store.add_document("counted")
+    created = [store.create_comparison(doc, f"s{i} A", f"s{i} B", *POLICIES) for i in range(3)]
+    store.record_choice(created[1], 0)
+
+    assert store.count_comparisons() == 3
+    assert store.count_comparisons(pending=True) == 2
+    assert store.count_comparisons(pending=False) == 1
+
+
+def test_export_table_has_every_comparison_with_its_document_and_choice(store: FeedbackStore):
+    assert store.export_table().schema == EXPORT_SCHEMA  # typed even when empty
+    titled = store.add_document("exported", title="A title")
+    untitled = store.add_document("untitled", source="pdf")
+    first = store.create_comparison(untitled, "u0", "u1", "v0003", "v0004")
+    second = store.create_comparison(titled, "e0", "e1", "v0001", "v0002")
+    decided = store.record_choice(second, 0, labeler="ann")
+    pending = store.get_comparison(first)
+
+    def row(comparison: Comparison, text: str, title: str | None) -> dict:
+        fields = dataclasses.asdict(comparison)
+        return {"comparison_id": fields.pop("id"), "original_text": text, "title": title, **fields}
+
+    table = store.export_table()
+    assert table.schema == EXPORT_SCHEMA
+    assert table.schema.field("decided_at").type == pa.timestamp("us", tz="UTC")
+    assert table.to_pylist() == [row(pending, "untitled", None), row(decided, "exported", "A title")]
+    assert store.export_table(include_pending=False).to_pylist() == [row(decided, "exported", "A title")]
+
+
+# Schema version 1, exactly as rlhf/store/tables.py defined it, to build the databases that older
+# releases left behind.
+V1 = sa.MetaData()
+V1_VERSION = sa.Table(
+    "schema_version", V1, sa.Column("version", sa.Integer, primary_key=True, autoincrement=False)
+)
+V1_DOCUMENTS = sa.Table(
+    "documents",
+    V1,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("text_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("title", sa.Text),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+V1_COMPARISONS = sa.Table(
+    "comparisons",
+    V1,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("document_id", sa.String(36), sa.ForeignKey("documents.id"), nullable=False, index=True),
+    sa.Column("summary_0", sa.Text, nullable=False),
+    sa.Column("summary_1", sa.Text, nullable=False),
+    sa.Column("policy_0", sa.String(64), nullable=False),
+    sa.Column("policy_1", sa.String(64), nullable=False),
+    sa.Column("choice", sa.SmallInteger, sa.CheckConstraint("choice IN (0, 1)", name="choice_is_0_or_1")),
+    sa.Column("labeler", sa.String(200)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("decided_at", UTCDateTime, index=True),
+)
+T0 = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
+
+
+@dataclasses.dataclass
+class V1Database:
+    """What a version 1 database held, read with version 1's queries before any migration."""
+
+    comparisons: list[Comparison]
+    preferences: list[dict]  # the rows of the old comparisons_table()
+    prompts: list[dict]  # the rows of the old documents_table()
+
+
+def _build_v1_database(url: str) -> V1Database:
+    """Two documents and four comparisons (one pending, one decided without a labeler, decided in
+    another order than created) in a version 1 database, as version 1's store wrote them."""
+    engine = create_engine(resolve_url(url))
+    documents = [("d1", "first document", "T1", "paste"), ("d2", "second document", None, "pdf")]
+    # id, document, created and decided (seconds after T0), choice, labeler, policies
+    comparisons = [
+        ("c1", "d1", 2, 10, 1, "ann", POLICIES), ("c2", "d2", 3, 5, 0, None, POLICIES),
+        ("c3", "d1", 4, None, None, None, POLICIES), ("c4", "d2", 6, 7, 0, "bob", ("v0003", "v0001")),
+    ]
+    with engine.begin() as conn:
+        V1.create_all(conn)
+        conn.execute(V1_VERSION.insert().values(version=1))
+        conn.execute(V1_DOCUMENTS.insert(), [
+            {"id": id_, "text": text, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+             "title": title, "source": source, "created_at": T0 + timedelta(seconds=i)}
+            for i, (id_, text, title, source) in enumerate(documents)
+        ])
+        conn.execute(V1_COMPARISONS.insert(), [
+            {"id": id_, "document_id": doc, "summary_0": f"{id_} A", "summary_1": f"{id_} B",
+             "policy_0": policies[0], "policy_1": policies[1], "choice": choice, "labeler": labeler,
+             "created_at": T0 + timedelta(seconds=created),
+             "decided_at": None if decided is None else T0 + timedelta(seconds=decided)}
+            for id_, doc, created, decided, choice, labeler, policies in comparisons
+        ])
+    with engine.connect() as conn:
+        old, docs = V1_COMPARISONS, V1_DOCUMENTS
+        preferences = sa.select(
+            docs.c.text.label("original_text"), old.c.summary_0, old.c.summary_1, old.c.choice,
+            sa.literal("feedback").label("source"), old.c.policy_0, old.c.policy_1,
+        ).join_from(old, docs, old.c.document_id == docs.c.id).where(old.c.decided_at.is_not(None)).order_by(
+            old.c.decided_at, old.c.id
+        )
+        prompts = sa.select(docs.c.text.label("original_text")).order_by(docs.c.created_at, docs.c.id)
+        database = V1Database(
+            comparisons=[Comparison(**row) for row in conn.execute(sa.select(old)).mappings()],
+            preferences=[dict(row) for row in conn.execute(preferences).mappings()],
+            prompts=[dict(row) for row in conn.execute(prompts).mappings()],
+        )
+    engine.dispose()
+    return database
+
+
+def _schema(engine: sa.Engine) -> dict[str, dict]:
+    """Every table's columns, keys, indexes and constraints, as the database reports them."""
+    inspector = sa.inspect(engine)
+    return {
+        table: {
+            "columns": [(column["name"], str(column["type"]), column["nullable"])
+                        for column in inspector.get_columns(table)],
+            "primary_key": inspector.get_pk_constraint(table),
+            "foreign_keys": inspector.get_foreign_keys(table),
+            "indexes": sorted(inspector.get_indexes(table), key=lambda index: index["name"]),
+            "unique": inspector.get_unique_constraints(table),
+            "checks": inspector.get_check_constraints(table),
+        }
+        for table in inspector.get_table_names()
+    }
+
+
+def test_every_schema_version_after_the_first_has_a_migration_step():
+    assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION + 1))
+
+
+def test_a_version_1_database_is_migrated_keeping_every_row(url: str, caplog: pytest.LogCaptureFixture):
+    before = _build_v1_database(url)
+    assert len(before.comparisons) == 4 and len(before.preferences) == 3  # the data is not trivial
+    caplog.set_level(logging.INFO, logger="rlhf.store.tables")
+    store = FeedbackStore(url)
+
+    assert "from schema version 1 to 2" in caplog.text
+    with store.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION == 2
+    inspector = sa.inspect(store.engine)
+    assert set(inspector.get_table_names()) == {"schema_version", "documents", "comparisons", "choices"}
+    assert [column["name"] for column in inspector.get_columns("comparisons")] == [
+        "id", "document_id", "summary_0", "summary_1", "policy_0", "policy_1", "created_at"
+    ]
+    # Every comparison, with its choice, labeler and decision time (or still pending).
+    assert [store.get_comparison(comparison.id) for comparison in before.comparisons] == before.comparisons
+    assert store.count_comparisons() == 4 and store.count_comparisons(pending=True) == 1
+    assert store.comparisons_table().to_pylist() == before.preferences
+    assert store.documents_table().to_pylist() == before.prompts
+    store.close()
+
+    caplog.clear()
+    reopened = FeedbackStore(url)  # already current: nothing to do
+    assert "schema version" not in caplog.text
+    assert reopened.comparisons_table().to_pylist() == before.preferences
+    reopened.close()
+
+
+def test_a_migrated_database_has_the_schema_of_a_new_one(new_url: Callable[[], str]):
+    migrated_url, new = new_url(), new_url()
+    _build_v1_database(migrated_url)
+    migrated, created = FeedbackStore(migrated_url), FeedbackStore(new)
+
+    assert _schema(migrated.engine) == _schema(created.engine)
+    assert "choices" in _schema(created.engine)
+    migrated.close()
+    created.close()
+
+
+def test_a_failed_upgrade_leaves_the_version_1_database_as_it_was(url: str, monkeypatch):
+    before = _build_v1_database(url)
+    step = MIGRATIONS[2]
+
+    def fail_after_the_step(conn: sa.Connection) -> None:
+        step(conn)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setitem(MIGRATIONS, 2, fail_after_the_step)
+    with pytest.raises(RuntimeError, match="disk full"):
+        FeedbackStore(url)
+    engine = create_engine(resolve_url(url))
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(V1_VERSION.c.version)) == 1
+        assert [Comparison(**row) for row in conn.execute(sa.select(V1_COMPARISONS)).mappings()] == (
+            before.comparisons
+        )
+    assert not sa.inspect(engine).has_table("choices")
+    engine.dispose()
+    monkeypatch.undo()
+    store = FeedbackStore(url)
+    assert store.comparisons_table().to_pylist() == before.preferences
+    store.close()
+
+
+def test_concurrent_stores_upgrade_a_version_1_database_once(url: str, caplog: pytest.LogCaptureFixture):
+    before = _build_v1_database(url)
+    caplog.set_level(logging.INFO, logger="rlhf.store.tables")
+    workers = 4
+    barrier = threading.Barrier(workers, timeout=60)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            FeedbackStore(url).close()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert errors == []
+    assert caplog.text.count("from schema version 1 to 2") == 1
+    store = FeedbackStore(url)
+    assert [store.get_comparison(comparison.id) for comparison in before.comparisons] == before.comparisons
+    store.close()

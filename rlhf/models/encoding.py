@@ -114,6 +114,29 @@ def pad_rows(rows: list[list[int]], value: int, side: str = "right") -> torch.Te
     return torch.tensor(padded, dtype=torch.long)
 
 
+def _causal_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """bos when distinct from eos (Llama); GPT-2's bos is its eos and is not prepended."""
+    return [] if tokenizer.bos_token_id in (None, tokenizer.eos_token_id) else [tokenizer.bos_token_id]
+
+
+def document_room(tokenizer: PreTrainedTokenizerBase, limit: int, causal: bool) -> int:
+    """Document tokens that fit in a source of ``limit`` tokens, after special tokens (seq2seq)
+    or bos + separator (causal prompt)."""
+    if causal:
+        overhead = len(_causal_prefix(tokenizer)) + len(_text_ids(tokenizer, [CAUSAL_SEPARATOR])[0])
+    else:
+        overhead = tokenizer.num_special_tokens_to_add(pair=False)
+    return limit - overhead
+
+
+def truncated_documents(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int, causal: bool
+) -> list[bool]:
+    """Which documents the encoders below cut to fit ``limit`` (what the API reports back)."""
+    room = document_room(tokenizer, limit, causal)
+    return [len(ids) > room for ids in _text_ids(tokenizer, documents)]
+
+
 def encode_sources(
     tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int, is_led: bool = False
 ) -> BatchEncoding:
@@ -122,8 +145,8 @@ def encode_sources(
     LED's sliding-window attention needs at least one globally attending token; the first one is
     the convention from the LED paper for summarization.
     """
-    room = limit - tokenizer.num_special_tokens_to_add(pair=False)
-    _warn_truncated(sum(len(ids) > room for ids in _text_ids(tokenizer, documents)), len(documents), limit)
+    cut = sum(truncated_documents(tokenizer, documents, limit, causal=False))
+    _warn_truncated(cut, len(documents), limit)
     batch = tokenizer(
         documents, truncation=True, max_length=limit, padding=True, return_tensors="pt"
     )
@@ -161,9 +184,9 @@ def _prompt_rows(
     tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int
 ) -> list[list[int]]:
     """bos (only when distinct from eos, as in Llama) + document cut to fit + separator."""
-    prefix = [] if tokenizer.bos_token_id in (None, tokenizer.eos_token_id) else [tokenizer.bos_token_id]
+    prefix = _causal_prefix(tokenizer)
     separator = _text_ids(tokenizer, [CAUSAL_SEPARATOR])[0]
-    room = limit - len(prefix) - len(separator)
+    room = document_room(tokenizer, limit, causal=True)
     if room <= 0:
         raise ValueError(f"source limit {limit} leaves no room for a document after the separator")
     doc_ids = _text_ids(tokenizer, documents)

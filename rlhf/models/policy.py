@@ -23,6 +23,7 @@ from rlhf.models.encoding import (
     encode_seq2seq_pairs,
     encode_sources,
     limits_for,
+    truncated_documents,
 )
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.tiny import build_tiny_lm, is_tiny_preset
@@ -66,6 +67,10 @@ class Policy:
         if self.is_encoder_decoder:
             return encode_sources(self.tokenizer, documents, self.limits.source, self.is_led)
         return encode_causal_prompts(self.tokenizer, documents, self.limits.source)
+
+    def truncated(self, documents: list[str]) -> list[bool]:
+        """Which documents ``encode_documents`` cuts to ``limits.source`` (the API reports it)."""
+        return truncated_documents(self.tokenizer, documents, self.limits.source, not self.is_encoder_decoder)
 
     def encode_pairs(self, documents: list[str], summaries: list[str]) -> dict[str, torch.Tensor]:
         """Training inputs with ``labels`` (right-padded); ``model(**batch).loss`` is the SFT loss.

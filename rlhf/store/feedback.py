@@ -16,8 +16,15 @@ from rlhf.config.sections import StoreConfig
 from rlhf.data.schemas import PREFERENCE_SCHEMA, PROMPTS_SCHEMA
 from rlhf.store.engine import WRITE_OPTION, create_engine, resolve_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError
-from rlhf.store.queries import check_aware, preference_query, prompts_query
-from rlhf.store.tables import comparisons, create_schema, documents, utcnow
+from rlhf.store.queries import (
+    EXPORT_SCHEMA,
+    check_aware,
+    comparison_query,
+    export_query,
+    preference_query,
+    prompts_query,
+)
+from rlhf.store.tables import choices, comparisons, create_schema, documents, utcnow
 
 
 @dataclass(frozen=True)
@@ -147,19 +154,25 @@ class FeedbackStore:
         different choice for a decided comparison raises AlreadyDecidedError.
         """
         _check_choice(choice)
-        with self._write() as conn:
-            # Update first, conditioned on still pending: two racing requests cannot both win,
-            # on PostgreSQL (row lock) or SQLite (one writer).
-            updated = conn.execute(
-                comparisons.update()
-                .where(comparisons.c.id == comparison_id, comparisons.c.choice.is_(None))
-                .values(choice=int(choice), labeler=labeler, decided_at=utcnow())
-            ).rowcount
-            stored = self._comparison(conn, comparison_id)
+        try:
+            with self._write() as conn:
+                # On SQLite this read holds the write lock (BEGIN IMMEDIATE), so no other choice can
+                # come between it and the insert.
+                stored = self._comparison(conn, comparison_id)
+                if stored is not None and stored.pending:
+                    conn.execute(choices.insert().values(
+                        comparison_id=comparison_id, choice=int(choice), labeler=labeler, decided_at=utcnow()
+                    ))
+                    stored = self._comparison(conn, comparison_id)
+        except sa.exc.IntegrityError:
+            # PostgreSQL: a concurrent request inserted its choice after our read; the primary key
+            # refused ours, so read the winner.
+            with self._engine.connect() as conn:
+                stored = self._comparison(conn, comparison_id)
         if stored is None:
             raise NotFoundError("comparison_id", f"no comparison {comparison_id!r}; use the id that "
                                                  "create_comparison() (POST /v1/compare) returned")
-        if not updated and stored.choice != choice:
+        if stored.choice != choice:
             raise AlreadyDecidedError(
                 "choice", f"comparison {comparison_id!r} was already decided as {stored.choice} at "
                 f"{stored.decided_at.isoformat()}; a decision cannot change, create a new comparison"
@@ -168,7 +181,7 @@ class FeedbackStore:
 
     @staticmethod
     def _comparison(conn: sa.Connection, comparison_id: str) -> Comparison | None:
-        row = conn.execute(sa.select(comparisons).where(comparisons.c.id == comparison_id)).one_or_none()
+        row = conn.execute(comparison_query().where(comparisons.c.id == comparison_id)).one_or_none()
         return None if row is None else Comparison(**row._mapping)
 
     def get_comparison(self, comparison_id: str) -> Comparison:
@@ -182,10 +195,19 @@ class FeedbackStore:
     def count_decided(self, since: datetime | None = None) -> int:
         """How many choices were recorded after ``since`` (all when None): the online loop's trigger."""
         check_aware("since", since)
-        decided_at = comparisons.c.decided_at
-        query = sa.select(sa.func.count()).select_from(comparisons).where(decided_at.is_not(None))
+        query = sa.select(sa.func.count()).select_from(choices)
         if since is not None:
-            query = query.where(decided_at > since)
+            query = query.where(choices.c.decided_at > since)
+        with self._engine.connect() as conn:
+            return conn.scalar(query)
+
+    def count_comparisons(self, pending: bool | None = None) -> int:
+        """How many comparisons there are: all (None), only pending (True) or only decided (False);
+        for the admin page's progress counts."""
+        query = sa.select(sa.func.count()).select_from(comparisons.outerjoin(choices))
+        if pending is not None:
+            decided = choices.c.comparison_id
+            query = query.where(decided.is_(None) if pending else decided.is_not(None))
         with self._engine.connect() as conn:
             return conn.scalar(query)
 
@@ -197,7 +219,7 @@ class FeedbackStore:
         ``until=now - a few seconds`` where that matters.
         """
         with self._engine.connect() as conn:
-            return conn.scalar(sa.select(sa.func.max(comparisons.c.decided_at)))
+            return conn.scalar(sa.select(sa.func.max(choices.c.decided_at)))
 
     def comparisons_table(self, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
         """Choices recorded in ``(since, until]`` as PREFERENCE_SCHEMA rows, oldest first."""
@@ -206,6 +228,11 @@ class FeedbackStore:
     def documents_table(self, limit: int | None = None, since: datetime | None = None) -> pa.Table:
         """Documents (created after ``since``) as PROMPTS_SCHEMA rows for PPO, oldest first."""
         return self._table(prompts_query(since, limit), PROMPTS_SCHEMA)
+
+    def export_table(self, include_pending: bool = True) -> pa.Table:
+        """Every comparison with its document and choice (EXPORT_SCHEMA), oldest first: the admin
+        export, which unlike comparisons_table keeps ids, labelers, times and pending comparisons."""
+        return self._table(export_query(include_pending), EXPORT_SCHEMA)
 
     def _table(self, query: sa.Select, schema: pa.Schema) -> pa.Table:
         with self._engine.connect() as conn:

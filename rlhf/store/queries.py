@@ -1,15 +1,33 @@
 """The SELECTs behind the canonical tables, shared by FeedbackStore and the Ray Data source so
-that both return the same rows in the same order."""
+that both return the same rows in the same order; and the comparisons joined with their choices."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import pyarrow as pa
 import sqlalchemy as sa
 
 from rlhf.data.schemas import Schema
 from rlhf.store.errors import StoreInputError
-from rlhf.store.tables import FEEDBACK_SOURCE, comparisons, documents
+from rlhf.store.tables import FEEDBACK_SOURCE, choices, comparisons, documents
+
+_UTC = pa.timestamp("us", tz="UTC")
+# FeedbackStore.export_table: everything known about each comparison, for admins and archives.
+EXPORT_SCHEMA = pa.schema([
+    pa.field("comparison_id", pa.string(), nullable=False),
+    pa.field("document_id", pa.string(), nullable=False),
+    pa.field("original_text", pa.string(), nullable=False),
+    pa.field("title", pa.string()),
+    pa.field("summary_0", pa.string(), nullable=False),
+    pa.field("summary_1", pa.string(), nullable=False),
+    pa.field("policy_0", pa.string(), nullable=False),
+    pa.field("policy_1", pa.string(), nullable=False),
+    pa.field("created_at", _UTC, nullable=False),
+    pa.field("choice", pa.int64()),  # null while pending, like labeler and decided_at
+    pa.field("labeler", pa.string()),
+    pa.field("decided_at", _UTC),
+])
 
 
 def check_aware(field: str, value: datetime | None) -> None:
@@ -34,22 +52,57 @@ def _window(
     return conditions
 
 
+# A comparison's choice, if any; comparisons are outer-joined with it to include the pending ones.
+_HAS_CHOICE = choices.c.comparison_id == comparisons.c.id
+
+
+def comparison_query() -> sa.Select:
+    """Comparisons with the columns of their choice (NULL while pending): the Comparison fields."""
+    return sa.select(comparisons, choices.c.choice, choices.c.labeler, choices.c.decided_at).join_from(
+        comparisons, choices, _HAS_CHOICE, isouter=True
+    )
+
+
 def preference_query(since: datetime | None = None, until: datetime | None = None) -> sa.Select:
     """Decided comparisons as PREFERENCE_SCHEMA rows, oldest decision first."""
-    decided_at = comparisons.c.decided_at
+    decided_at = choices.c.decided_at
     return (
         sa.select(
             documents.c.text.label("original_text"),
             comparisons.c.summary_0,
             comparisons.c.summary_1,
-            comparisons.c.choice,
+            choices.c.choice,
             sa.literal(FEEDBACK_SOURCE).label("source"),
             comparisons.c.policy_0,
             comparisons.c.policy_1,
         )
         .join_from(comparisons, documents, comparisons.c.document_id == documents.c.id)
-        .where(decided_at.is_not(None), *_window(decided_at, since, until))
+        .join(choices, _HAS_CHOICE)
+        .where(*_window(decided_at, since, until))
         .order_by(decided_at, comparisons.c.id)
+    )
+
+
+def export_query(include_pending: bool = True) -> sa.Select:
+    """Comparisons (with pending ones or without) as EXPORT_SCHEMA rows, oldest first."""
+    return (
+        sa.select(
+            comparisons.c.id.label("comparison_id"),
+            comparisons.c.document_id,
+            documents.c.text.label("original_text"),
+            documents.c.title,
+            comparisons.c.summary_0,
+            comparisons.c.summary_1,
+            comparisons.c.policy_0,
+            comparisons.c.policy_1,
+            comparisons.c.created_at,
+            choices.c.choice,
+            choices.c.labeler,
+            choices.c.decided_at,
+        )
+        .join_from(comparisons, documents, comparisons.c.document_id == documents.c.id)
+        .join(choices, _HAS_CHOICE, isouter=include_pending)
+        .order_by(comparisons.c.created_at, comparisons.c.id)
     )
 
 

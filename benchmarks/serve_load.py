@@ -1,0 +1,167 @@
+"""Load test of the Serve app on loopback: concurrent clients posting /v1/compare then /v1/feedback.
+
+Each client repeats compare (two summaries, stored as a pending comparison) and feedback (a choice,
+committed before the answer) until it has sent ``--rounds`` pairs or ``--seconds`` have passed. Two
+runs back to back on one local Ray: dynamic batching on (``--batch-size``) and off (1), each with a
+fresh SQLite database, so the stored rows can be checked against the accepted requests.
+
+    python benchmarks/serve_load.py --clients 16 --rounds 12 --seconds 120
+
+The policy is the tiny test preset (tiny-t5, byte tokenizer, 24 new tokens), one replica on one CPU:
+the numbers measure the serving path (HTTP, batching, generation, database), not a real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny published policies the serving tests use
+
+from serve_helpers import publish_tiny, serve_config  # noqa: E402
+
+ROUTES = ("/v1/compare", "/v1/feedback")
+TEXT = ("The city council voted on Tuesday to extend the bike lane network across the river, "
+        "after a year of debate about parking and safety near the schools. Client {client}, round {round}.")
+
+
+def _post(session: requests.Session, url: str, route: str, body: dict, out: dict) -> dict | None:
+    """One timed request; its JSON answer, or None (counted as an error) when it was not a 200."""
+    start = time.perf_counter()
+    try:
+        answer = session.post(url + route, json=body, timeout=120)
+    except requests.RequestException:
+        answer = None
+    out["latency_s"][route].append(time.perf_counter() - start)
+    if answer is None or answer.status_code != 200:
+        out["errors"] += 1
+        return None
+    return answer.json()
+
+
+def _client(url: str, client: int, rounds: int, deadline: float, out: dict) -> None:
+    session = requests.Session()
+    for round_ in range(rounds):
+        if time.monotonic() > deadline:
+            return
+        document = {"text": TEXT.format(client=client, round=round_)}
+        compared = _post(session, url, "/v1/compare", document, out)
+        if compared is None:
+            continue
+        out["accepted"]["compare"] += 1
+        choice = {"comparison_id": compared["comparison_id"], "choice": round_ % 2}
+        if _post(session, url, "/v1/feedback", choice, out) is not None:
+            out["accepted"]["feedback"] += 1
+
+
+def _percentile_ms(sorted_values: list[float], q: float) -> float:
+    return round(1000 * sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))], 1)
+
+
+def run_load(url: str, max_batch_size: int, clients: int, rounds: int, seconds: float, workdir: Path) -> dict:
+    """Deploy the app with this batch size on a fresh database and drive it; one result row."""
+    from ray import serve
+
+    from rlhf.serve.app import build_app
+    from rlhf.store import FeedbackStore
+
+    cfg = serve_config(workdir / "registry", workdir / f"feedback-b{max_batch_size}.db",
+                       f"serve.max_batch_size={max_batch_size}", "serve.batch_wait_timeout_s=0.01")
+    serve.run(build_app(cfg), name="load", route_prefix="/")
+    requests.post(url + "/v1/summarize", json={"text": "warm up"}, timeout=120).raise_for_status()
+    results = [{"latency_s": {route: [] for route in ROUTES}, "errors": 0,
+                "accepted": {"compare": 0, "feedback": 0}}
+               for _ in range(clients)]
+    deadline = time.monotonic() + seconds
+    threads = [threading.Thread(target=_client, args=(url, i, rounds, deadline, results[i]))
+               for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    serve.delete("load")
+    latencies = {route: sorted(x for r in results for x in r["latency_s"][route]) for route in ROUTES}
+    requests_sent = sum(map(len, latencies.values()))
+    compares = sum(r["accepted"]["compare"] for r in results)
+    feedbacks = sum(r["accepted"]["feedback"] for r in results)
+    store = FeedbackStore(cfg.store.url)
+    stored = {"comparisons": store.count_comparisons(), "choices": store.count_decided()}
+    store.close()
+    return {
+        "max_batch_size": max_batch_size,
+        "clients": clients,
+        "requests": requests_sent,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(requests_sent / wall, 2),
+        "p50_ms": {route: _percentile_ms(values, 0.5) for route, values in latencies.items()},
+        "p99_ms": {route: _percentile_ms(values, 0.99) for route, values in latencies.items()},
+        "p50_ms_all": _percentile_ms(sorted(x for values in latencies.values() for x in values), 0.5),
+        "errors": sum(r["errors"] for r in results),
+        "accepted": {"compare": compares, "feedback": feedbacks},
+        "stored": stored,
+        "stored_equals_accepted": stored == {"comparisons": compares, "choices": feedbacks},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=12, help="compare+feedback pairs per client (bound)")
+    parser.add_argument("--seconds", type=float, default=120, help="time bound per run")
+    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched run")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
+    args = parser.parse_args()
+    for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
+        os.environ.setdefault(name, "disabled" if name == "RAY_AUTH_MODE" else "0")
+
+    import ray
+    from ray import serve
+
+    workdir = Path(tempfile.mkdtemp(prefix="rlhf-load-"))
+    publish_tiny(workdir / "registry", seed=1)
+    publish_tiny(workdir / "registry", seed=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = serve_config(workdir / "registry", workdir / "unused.db").serve.port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    rows = [run_load(url, size, args.clients, args.rounds, args.seconds, workdir)
+            for size in (args.batch_size, 1)]
+    serve.shutdown()
+    ray.shutdown()
+    on, off = rows
+    report = {
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "runs": rows,
+        "batching_speedup_requests_per_s": round(on["requests_per_s"] / off["requests_per_s"], 2),
+        "batching_compare_p50_ratio": round(on["p50_ms"]["/v1/compare"] / off["p50_ms"]["/v1/compare"], 2),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("| max_batch_size | requests | req/s | compare p50/p99 ms | feedback p50/p99 ms | errors | "
+          "stored = accepted |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        p50, p99 = row["p50_ms"], row["p99_ms"]
+        print(f"| {row['max_batch_size']} | {row['requests']} | {row['requests_per_s']} | "
+              + " | ".join(f"{p50[route]} / {p99[route]}" for route in ROUTES)
+              + f" | {row['errors']} | {row['stored_equals_accepted']} |")
+    print(f"batching on/off: {report['batching_speedup_requests_per_s']}x requests/s, "
+          f"compare p50 ratio {report['batching_compare_p50_ratio']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Building and running the Serve application from a ServeConfig (jobs/serve.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import ray
+from ray import serve
+
+from rlhf.config.jobs import ServeConfig
+from rlhf.metrics import emit
+from rlhf.serve.api import FeedbackApi
+from rlhf.serve.policy import PolicyDeployment
+
+APP_NAME = "rlhf"
+
+
+def _admin_token_digest(env_name: str) -> str | None:
+    """SHA-256 of the admin token, read here on the driver: only the digest reaches the replicas,
+    so the secret never appears in Serve's deployment config or the dashboard."""
+    token = os.environ.get(env_name, "")
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    """The ingress bound to the policy deployment, with replicas and autoscaling from config."""
+    serving = cfg.serve
+    scaling: dict = (
+        {"autoscaling_config": {"min_replicas": serving.min_replicas, "max_replicas": serving.max_replicas,
+                                "target_ongoing_requests": serving.target_ongoing_requests}}
+        if serving.autoscale else {"num_replicas": serving.replicas}
+    )
+    policy = PolicyDeployment.options(
+        ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
+        # Enough queued requests per replica to fill a batch for each of the two comparison halves.
+        max_ongoing_requests=max(2 * serving.max_batch_size, 8),
+        **scaling,
+    ).bind(cfg)
+    api = FeedbackApi.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    return api.bind(policy, cfg, _admin_token_digest(serving.admin_token_env))
+
+
+def start_app(cfg: ServeConfig) -> str:
+    """Deploy on the connected (or a new local) Ray cluster; returns the base URL."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def run_serve(cfg: ServeConfig, resume: bool = False) -> None:
+    """Serve until interrupted (``ray job stop`` or Ctrl-C); ``resume`` has no meaning here."""
+    url = start_app(cfg)
+    policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)
+    version = policy.policy_info.remote().result()["version"]
+    emit(f"serving policy {version} at {url}/ (API docs at {url}/docs); registry {cfg.registry}, "
+         f"feedback in {cfg.store.url}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)

@@ -1,0 +1,93 @@
+"""The policy deployment: a thin Ray Serve wrapper that batches requests into PolicyVersions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+
+import torch
+from ray import serve
+
+from rlhf.config.jobs import ServeConfig
+from rlhf.serve.versions import PolicyVersions, Summary, SummaryRequest
+
+logger = logging.getLogger(__name__)
+
+# Resamples when a comparison would show an empty summary or the same text twice.
+DISTINCT_ATTEMPTS = 3
+
+
+@serve.deployment
+class PolicyDeployment:
+    """Generates summaries; watches the registry and switches to a newly published version."""
+
+    def __init__(self, cfg: ServeConfig):
+        serving = cfg.serve
+        torch.set_num_threads(serving.threads_per_replica or max(1, int(serving.cpus_per_replica)))
+        torch.manual_seed(cfg.seed)
+        device = torch.device("cuda" if serving.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu")
+        self.versions = PolicyVersions(cfg.registry, cfg.policy, serving, device)
+        self.default_max_new_tokens = serving.max_new_tokens
+        self.rng = random.Random(cfg.seed)
+        self._generate_batch.set_max_batch_size(serving.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
+        self._stop = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(serving.reload_interval_s,), daemon=True)
+        watcher.start()
+        logger.info("policy replica serving %s on %s", self.versions.current, device)
+
+    def _watch(self, interval_s: float) -> None:
+        """Poll the registry; a broken new version is logged and retried, never served half-loaded."""
+        while not self._stop.wait(interval_s):
+            try:
+                self.versions.refresh()
+            except Exception:  # noqa: BLE001 - keep serving the current version
+                logger.exception("could not load the newest policy version; still serving %s",
+                                 self.versions.current)
+
+    @serve.batch
+    async def _generate_batch(self, requests: list[SummaryRequest]) -> list[Summary]:
+        # Off the event loop, so health checks and queued requests are answered while generating.
+        return await asyncio.to_thread(self.versions.generate, requests)
+
+    def _request(self, text: str, version: str, sample: bool, max_new_tokens: int | None) -> SummaryRequest:
+        return SummaryRequest(text, version, sample, max_new_tokens or self.default_max_new_tokens)
+
+    async def summarize(self, text: str, max_new_tokens: int | None = None) -> Summary:
+        """A greedy summary by the current version."""
+        return await self._generate_batch(self._request(text, self.versions.current, False, max_new_tokens))
+
+    async def compare(self, text: str, max_new_tokens: int | None = None) -> tuple[Summary, Summary]:
+        """(current version's summary, the other one) under the configured strategy. A half that
+        came out empty, or the same as the other, is resampled from the current version: a person
+        cannot choose between them and the store refuses them."""
+        current, other, sample = self.versions.comparison_pair(self.rng)
+        pair = list(await asyncio.gather(
+            self._generate_batch(self._request(text, current, sample, max_new_tokens)),
+            self._generate_batch(self._request(text, other, sample, max_new_tokens)),
+        ))
+        for _ in range(DISTINCT_ATTEMPTS):
+            unusable = [i for i, s in enumerate(pair) if not s.text.strip()]
+            if pair[0].text == pair[1].text:
+                unusable.append(1)
+            if not unusable:
+                break
+            resampled = self._request(text, current, True, max_new_tokens)
+            pair[unusable[0]] = await self._generate_batch(resampled)
+        return pair[0], pair[1]
+
+    def policy_info(self) -> dict:
+        """The fields of the API's PolicyInfo: current version, all versions, current's metrics."""
+        current = self.versions.current
+        return {"version": current, "versions": self.versions.known(),
+                "metrics": self.versions.metrics(current)}
+
+    def reload(self) -> dict:
+        """Switch to the newest version now instead of at the next poll."""
+        self.versions.refresh()
+        return self.policy_info()
+
+    def __del__(self) -> None:
+        self._stop.set()

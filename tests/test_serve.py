@@ -1,0 +1,260 @@
+"""The Serve application over real HTTP on 127.0.0.1: every route, every bad input, the web page in
+headless Chromium, and a hot reload under a stream of requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+from serve_helpers import publish_tiny, serve_config
+
+from rlhf.store import FeedbackStore
+
+PDF = Path(__file__).parent / "data" / "2023.eacl-main.121.pdf"
+ADMIN_TOKEN = "test-admin-token"
+TEXT = "The city council voted on Tuesday to extend the bike lane network across the river."
+
+
+@dataclass
+class App:
+    url: str
+    store: FeedbackStore
+    registry: Path
+    max_text_bytes: int
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    from ray import serve
+
+    from rlhf.serve.app import start_app
+
+    root = tmp_path_factory.mktemp("serve")
+    registry = root / "registry"
+    publish_tiny(registry, seed=1)
+    publish_tiny(registry, seed=2)
+    cfg = serve_config(registry, root / "feedback.db")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(cfg.serve.admin_token_env, ADMIN_TOKEN)  # read by the driver when building the app
+        url = start_app(cfg)
+    store = FeedbackStore(cfg.store.url)
+    yield App(url, store, registry, cfg.serve.max_text_bytes)
+    store.close()
+    serve.shutdown()
+
+
+def _compare(app: App, text: str = TEXT) -> dict:
+    answer = app.post("/v1/compare", json={"text": text})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_summarize_answers_with_the_current_version_and_flags_cut_text(app: App):
+    short = app.post("/v1/summarize", json={"text": TEXT, "max_new_tokens": 8})
+    assert short.status_code == 200, short.text
+    body = short.json()
+    assert body["policy_version"] == "v0002" and body["truncated"] is False
+    assert 0 < len(body["summary"].encode()) <= 8 * 4  # byte-level tokens: at most 8 (UTF-8 <= 4 bytes)
+    long = app.post("/v1/summarize", json={"text": TEXT * 10})  # > 256 byte tokens, < the byte limit
+    assert long.status_code == 200 and long.json()["truncated"] is True
+
+
+def test_compare_stores_a_pending_comparison_of_the_current_and_previous_version(app: App):
+    body = _compare(app)
+    stored = app.store.get_comparison(body["comparison_id"])
+    assert stored.pending
+    assert [stored.summary_0, stored.summary_1] == body["summaries"]
+    assert sorted([stored.policy_0, stored.policy_1]) == ["v0001", "v0002"]
+    assert stored.created_at.tzinfo is not None
+    document = app.store.documents_table().to_pylist()
+    assert {"original_text": TEXT} in document
+
+
+def test_compare_shows_the_current_version_first_or_second_at_random(app: App):
+    positions = set()
+    for i in range(12):
+        stored = app.store.get_comparison(_compare(app, f"{TEXT} ({i})")["comparison_id"])
+        positions.add((stored.policy_0, stored.policy_1).index("v0002"))
+    assert positions == {0, 1}
+
+
+def test_feedback_is_durable_idempotent_and_a_conflict_answers_409(app: App):
+    comparison_id = _compare(app, TEXT + " feedback")["comparison_id"]
+    first = app.post("/v1/feedback", json={"comparison_id": comparison_id, "choice": 1, "labeler": "ann"})
+    assert first.status_code == 200, first.text
+    assert first.json()["stored"] is True
+    # Visible to a fresh connection as soon as the answer arrived.
+    reopened = FeedbackStore(f"sqlite:///{app.store.engine.url.database}")
+    assert reopened.get_comparison(comparison_id).choice == 1
+    reopened.close()
+    again = app.post("/v1/feedback", json={"comparison_id": comparison_id, "choice": 1})
+    assert again.status_code == 200 and again.json()["decided_at"] == first.json()["decided_at"]
+    conflict = app.post("/v1/feedback", json={"comparison_id": comparison_id, "choice": 0})
+    assert conflict.status_code == 409 and "already decided" in conflict.json()["detail"]
+    assert app.store.get_comparison(comparison_id).choice == 1
+
+
+def _bad_requests(app: App) -> list[tuple[str, dict, int, str]]:
+    """(path, requests kwargs, expected status, a word the error names)."""
+    unknown = {"comparison_id": "no-such-id", "choice": 0}
+    return [
+        ("/v1/summarize", {"json": {"text": ""}}, 422, "text"),
+        ("/v1/summarize", {"json": {"text": " \n\t "}}, 422, "text"),
+        ("/v1/compare", {"json": {"text": "   "}}, 422, "text"),
+        ("/v1/summarize", {"json": {"text": "x" * (app.max_text_bytes + 1)}}, 413, "text"),
+        ("/v1/compare", {"json": {"text": "é" * (app.max_text_bytes // 2 + 1)}}, 413, "text"),
+        ("/v1/summarize", {"json": {"text": TEXT, "max_new_tokens": 0}}, 422, "max_new_tokens"),
+        ("/v1/summarize", {"json": {}}, 422, "text"),
+        ("/v1/summarize", {"data": "{oops", "headers": {"Content-Type": "application/json"}}, 422, "json"),
+        ("/v1/feedback", {"json": unknown}, 404, "comparison_id"),
+        ("/v1/feedback", {"json": {"comparison_id": "x", "choice": 2}}, 422, "choice"),
+        ("/v1/feedback", {"json": {"comparison_id": "x", "choice": "1"}}, 422, "choice"),
+        ("/v1/feedback", {"json": {"comparison_id": "x", "choice": True}}, 422, "choice"),
+        ("/v1/feedback", {"json": {"choice": 0}}, 422, "comparison_id"),
+        ("/v1/documents", {"files": {"file": ("notes.txt", b"plain text", "text/plain")}}, 415, "file"),
+        ("/v1/documents", {"files": {"file": ("broken.pdf", b"%PDF-1.7\n garbage", "application/pdf")}},
+         422, "file"),
+        ("/v1/documents", {"data": b"no multipart"}, 422, "file"),
+    ]
+
+
+def test_bad_input_answers_4xx_naming_the_field_and_stores_nothing(app: App):
+    before = (app.store.count_comparisons(), app.store.count_decided(), len(app.store.documents_table()))
+    for path, kwargs, status, word in _bad_requests(app):
+        answer = app.post(path, **kwargs)
+        assert answer.status_code == status, (path, kwargs.keys(), answer.text)
+        assert word in json.dumps(answer.json()["detail"]).lower(), (path, answer.text)
+    after = (app.store.count_comparisons(), app.store.count_decided(), len(app.store.documents_table()))
+    assert after == before
+
+
+def test_a_pdf_upload_gives_sections_that_compare_accepts(app: App):
+    with PDF.open("rb") as pdf:
+        answer = app.post("/v1/documents", files={"file": (PDF.name, pdf, "application/pdf")})
+    assert answer.status_code == 200, answer.text
+    paper = answer.json()
+    headings = [s["heading"] for s in paper["sections"]]
+    assert headings[0] == "Abstract" and "1 Introduction" in headings and "5 Conclusion" in headings
+    assert "LongEval" in paper["title"]
+    for section in paper["sections"][:2]:
+        assert app.post("/v1/compare", json={"text": section["text"], "title": section["heading"],
+                                             "source": "pdf"}).status_code == 200
+
+
+def test_policy_health_readiness_and_openapi_routes(app: App):
+    policy = app.get("/v1/policy").json()
+    assert policy == {"version": "v0002", "versions": ["v0001", "v0002"],
+                      "metrics": {"iteration": 2, "reward_mean": 2.0}}
+    assert app.get("/healthz").json() == {"status": "ok"}
+    assert app.get("/readyz").json() == {"status": "ready", "version": "v0002"}
+    paths = app.get("/openapi.json").json()["paths"]
+    assert {"/v1/summarize", "/v1/compare", "/v1/feedback", "/v1/documents", "/v1/policy"} <= set(paths)
+    assert app.get("/docs").status_code == 200
+
+
+def test_admin_routes_need_the_token_and_export_every_comparison(app: App):
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert app.post("/admin/reload").status_code == 401
+    assert app.get("/admin/export", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert app.post("/admin/reload", headers=auth).json()["version"] == "v0002"
+    decided = _compare(app, TEXT + " export")["comparison_id"]
+    app.post("/v1/feedback", json={"comparison_id": decided, "choice": 0})
+    jsonl = app.get("/admin/export", params={"format": "jsonl"}, headers=auth)
+    assert jsonl.status_code == 200
+    rows = [json.loads(line) for line in jsonl.text.splitlines()]
+    assert len(rows) == app.store.count_comparisons()
+    exported = next(row for row in rows if row["comparison_id"] == decided)
+    assert exported["choice"] == 0 and exported["original_text"] == TEXT + " export"
+    parquet = app.get("/admin/export", params={"format": "parquet", "pending": "false"}, headers=auth)
+    table = pq.read_table(io.BytesIO(parquet.content))
+    assert table.num_rows == app.store.count_decided() and None not in table.column("choice").to_pylist()
+    assert app.get("/admin/export", params={"format": "xml"}, headers=auth).status_code == 422
+
+
+def test_the_web_page_uploads_a_paper_and_stores_one_choice_per_section(app: App):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser test needs Debian's chromium: apt-get install chromium (.ci/run does)"
+    decided_before = app.store.count_decided()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(app.url + "/")
+        page.set_input_files("#pdf", str(PDF))
+        page.click("#summarize")
+        page.wait_for_selector("#status:has-text('Pick the better summary')", timeout=120_000)
+        cards = page.locator(".section")
+        count = cards.count()
+        assert count >= 10
+        headings = [cards.nth(i).locator("h3").inner_text() for i in range(count)]
+        assert headings[0] == "Abstract"
+        for i in range(count):
+            page.check(f"input[name='choice-{i}'][value='{i % 2}']")
+        page.click("#submit")
+        page.wait_for_selector(f"#status:has-text('{count} of {count} choice(s) saved')", timeout=60_000)
+        browser.close()
+    assert app.store.count_decided() == decided_before + count
+    newest = app.store.export_table(include_pending=False).to_pylist()[-count:]
+    assert [row["choice"] for row in newest] == [i % 2 for i in range(count)]
+    assert [row["title"] for row in newest] == headings
+
+
+def test_a_published_version_is_served_without_failing_requests_in_flight(app: App, tmp_path: Path):
+    """A second app with its own registry: publish v0002 during a stream of requests."""
+    from ray import serve
+
+    from rlhf.serve.app import build_app
+
+    registry = tmp_path / "registry"
+    publish_tiny(registry, seed=1)
+    cfg = serve_config(registry, tmp_path / "feedback.db")
+    serve.run(build_app(cfg), name="reload", route_prefix="/reload")
+    url = app.url + "/reload"
+    errors: list[str] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            answer = requests.post(url + "/v1/summarize", json={"text": f"{TEXT} {n}"}, timeout=60)
+            if answer.status_code != 200:
+                errors.append(answer.text)
+            else:
+                versions.append(answer.json()["policy_version"])
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(2)
+        publish_tiny(registry, seed=2)
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/v1/policy", timeout=60).json()["version"] != "v0002":
+            assert time.monotonic() < deadline, "the new version was not picked up within 60 s"
+            time.sleep(0.2)
+        seen = len(versions)
+        while len(versions) < seen + 8:  # keep the stream going after the switch
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+        serve.delete("reload")
+    assert errors == []
+    assert versions[0] == "v0001" and versions[-1] == "v0002"
+    assert versions.index("v0002") > 0 and "v0001" not in versions[versions.index("v0002") + 8:]
