@@ -53,13 +53,14 @@ def start_app(cfg: ServeConfig) -> str:
 
 def run_serve(cfg: ServeConfig, resume: bool = False) -> None:
     """Serve until interrupted (``ray job stop`` or Ctrl-C); ``resume`` has no meaning here."""
-    url = start_app(cfg)
-    policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)
-    version = policy.policy_info.remote().result()["version"]
-    emit(f"serving policy {version} at {url}/ (API docs at {url}/docs); registry {cfg.registry}, "
-         f"feedback in {cfg.store.url}")
     try:
+        url = start_app(cfg)
+        policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)
+        version = policy.policy_info.remote().result()["version"]
+        emit(f"serving policy {version} at {url}/ (API docs at {url}/docs); registry {cfg.registry}, "
+             f"feedback in {cfg.store.url}")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        emit("stopping: deleting the Serve application")
         serve.delete(APP_NAME)
