@@ -491,9 +491,11 @@ def test_a_version_1_database_is_migrated_keeping_every_row(url: str, caplog: py
 
     assert "from schema version 1 to 2" in caplog.text
     with store.engine.connect() as conn:
-        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION == 2
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION == 3
     inspector = sa.inspect(store.engine)
-    assert set(inspector.get_table_names()) == {"schema_version", "documents", "comparisons", "choices"}
+    assert set(inspector.get_table_names()) == {
+        "schema_version", "documents", "comparisons", "choices", "online_cycles"
+    }
     assert [column["name"] for column in inspector.get_columns("comparisons")] == [
         "id", "document_id", "summary_0", "summary_1", "policy_0", "policy_1", "created_at"
     ]

@@ -286,3 +286,55 @@ class ServeConfig:
     )
     store: StoreConfig = option(factory=StoreConfig, help="Where comparisons and choices are stored.")
     serve: ServingConfig = option(factory=ServingConfig, help="HTTP, replicas, batching and limits.")
+
+
+@dataclass
+class FeedbackPolicyConfig:
+    """When a cycle starts and which stored choices it trains and judges the reward model on."""
+
+    min_new: int = option(32, "New labelled comparisons needed to start a cycle (K).", gt=0)
+    poll_interval_s: float = option(10.0, "How often to count new comparisons while waiting.", gt=0)
+    max_wait_s: float | None = option(
+        None, "Give up waiting for feedback after this long (null = wait forever).", gt=0
+    )
+    settle_s: float = option(
+        2.0, "A cycle takes choices recorded at least this long ago, so a write still committing "
+        "(PostgreSQL) cannot land behind the watermark.", ge=0
+    )
+    replay_ratio: float = option(1.0, "Older comparisons replayed per new one in the reward update.", ge=0)
+    holdout_fraction: float = option(
+        0.2, "Share of comparisons (by id hash, stable across cycles) never trained on and used to "
+        "judge the reward model.", ge=0, le=0.5
+    )
+    max_accuracy_drop: float = option(
+        0.02, "Keep the updated reward model unless held-out accuracy fell by more than this.", ge=0
+    )
+
+
+@dataclass
+class OnlineConfig:
+    """jobs/online.py: people's choices -> reward model update -> PPO -> a new served policy version."""
+
+    output_dir: str = option("runs/online", "Per-cycle reward/PPO runs, cycles.jsonl, reward versions.")
+    seed: int = option(0, "Seed for replay sampling, training and generation (offset by the cycle).")
+    cycles: int = option(0, "Stop after this many finished cycles in total (0 = run until stopped).", ge=0)
+    store: StoreConfig = option(factory=StoreConfig, help="The feedback database the Serve app writes.")
+    registry: str = option("runs/ppo/registry", "Policy registry Serve reads; new versions go here.")
+    reward_registry: str = option("", "Reward-model versions; empty = output_dir/reward_registry.")
+    policy: ModelConfig = option(
+        factory=lambda: ModelConfig(name_or_path="tiny-t5", max_source_length=256, max_target_length=32),
+        help="Starting policy while the registry is empty; its lengths apply to every version.",
+    )
+    reward: ModelConfig = option(
+        factory=lambda: ModelConfig(name_or_path="tiny-gpt2", max_source_length=384),
+        help="Starting reward model (a jobs/reward.py output) while reward_registry is empty.",
+    )
+    feedback: FeedbackPolicyConfig = option(factory=FeedbackPolicyConfig, help="Cycle trigger and data.")
+    reward_train: TrainConfig = option(
+        factory=lambda: TrainConfig(lr=5e-4, max_steps=20, eval_every=20, save_every=20),
+        help="Ray Train settings of each reward update (continued from the last kept version).",
+    )
+    ppo: PPOAlgoConfig = option(
+        factory=lambda: PPOAlgoConfig(iterations=4), help="PPO of each cycle (ppo.iterations = M)."
+    )
+    roles: RolesConfig = option(factory=RolesConfig, help="Ray actors of each cycle's PPO.")

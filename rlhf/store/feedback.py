@@ -18,11 +18,11 @@ from rlhf.store.engine import WRITE_OPTION, create_engine, resolve_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError
 from rlhf.store.queries import (
     EXPORT_SCHEMA,
-    check_aware,
     comparison_query,
     export_query,
     preference_query,
     prompts_query,
+    window,
 )
 from rlhf.store.tables import choices, comparisons, create_schema, documents, utcnow
 
@@ -94,8 +94,9 @@ class FeedbackStore:
         self._engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[sa.Connection]:
-        """One write transaction, committed on leaving the block (see engine._begin_sqlite)."""
+    def write(self) -> Iterator[sa.Connection]:
+        """One write transaction, committed on leaving the block (see engine._begin_sqlite); for
+        the store's methods and the online loop's ledger (rlhf.store.cycles)."""
         with self._engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
             yield conn
 
@@ -105,7 +106,7 @@ class FeedbackStore:
         _require_text("text", text)
         digest = hashlib.sha256(text.encode()).hexdigest()
         try:
-            with self._write() as conn:
+            with self.write() as conn:
                 return self._document_id(conn, digest) or self._insert_document(
                     conn, text, digest, title, source
                 )
@@ -137,7 +138,7 @@ class FeedbackStore:
             raise InvalidFeedbackError("summary_1", "is identical to summary_0; a comparison needs two "
                                                     "different summaries (reward training drops ties)")
         comparison_id = _new_id()
-        with self._write() as conn:
+        with self.write() as conn:
             if conn.scalar(sa.select(documents.c.id).where(documents.c.id == document_id)) is None:
                 raise NotFoundError("document_id", f"no document {document_id!r}; store it with "
                                                    "add_document() first and pass the id it returns")
@@ -155,7 +156,7 @@ class FeedbackStore:
         """
         _check_choice(choice)
         try:
-            with self._write() as conn:
+            with self.write() as conn:
                 # On SQLite this read holds the write lock (BEGIN IMMEDIATE), so no other choice can
                 # come between it and the insert.
                 stored = self._comparison(conn, comparison_id)
@@ -192,12 +193,11 @@ class FeedbackStore:
             raise NotFoundError("comparison_id", f"no comparison {comparison_id!r}")
         return stored
 
-    def count_decided(self, since: datetime | None = None) -> int:
-        """How many choices were recorded after ``since`` (all when None): the online loop's trigger."""
-        check_aware("since", since)
-        query = sa.select(sa.func.count()).select_from(choices)
-        if since is not None:
-            query = query.where(choices.c.decided_at > since)
+    def count_decided(self, since: datetime | None = None, until: datetime | None = None) -> int:
+        """How many choices were recorded in ``(since, until]`` (None = unbounded): the online
+        loop's trigger."""
+        decided = window(choices.c.decided_at, since, until)
+        query = sa.select(sa.func.count()).select_from(choices).where(*decided)
         with self._engine.connect() as conn:
             return conn.scalar(query)
 
@@ -229,10 +229,13 @@ class FeedbackStore:
         """Documents (created after ``since``) as PROMPTS_SCHEMA rows for PPO, oldest first."""
         return self._table(prompts_query(since, limit), PROMPTS_SCHEMA)
 
-    def export_table(self, include_pending: bool = True) -> pa.Table:
+    def export_table(
+        self, include_pending: bool = True, since: datetime | None = None, until: datetime | None = None
+    ) -> pa.Table:
         """Every comparison with its document and choice (EXPORT_SCHEMA), oldest first: the admin
-        export, which unlike comparisons_table keeps ids, labelers, times and pending comparisons."""
-        return self._table(export_query(include_pending), EXPORT_SCHEMA)
+        export, which unlike comparisons_table keeps ids, labelers, times and pending comparisons.
+        ``since``/``until`` keep the choices recorded in ``(since, until]``."""
+        return self._table(export_query(include_pending, since, until), EXPORT_SCHEMA)
 
     def _table(self, query: sa.Select, schema: pa.Schema) -> pa.Table:
         with self._engine.connect() as conn:

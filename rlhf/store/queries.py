@@ -38,7 +38,7 @@ def check_aware(field: str, value: datetime | None) -> None:
         )
 
 
-def _window(
+def window(
     column: sa.ColumnElement[datetime], since: datetime | None, until: datetime | None
 ) -> list[sa.ColumnElement[bool]]:
     """Conditions for ``since < column <= until``: consecutive windows tile without overlap."""
@@ -78,14 +78,17 @@ def preference_query(since: datetime | None = None, until: datetime | None = Non
         )
         .join_from(comparisons, documents, comparisons.c.document_id == documents.c.id)
         .join(choices, _HAS_CHOICE)
-        .where(*_window(decided_at, since, until))
+        .where(*window(decided_at, since, until))
         .order_by(decided_at, comparisons.c.id)
     )
 
 
-def export_query(include_pending: bool = True) -> sa.Select:
-    """Comparisons (with pending ones or without) as EXPORT_SCHEMA rows, oldest first."""
-    return (
+def export_query(
+    include_pending: bool = True, since: datetime | None = None, until: datetime | None = None
+) -> sa.Select:
+    """Comparisons (with pending ones or without) as EXPORT_SCHEMA rows, oldest first; ``since``
+    and ``until`` keep those decided in ``(since, until]`` (and so drop the pending ones)."""
+    query = (
         sa.select(
             comparisons.c.id.label("comparison_id"),
             comparisons.c.document_id,
@@ -104,6 +107,7 @@ def export_query(include_pending: bool = True) -> sa.Select:
         .join(choices, _HAS_CHOICE, isouter=include_pending)
         .order_by(comparisons.c.created_at, comparisons.c.id)
     )
+    return query.where(*window(choices.c.decided_at, since, until))
 
 
 def prompts_query(since: datetime | None = None, limit: int | None = None) -> sa.Select:
@@ -111,7 +115,7 @@ def prompts_query(since: datetime | None = None, limit: int | None = None) -> sa
     created_at = documents.c.created_at
     return (
         sa.select(documents.c.text.label("original_text"))
-        .where(*_window(created_at, since, None))
+        .where(*window(created_at, since, None))
         .order_by(created_at, documents.c.id)
         .limit(limit)
     )

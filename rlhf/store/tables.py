@@ -16,7 +16,7 @@ from rlhf.store.engine import URL_KEY, WRITE_OPTION
 from rlhf.store.errors import StoreInputError
 
 # Bump with a step in MIGRATIONS whenever the tables change.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The source column of preference rows that came from this store.
 FEEDBACK_SOURCE = "feedback"
 
@@ -89,6 +89,20 @@ choices = sa.Table(
     sa.Column("decided_at", UTCDateTime, nullable=False, index=True),
 )
 
+# The online loop's ledger (jobs/online.py): one row per cycle with the feedback window it trains
+# on, so a restarted loop redoes an unfinished cycle on exactly the same rows.
+online_cycles = sa.Table(
+    "online_cycles",
+    metadata,
+    sa.Column("cycle", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("since", UTCDateTime),  # exclusive bound of decided_at; NULL = from the first choice
+    sa.Column("until", UTCDateTime, nullable=False),  # inclusive bound
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("record", sa.Text, nullable=False),  # JSON: rows used, accuracies, versions, metrics
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime),
+)
+
 
 def utcnow() -> datetime:
     """The one clock of the store: aware UTC."""
@@ -117,8 +131,13 @@ def _v1_to_v2(conn: sa.Connection) -> None:
     conn.execute(sa.text("DROP TABLE comparisons_v1"))
 
 
+def _v2_to_v3(conn: sa.Connection) -> None:
+    """Add the online loop's ledger."""
+    metadata.create_all(conn, tables=[online_cycles])
+
+
 # Step N upgrades a database from version N - 1 to N, inside the caller's write transaction.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _v1_to_v2, 3: _v2_to_v3}
 
 
 def create_schema(engine: sa.Engine, attempts: int = 3) -> None:

@@ -1,0 +1,202 @@
+"""jobs/online.py: each cycle turns new human choices into a new served policy version.
+
+wait for K new choices -> continue-train the reward model on them (+ replay) -> keep it only if
+held-out accuracy did not drop -> M PPO iterations on the stored documents -> publish to the
+registry Serve watches. The ledger in the feedback database (rlhf.store.cycles) makes it resumable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+
+from rlhf.config.core import validate
+from rlhf.config.jobs import OnlineConfig, PPOConfig, PPORewardConfig
+from rlhf.config.sections import DataSourceConfig, ModelConfig
+from rlhf.errors import InputError
+from rlhf.eval.metrics import evaluate_reward_model
+from rlhf.metrics import emit
+from rlhf.models.heads import load_reward_model
+from rlhf.online.feedback import FeedbackWindow, read_window
+from rlhf.ppo.registry import PolicyRegistry
+from rlhf.store import Cycle, CycleLog, FeedbackStore
+from rlhf.store.tables import utcnow
+from rlhf.train.loop import LoopSettings, run_training
+from rlhf.train.reward import RewardTask
+
+EVAL_BATCH = 16
+
+
+class FeedbackTimeout(InputError):
+    """Not enough new feedback arrived within ``feedback.max_wait_s``."""
+
+
+class OnlineLoop:
+    """Runs cycles until ``cfg.cycles`` have finished; every step is recorded before the next."""
+
+    def __init__(self, cfg: OnlineConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.store = FeedbackStore.from_config(cfg.store)
+        self.ledger = CycleLog(self.store)
+        self.policies = PolicyRegistry(cfg.registry)
+        self.rewards = PolicyRegistry(cfg.reward_registry or self.output_dir / "reward_registry")
+
+    def run(self) -> list[Cycle]:
+        """Finish an interrupted cycle first, then start new ones; returns the cycles this call ran."""
+        ran = []
+        while True:
+            last = self.ledger.last()
+            finished = sum(c.done for c in self.ledger.all())
+            if last is not None and not last.done:
+                emit(f"online: resuming cycle {last.cycle} at stage {last.stage}")
+                cycle = last
+            elif self.cfg.cycles and finished >= self.cfg.cycles:
+                return ran
+            else:
+                cycle = self._start(last)
+            ran.append(self._finish(cycle))
+
+    def _start(self, last: Cycle | None) -> Cycle:
+        """Wait for K new choices after the watermark, then fix the new cycle's window."""
+        since = last.until if last is not None else None
+        number = last.cycle + 1 if last is not None else 1
+        fb = self.cfg.feedback
+        started = time.monotonic()
+        while True:
+            until = utcnow() - timedelta(seconds=fb.settle_s)
+            new = self.store.count_decided(since, until)
+            if new >= fb.min_new:
+                break
+            waited = time.monotonic() - started
+            if fb.max_wait_s is not None and waited > fb.max_wait_s:
+                raise FeedbackTimeout(f"feedback.max_wait_s: only {new} of {fb.min_new} new choices after "
+                                      f"{waited:.0f} s; lower feedback.min_new or wait longer")
+            emit(f"online: cycle {number} waiting for feedback: {new}/{fb.min_new} new choices")
+            time.sleep(fb.poll_interval_s)
+        record = {"watermark_since": _iso(since), "watermark_until": _iso(until),
+                  "policy_before": self._current_policy(), "reward_before": self._current_reward()}
+        emit(f"online: cycle {number} starts on {new} new choices in ({record['watermark_since']}, "
+             f"{record['watermark_until']}]")
+        return self.ledger.start(number, since, until, record)
+
+    def _finish(self, cycle: Cycle) -> Cycle:
+        cycle_dir = self.output_dir / "cycles" / f"c{cycle.cycle:04d}"
+        record = dict(cycle.record)
+        if cycle.stage == "started":
+            record.update(self._update_reward(cycle, cycle_dir))
+            cycle = self.ledger.advance(cycle.cycle, "reward_done", record)
+        if self._current_policy() != record["policy_before"]:
+            # Killed between publishing and recording it: the version is this cycle's.
+            record.update(policy_version=Path(self._current_policy()).name, ppo="published before a restart")
+        else:
+            record.update(self._update_policy(cycle, cycle_dir, record["reward_used"]))
+        cycle = self.ledger.advance(cycle.cycle, "done", record)
+        with (self.output_dir / "cycles.jsonl").open("a") as log:
+            log.write(json.dumps({"cycle": cycle.cycle, **record}) + "\n")
+        emit(f"online: cycle {cycle.cycle} done: reward accuracy {record['accuracy_before']} -> "
+             f"{record['accuracy_after']} ({'kept' if record['reward_kept'] else 'rejected'}), "
+             f"published policy {record['policy_version']}")
+        return cycle
+
+    def _update_reward(self, cycle: Cycle, cycle_dir: Path) -> dict:
+        """Continue-train from the last kept reward model; keep the result only if held-out accuracy
+        did not fall by more than ``feedback.max_accuracy_drop``."""
+        fb = self.cfg.feedback
+        window = read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
+                             self.cfg.seed + cycle.cycle)
+        base = cycle.record["reward_before"]
+        emit(f"online: cycle {cycle.cycle} reward update from {base}: {window.new.num_rows} new + "
+             f"{window.replay.num_rows} replayed choices, {window.holdout.num_rows} held out")
+        seed = self.cfg.seed + cycle.cycle
+        task = RewardTask(self._reward_config(base), self.cfg.reward_train.batch_size, seed)
+        settings = LoopSettings(train=self.cfg.reward_train, seed=seed, output_dir=str(cycle_dir / "reward"))
+        validation = window.holdout if window.holdout.num_rows else window.new
+        trained = run_training(task, settings, window.train, validation).model_dir
+        before, after = self._accuracy(base, window), self._accuracy(str(trained), window)
+        kept = before is None or after >= before - fb.max_accuracy_drop
+        used = base
+        if kept:
+            metrics = {"cycle": cycle.cycle, "accuracy_before": before, "accuracy_after": after}
+            def copy(folder: Path) -> None:
+                shutil.copytree(trained, folder, dirs_exist_ok=True)
+
+            used = str(self.rewards.publish(copy, metrics))
+        return {
+            "new_ids": window.new_ids, "replay_ids": window.replay_ids, "holdout_ids": window.holdout_ids,
+            "accuracy_before": before, "accuracy_after": after, "reward_kept": kept, "reward_used": used,
+        }
+
+    def _accuracy(self, reward: str, window: FeedbackWindow) -> float | None:
+        """Pairwise accuracy on the held-out choices (None when there are none yet)."""
+        if not window.holdout.num_rows:
+            return None
+        model = load_reward_model(self._reward_config(reward)).eval()
+        return round(evaluate_reward_model(model, window.holdout, EVAL_BATCH)["accuracy"], 4)
+
+    def _update_policy(self, cycle: Cycle, cycle_dir: Path, reward: str) -> dict:
+        """M PPO iterations from the current policy on the stored documents, published at the end."""
+        from rlhf.ppo.job import run_ppo  # Ray roles: imported only when a cycle gets this far
+
+        documents = cycle_dir / "documents.jsonl"
+        n_documents = _write_documents(self.store.documents_table(), documents)
+        cfg = PPOConfig(
+            output_dir=str(cycle_dir / "ppo"),
+            seed=self.cfg.seed + cycle.cycle,
+            policy=dataclasses.replace(self.cfg.policy, name_or_path=cycle.record["policy_before"]),
+            reward=PPORewardConfig(model=self._reward_config(reward), fn=""),
+            prompts=DataSourceConfig(path=str(documents)),
+            ppo=dataclasses.replace(self.cfg.ppo, publish_every=self.cfg.ppo.iterations),
+            roles=self.cfg.roles,
+            registry=self.cfg.registry,
+        )
+        validate(cfg)
+        emit(f"online: cycle {cycle.cycle} PPO from {cfg.policy.name_or_path}: {cfg.ppo.iterations} "
+             f"iterations on {n_documents} stored documents")
+        history = run_ppo(cfg)
+        keys = ("reward_mean", "kl_mean", "response_length_mean")
+        return {"documents": n_documents, "policy_version": Path(self._current_policy()).name,
+                "ppo_first": {k: history[0].get(k) for k in keys},
+                "ppo_last": {k: history[-1].get(k) for k in keys}}
+
+    def _reward_config(self, name_or_path: str) -> ModelConfig:
+        return dataclasses.replace(self.cfg.reward, name_or_path=name_or_path)
+
+    def _current_policy(self) -> str:
+        latest = self.policies.latest()
+        return str(latest) if latest is not None else self.cfg.policy.name_or_path
+
+    def _current_reward(self) -> str:
+        latest = self.rewards.latest()
+        return str(latest) if latest is not None else self.cfg.reward.name_or_path
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _write_documents(table: pa.Table, path: Path) -> int:
+    """The stored documents as a PROMPTS JSONL file: the cycle's PPO input, kept for the record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    texts = table.column("original_text").to_pylist()
+    if not texts:
+        raise InputError("store.url: the feedback database holds no documents for PPO; "
+                         "people's /v1/compare requests store them")
+    path.write_text("".join(json.dumps({"original_text": t}) + "\n" for t in texts))
+    return len(texts)
+
+
+def run_online(cfg: OnlineConfig, resume: bool = False) -> list[Cycle]:
+    """Run the loop (resuming is automatic: the ledger says where it stopped; ``resume`` is unused)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    return OnlineLoop(cfg).run()

@@ -1,0 +1,134 @@
+"""The online loop in-process on a local Ray: feedback windows, a full cycle, and resuming a cycle
+killed between its reward update and its PPO run."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from serve_helpers import publish_tiny
+
+from rlhf.config.core import load_config
+from rlhf.config.jobs import OnlineConfig
+from rlhf.config.sections import DataSourceConfig
+from rlhf.data.schemas import Schema
+from rlhf.data.sources import load_source
+from rlhf.online.feedback import is_holdout, read_window
+from rlhf.online.loop import OnlineLoop
+from rlhf.ppo.registry import PolicyRegistry
+from rlhf.store import CycleLog, FeedbackStore
+from rlhf.store.tables import utcnow
+
+DATA = Path(__file__).parent / "data" / "tldr_sft_sample.jsonl"
+
+
+def _label(store: FeedbackStore, n: int, offset: int = 0) -> list[str]:
+    """``n`` decided comparisons of real posts: the reference summary against a copy padded with a
+    repeated sentence; the simulated person prefers the shorter one."""
+    rows = load_source(DataSourceConfig(path=str(DATA)), Schema.SFT).table.to_pylist()
+    ids = []
+    for k in range(offset, offset + n):
+        row = rows[k % len(rows)]
+        short, long = row["summary"], row["summary"] + " It was a long day and nothing else happened."
+        pair = (short, long) if k % 2 else (long, short)
+        document = store.add_document(f"{row['original_text']} [{k}]")
+        comparison = store.create_comparison(document, *pair, "v0001", "v0001")
+        store.record_choice(comparison, pair.index(short))
+        ids.append(comparison)
+    return ids
+
+
+def test_holdout_is_a_stable_fraction_of_ids():
+    ids = [f"id-{k}" for k in range(2000)]
+    held = [i for i in ids if is_holdout(i, 0.2)]
+    assert 0.17 < len(held) / len(ids) < 0.23
+    assert held == [i for i in ids if is_holdout(i, 0.2)]
+    assert not any(is_holdout(i, 0.0) for i in ids)
+
+
+def test_windows_tile_the_choices_and_replay_only_older_ones(tmp_path: Path):
+    store = FeedbackStore(f"sqlite:///{tmp_path}/feedback.db")
+    first = _label(store, 30)
+    middle = utcnow()
+    second = _label(store, 20, offset=30)
+    end = utcnow()
+    one = read_window(store, None, middle, 0.2, 1.0, seed=1)
+    two = read_window(store, middle, end, 0.2, 1.0, seed=2)
+    assert set(one.new_ids) | set(one.holdout_ids) == set(first)
+    assert set(two.new_ids) == {i for i in second if not is_holdout(i, 0.2)}
+    assert set(two.replay_ids) <= set(one.new_ids) and len(two.replay_ids) == len(two.new_ids)
+    assert not set(one.holdout_ids) & (set(one.new_ids) | set(two.new_ids) | set(two.replay_ids))
+    assert read_window(store, middle, end, 0.2, 1.0, seed=2) == two  # a resumed cycle sees the same rows
+    assert two.train.num_rows == len(two.new_ids) + len(two.replay_ids)
+    assert set(two.train.column("source").to_pylist()) == {"feedback"}
+
+
+def _config(tmp_path: Path, *overrides: str) -> OnlineConfig:
+    return load_config(OnlineConfig, None, [
+        f"output_dir={tmp_path / 'online'}", f"store.url=sqlite:///{tmp_path}/feedback.db",
+        f"registry={tmp_path / 'registry'}", "cycles=1", "feedback.min_new=16", "feedback.settle_s=0",
+        "feedback.poll_interval_s=0.2", "feedback.max_wait_s=30", "feedback.holdout_fraction=0.25",
+        "feedback.max_accuracy_drop=1.0", "reward_train.max_steps=4", "reward_train.batch_size=4",
+        "reward_train.eval_every=4", "reward_train.save_every=4", "ppo.iterations=1",
+        "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.max_new_tokens=8",
+        "roles.cpus_per_actor=0.5", *overrides,
+    ])
+
+
+class Killed(Exception):
+    """Stands in for the job being killed mid-cycle."""
+
+
+def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes_only_new_rows(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    publish_tiny(tmp_path / "registry", seed=1)
+    cfg = _config(tmp_path)
+    store = FeedbackStore(cfg.store.url)
+    first = _label(store, 24)
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(OnlineLoop, "_update_policy", killed)
+        with pytest.raises(Killed):
+            OnlineLoop(cfg).run()
+    ledger = CycleLog(store)
+    (cycle,) = ledger.all()
+    assert cycle.stage == "reward_done" and cycle.record["reward_kept"]
+    rewards = PolicyRegistry(tmp_path / "online" / "reward_registry")
+    assert rewards.versions() == ["v0001"]
+
+    resumed = OnlineLoop(cfg).run()  # a restarted job: finishes cycle 1, does not start cycle 2
+    assert [c.cycle for c in resumed] == [1] and resumed[0].done
+    assert rewards.versions() == ["v0001"]  # the reward update was not run again
+    assert PolicyRegistry(tmp_path / "registry").versions() == ["v0001", "v0002"]
+    record = resumed[0].record
+    assert record["policy_version"] == "v0002" and record["documents"] == 24
+    assert set(record["new_ids"]) | set(record["holdout_ids"]) == set(first)
+    assert record["accuracy_before"] is not None and record["accuracy_after"] is not None
+
+    second = _label(store, 20, offset=24)
+    cfg2 = _config(tmp_path, "cycles=2")
+    (next_cycle,) = OnlineLoop(cfg2).run()
+    assert next_cycle.cycle == 2 and next_cycle.since == resumed[0].until
+    new_ids = next_cycle.record["new_ids"]
+    assert set(new_ids) == {i for i in second if i not in next_cycle.record["holdout_ids"]}
+    assert not set(new_ids) & set(record["new_ids"])  # nothing trained on twice as new
+    assert set(next_cycle.record["replay_ids"]) <= set(record["new_ids"])
+    assert PolicyRegistry(tmp_path / "registry").versions()[-1] == "v0003"
+    log = [json.loads(line) for line in (tmp_path / "online" / "cycles.jsonl").read_text().splitlines()]
+    assert [entry["cycle"] for entry in log] == [1, 2]
+    assert next_cycle.until - next_cycle.since > timedelta(0)
+
+
+def test_waiting_for_feedback_gives_up_after_max_wait(tmp_path: Path):
+    from rlhf.online.loop import FeedbackTimeout
+
+    cfg = _config(tmp_path, "feedback.max_wait_s=0.5")
+    _label(FeedbackStore(cfg.store.url), 3)
+    with pytest.raises(FeedbackTimeout, match=r"feedback\.max_wait_s: only 3 of 16 new choices"):
+        OnlineLoop(cfg).run()
