@@ -23,7 +23,7 @@ def is_holdout(comparison_id: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def _preference_rows(export: pa.Table) -> pa.Table:
+def preference_rows(export: pa.Table) -> pa.Table:
     """EXPORT_SCHEMA rows as canonical PREFERENCE_SCHEMA rows (what reward training reads)."""
     rows = export.select(["original_text", "summary_0", "summary_1", "choice", "policy_0", "policy_1"])
     rows = rows.append_column("source", pa.array([FEEDBACK_SOURCE] * rows.num_rows, pa.string()))
@@ -63,6 +63,6 @@ def read_window(
     holdout = [k for k in range(len(ids)) if held[k]]
 
     def part(indices: list[int]) -> tuple[pa.Table, list[str]]:
-        return _preference_rows(decided.take(pa.array(indices, pa.int64()))), [ids[k] for k in indices]
+        return preference_rows(decided.take(pa.array(indices, pa.int64()))), [ids[k] for k in indices]
 
     return FeedbackWindow(*part(new), *part(replay), *part(holdout))
