@@ -37,16 +37,16 @@ def test_the_comparison_pair_follows_the_strategy(tmp_path: Path, strategy: str)
     versions = _versions(tmp_path, f"serve.compare_strategy={strategy}")
     pairs = {versions.comparison_pair(random.Random(seed)) for seed in range(20)}
     expected = {
-        "previous": {("v0003", "v0002", False)},
-        "random_earlier": {("v0003", "v0002", False), ("v0003", "v0001", False)},
-        "samples": {("v0003", "v0003", True)},
+        "previous": {("v0003", "v0002")},
+        "random_earlier": {("v0003", "v0002"), ("v0003", "v0001")},
+        "samples": {("v0003", "v0003")},
     }[strategy]
     assert pairs == expected
 
 
 def test_a_single_version_is_compared_with_its_own_samples(tmp_path: Path):
     publish_tiny(tmp_path / "registry", seed=1)
-    assert _versions(tmp_path).comparison_pair(random.Random(0)) == ("v0001", "v0001", True)
+    assert _versions(tmp_path).comparison_pair(random.Random(0)) == ("v0001", "v0001")
 
 
 def test_a_mixed_batch_matches_one_request_at_a_time(tmp_path: Path):

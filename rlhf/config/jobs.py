@@ -257,9 +257,9 @@ class ServingConfig:
         "one). With a single version every strategy uses samples.",
         choices=("previous", "random_earlier", "samples"),
     )
-    temperature: float = option(1.0, "Sampling temperature when two summaries come from one version.",
-                                gt=0)
-    top_p: float = option(0.95, "Nucleus sampling mass for sampled summaries.", gt=0, le=1)
+    temperature: float = option(1.0, "Sampling temperature of /v1/compare summaries (/v1/summarize "
+                                     "is greedy).", gt=0)
+    top_p: float = option(0.95, "Nucleus sampling mass of /v1/compare summaries.", gt=0, le=1)
     reload_interval_s: float = option(2.0, "How often replicas look for a newly published version.",
                                       gt=0)
     admin_token_env: str = option(

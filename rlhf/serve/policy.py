@@ -60,13 +60,14 @@ class PolicyDeployment:
         return await self._generate_batch(self._request(text, self.versions.current, False, max_new_tokens))
 
     async def compare(self, text: str, max_new_tokens: int | None = None) -> tuple[Summary, Summary]:
-        """(current version's summary, the other one) under the configured strategy. A half that
-        came out empty, or the same as the other, is resampled from the current version: a person
-        cannot choose between them and the store refuses them."""
-        current, other, sample = self.versions.comparison_pair(self.rng)
+        """(current version's summary, the other one) under the configured strategy, both sampled:
+        the policies are judged on the distribution PPO trains, and the same text asked again gets
+        a new pair. A half that came out empty, or the same as the other, is resampled from the
+        current version: a person cannot choose between them and the store refuses them."""
+        current, other = self.versions.comparison_pair(self.rng)
         pair = list(await asyncio.gather(
-            self._generate_batch(self._request(text, current, sample, max_new_tokens)),
-            self._generate_batch(self._request(text, other, sample, max_new_tokens)),
+            self._generate_batch(self._request(text, current, True, max_new_tokens)),
+            self._generate_batch(self._request(text, other, True, max_new_tokens)),
         ))
         for _ in range(DISTINCT_ATTEMPTS):
             unusable = [i for i, s in enumerate(pair) if not s.text.strip()]

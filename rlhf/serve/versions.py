@@ -115,15 +115,14 @@ class PolicyVersions:
         path = self.registry.root / version / METRICS_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def comparison_pair(self, rng: random.Random) -> tuple[str, str, bool]:
-        """(current, other, sample) for /v1/compare under the configured strategy."""
+    def comparison_pair(self, rng: random.Random) -> tuple[str, str]:
+        """(current, other) versions for /v1/compare under the configured strategy."""
         current = self.current
         earlier = [v for v in self.known() if v != current]
         strategy = self.serving.compare_strategy
         if strategy == "samples" or not earlier:
-            return current, current, True
-        other = earlier[-1] if strategy == "previous" else rng.choice(earlier)
-        return current, other, False
+            return current, current
+        return current, earlier[-1] if strategy == "previous" else rng.choice(earlier)
 
     def generate(self, requests: list[SummaryRequest]) -> list[Summary]:
         """Summaries for a batch of requests, one ``generate`` call per (version, sampling, length)

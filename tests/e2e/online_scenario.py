@@ -1,0 +1,250 @@
+"""End to end on a real local Ray cluster: PPO job -> Serve app -> a simulated person -> online cycles.
+
+    python tests/e2e/online_scenario.py WORKDIR [--cycles 2]
+
+Runs `ray start --head`, `ray job submit` of jobs/ppo.py, jobs/serve.py and jobs/online.py, a
+simulated user who prefers the shorter summary answering /v1/compare + /v1/feedback over HTTP, and
+`ray stop`. Writes WORKDIR/summary.json and exits non-zero on the first failed expectation.
+`ray stop` ends every Ray process on the machine: tests/test_online_e2e.py runs this script in its
+own PID namespace (unshare) so that only this cluster stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+RAY = str(Path(sys.executable).parent / "ray")
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
+       "HF_HUB_OFFLINE": "1"}
+DOCUMENTS = ROOT / "tests" / "data" / "tldr_sft_sample.jsonl"
+MAX_NEW_TOKENS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray(*args: str, timeout: float = 600) -> str:
+    """A `ray` CLI command; its output, or SystemExit with that output when it fails."""
+    done = subprocess.run([RAY, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        command = " ".join(args[:3])
+        raise SystemExit(f"ray {command} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def submit(address: str, job: str, *overrides: str, wait: bool) -> str:
+    """`ray job submit` of a job script with overrides; returns its output (waits) or job id."""
+    args = ["job", "submit", "--address", address, *([] if wait else ["--no-wait"]), "--", PYTHON,
+            str(ROOT / "jobs" / job), *overrides]
+    output = ray(*args)
+    if wait:
+        return output
+    return next(line.split("'")[1] for line in output.splitlines() if "submitted successfully" in line)
+
+
+def job_status(address: str, job_id: str) -> str:
+    """SUCCEEDED, FAILED, RUNNING, ... (the SDK: the CLI prints the status in coloured log lines)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(address).get_job_status(job_id).value)
+
+
+def wait_until(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+class SimulatedUser(threading.Thread):
+    """Asks for comparisons of stored-length-varied posts and always picks the shorter summary."""
+
+    def __init__(self, url: str, documents: list[str]):
+        super().__init__(daemon=True)
+        self.url, self.documents = url, documents
+        self.stop = threading.Event()
+        self.answered = self.retried = 0
+
+    def run(self) -> None:
+        k = 0
+        while not self.stop.is_set():
+            text = self.documents[k % len(self.documents)]
+            k += 1
+            compared = requests.post(self.url + "/v1/compare", json={"text": text}, timeout=120)
+            if compared.status_code == 503:  # the policy wrote the same summary twice: ask again
+                self.retried += 1
+                continue
+            compared.raise_for_status()
+            body = compared.json()
+            lengths = [len(s) for s in body["summaries"]]
+            if lengths[0] == lengths[1]:
+                continue  # no preference: leave it pending
+            choice = lengths.index(min(lengths))
+            answer = requests.post(self.url + "/v1/feedback", timeout=120,
+                                   json={"comparison_id": body["comparison_id"], "choice": choice})
+            answer.raise_for_status()
+            self.answered += 1
+
+
+def preference_win_rates(registry: Path, documents: list[str], samples: int = 4) -> dict[str, float]:
+    """Per version: how often the simulated person prefers its summary over v0001's (ties count
+    half), on a fixed probe set, sampled as /v1/compare and PPO sample (same seed for every version,
+    so v0001 against itself is exactly 0.5)."""
+    import torch
+
+    from rlhf.config.sections import ModelConfig
+    from rlhf.models.policy import load_policy
+
+    def lengths(version: str) -> list[int]:
+        cfg = ModelConfig(name_or_path=str(registry / version), max_source_length=256, max_target_length=32)
+        policy = load_policy(cfg)
+        torch.manual_seed(0)
+        return [len(summary) for _ in range(samples)
+                for summary in policy.generate(documents, max_new_tokens=MAX_NEW_TOKENS, do_sample=True)]
+
+    versions = sorted(p.name for p in registry.iterdir() if p.name.startswith("v"))
+    start = lengths(versions[0])
+    rates = {}
+    for version in versions:
+        wins = sum(1.0 if a < b else 0.5 if a == b else 0.0 for a, b in zip(lengths(version), start))
+        rates[version] = round(wins / len(start), 3)
+    return rates
+
+
+def newest_preferred(db_url: str) -> dict[str, float]:
+    """Among answered /v1/compare pairs of two different versions, grouped by the newer one: how
+    often the simulated person chose the newer version's summary."""
+    from rlhf.store import FeedbackStore
+
+    counts: dict[str, list[int]] = {}
+    for row in FeedbackStore(db_url).export_table(include_pending=False).to_pylist():
+        versions = (row["policy_0"], row["policy_1"])
+        if versions[0] != versions[1]:
+            newer = max(versions)
+            counts.setdefault(newer, []).append(int(versions[row["choice"]] == newer))
+    return {version: round(sum(c) / len(c), 3) for version, c in sorted(counts.items())}
+
+
+def held_out_accuracy(db_url: str, reward_folder: str, holdout_fraction: float) -> dict:
+    """The newest kept reward model on every held-out choice (never trained on), beside chance."""
+    from rlhf.config.sections import ModelConfig
+    from rlhf.eval.metrics import evaluate_reward_model
+    from rlhf.models.heads import load_reward_model
+    from rlhf.online.feedback import is_holdout, preference_rows
+    from rlhf.store import FeedbackStore
+
+    export = FeedbackStore(db_url).export_table(include_pending=False)
+    ids = export.column("comparison_id").to_pylist()
+    held = pa.array([i for i, cid in enumerate(ids) if is_holdout(cid, holdout_fraction)], pa.int64())
+    rows = preference_rows(export.take(held))
+    model = load_reward_model(ModelConfig(name_or_path=reward_folder, max_source_length=384)).eval()
+    return evaluate_reward_model(model, rows, batch_size=16)
+
+
+def _documents() -> list[str]:
+    from rlhf.config.sections import DataSourceConfig
+    from rlhf.data.schemas import Schema
+    from rlhf.data.sources import load_source
+
+    table = load_source(DataSourceConfig(path=str(DOCUMENTS)), Schema.PROMPTS).table
+    return table.column("original_text").to_pylist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--cycles", type=int, default=2)
+    args = parser.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    gcs_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
+    registry, db_url = work / "registry", f"sqlite:///{work / 'feedback.db'}"
+    documents = _documents()
+    summary: dict = {}
+    ray("start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats")
+    try:
+        started = time.monotonic()
+        ppo_log = submit(address, "ppo.py", f"output_dir={work / 'ppo'}", f"registry={registry}",
+                         "ppo.iterations=2", "ppo.publish_every=2", wait=True)
+        assert "published policy" in ppo_log and (registry / "v0001").is_dir(), ppo_log[-2000:]
+        summary["ppo_job_s"] = round(time.monotonic() - started, 1)
+
+        serve_job = submit(address, "serve.py", f"output_dir={work / 'serve'}", f"registry={registry}",
+                           f"store.url={db_url}", f"serve.port={serve_port}", "serve.cpus_per_replica=0.5",
+                           "serve.reload_interval_s=1", f"serve.max_new_tokens={MAX_NEW_TOKENS}", wait=False)
+        url = f"http://127.0.0.1:{serve_port}"
+
+        def ready() -> bool:
+            try:
+                return requests.get(url + "/readyz", timeout=5).status_code == 200
+            except requests.RequestException:  # the proxy is up before the app: timeouts too
+                return False
+
+        wait_until("the Serve app", ready, timeout=180)
+        served_before = requests.get(url + "/v1/policy", timeout=30).json()["version"]
+        user = SimulatedUser(url, documents)
+        user.start()
+        holdout = 0.25
+        online_job = submit(
+            address, "online.py", f"output_dir={work / 'online'}", f"store.url={db_url}",
+            f"registry={registry}", f"cycles={args.cycles}", "feedback.min_new=24", "feedback.settle_s=0.5",
+            "feedback.poll_interval_s=1",
+            "feedback.max_wait_s=300", f"feedback.holdout_fraction={holdout}", "reward_train.max_steps=30",
+            "reward_train.batch_size=8", "reward_train.eval_every=30", "reward_train.save_every=30",
+            "ppo.iterations=4", "ppo.max_new_tokens=24", "roles.cpus_per_actor=0.5", wait=False)
+        def finished() -> str | None:
+            status = job_status(address, online_job)
+            return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+        status = wait_until("the online job", finished, timeout=1200, every=3)
+        user.stop.set()
+        user.join(timeout=120)
+        if status != "SUCCEEDED":
+            logs = ray("job", "logs", "--address", address, online_job)
+            raise SystemExit(f"online job: {status}\n{logs[-4000:]}")
+        wait_until("the new version to be served", lambda: requests.get(url + "/v1/policy", timeout=30)
+                   .json()["version"] != served_before, timeout=60)
+        cycles = [json.loads(line) for line in (work / "online" / "cycles.jsonl").read_text().splitlines()]
+        summary.update(
+            served_before=served_before,
+            served_after=requests.get(url + "/v1/policy", timeout=30).json()["version"],
+            answered=user.answered, retried=user.retried,
+            cycles=[{k: c.get(k) for k in ("cycle", "accuracy_before", "accuracy_after", "reward_kept",
+                                           "policy_version", "ppo_first", "ppo_last")} | {
+                        "new": len(c["new_ids"]), "replay": len(c["replay_ids"]),
+                        "holdout": len(c["holdout_ids"])} for c in cycles],
+            held_out=held_out_accuracy(db_url, cycles[-1]["reward_used"], holdout),
+            win_rate_vs_start=preference_win_rates(registry, documents[:32]),
+            newest_preferred_in_compares=newest_preferred(db_url),
+        )
+        ray("job", "stop", "--address", address, serve_job)
+    finally:
+        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        ray("stop")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
