@@ -186,8 +186,9 @@ def test_admin_routes_need_the_token_and_export_every_comparison(app: App):
     assert app.get("/admin/export", params={"format": "xml"}, headers=auth).status_code == 422
 
 
-def test_the_web_page_uploads_a_paper_and_stores_one_choice_per_section(app: App):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+def test_the_web_page_stores_one_choice_per_section_of_an_uploaded_paper_and_a_pasted_text(app: App):
+    from playwright.sync_api import sync_playwright  # the test extra; Chromium itself comes from apt
+
     chromium = shutil.which("chromium")
     assert chromium, "the browser test needs Debian's chromium: apt-get install chromium (.ci/run does)"
     decided_before = app.store.count_decided()
@@ -207,11 +208,22 @@ def test_the_web_page_uploads_a_paper_and_stores_one_choice_per_section(app: App
             page.check(f"input[name='choice-{i}'][value='{i % 2}']")
         page.click("#submit")
         page.wait_for_selector(f"#status:has-text('{count} of {count} choice(s) saved')", timeout=60_000)
+        uploaded = app.store.export_table(include_pending=False).to_pylist()[-count:]
+
+        page.reload()  # a pasted text is one section
+        page.fill("#text", TEXT + " pasted in the browser")
+        page.click("#summarize")
+        page.wait_for_selector("#status:has-text('Pick the better summary')", timeout=60_000)
+        assert page.locator(".section").count() == 1
+        page.check("input[name='choice-0'][value='1']")
+        page.click("#submit")
+        page.wait_for_selector("#status:has-text('1 of 1 choice(s) saved')", timeout=60_000)
         browser.close()
-    assert app.store.count_decided() == decided_before + count
-    newest = app.store.export_table(include_pending=False).to_pylist()[-count:]
-    assert [row["choice"] for row in newest] == [i % 2 for i in range(count)]
-    assert [row["title"] for row in newest] == headings
+    assert app.store.count_decided() == decided_before + count + 1
+    assert [row["choice"] for row in uploaded] == [i % 2 for i in range(count)]
+    assert [row["title"] for row in uploaded] == headings
+    pasted = app.store.export_table(include_pending=False).to_pylist()[-1]
+    assert pasted["original_text"] == TEXT + " pasted in the browser" and pasted["choice"] == 1
 
 
 def test_a_published_version_is_served_without_failing_requests_in_flight(app: App, tmp_path: Path):

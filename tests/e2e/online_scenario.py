@@ -49,10 +49,22 @@ def ray(*args: str, timeout: float = 600) -> str:
 
 
 def submit(address: str, job: str, *overrides: str, wait: bool) -> str:
-    """`ray job submit` of a job script with overrides; returns its output (waits) or job id."""
+    """`ray job submit` of a job script with overrides; returns its output (waits) or job id.
+
+    Right after `ray start` the dashboard answers before its job agent has registered ("No
+    available agent to submit job"): that one error is retried for a minute.
+    """
     args = ["job", "submit", "--address", address, *([] if wait else ["--no-wait"]), "--", PYTHON,
             str(ROOT / "jobs" / job), *overrides]
-    output = ray(*args)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            output = ray(*args)
+            break
+        except SystemExit as failure:
+            if "No available agent" not in str(failure) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     if wait:
         return output
     return next(line.split("'")[1] for line in output.splitlines() if "submitted successfully" in line)
@@ -106,7 +118,7 @@ class SimulatedUser(threading.Thread):
             self.answered += 1
 
 
-def preference_win_rates(registry: Path, documents: list[str], samples: int = 4) -> dict[str, float]:
+def preference_win_rates(registry: Path, documents: list[str], samples: int = 8) -> dict[str, float]:
     """Per version: how often the simulated person prefers its summary over v0001's (ties count
     half), on a fixed probe set, sampled as /v1/compare and PPO sample (same seed for every version,
     so v0001 against itself is exactly 0.5)."""
@@ -240,6 +252,9 @@ def main() -> None:
             newest_preferred_in_compares=newest_preferred(db_url),
         )
         ray("job", "stop", "--address", address, serve_job)
+    except BaseException as failure:  # noqa: BLE001 - recorded for the test's message, then re-raised
+        summary["error"] = f"{type(failure).__name__}: {failure}"[-6000:]
+        raise
     finally:
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         ray("stop")
