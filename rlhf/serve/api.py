@@ -54,24 +54,19 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": message})
 
 
-@app.exception_handler(NotFoundError)
-async def _not_found(_request: Request, exc: NotFoundError) -> JSONResponse:
-    return _error(404, str(exc))
+# Client mistakes the library raises, and their status (a subclass before its base class).
+ERROR_STATUS: dict[type[Exception], int] = {
+    NotFoundError: 404, AlreadyDecidedError: 409, StoreInputError: 422, PdfError: 422,
+}
 
 
-@app.exception_handler(AlreadyDecidedError)
-async def _conflict(_request: Request, exc: AlreadyDecidedError) -> JSONResponse:
-    return _error(409, str(exc))
+async def _client_error(_request: Request, exc: Exception) -> JSONResponse:
+    status = next(code for error, code in ERROR_STATUS.items() if isinstance(exc, error))
+    return _error(status, f"file: {exc}" if isinstance(exc, PdfError) else str(exc))
 
 
-@app.exception_handler(StoreInputError)
-async def _invalid(_request: Request, exc: StoreInputError) -> JSONResponse:
-    return _error(422, str(exc))
-
-
-@app.exception_handler(PdfError)
-async def _bad_pdf(_request: Request, exc: PdfError) -> JSONResponse:
-    return _error(422, f"file: {exc}")
+for _error_class in ERROR_STATUS:
+    app.add_exception_handler(_error_class, _client_error)
 
 
 def _too_large(field: str, size: int, limit: int) -> HTTPException:

@@ -33,10 +33,15 @@ DOCUMENTS = ROOT / "tests" / "data" / "tldr_sft_sample.jsonl"
 MAX_NEW_TOKENS = 24
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports (all held open until all are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def ray(*args: str, timeout: float = 600) -> str:
@@ -189,13 +194,19 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    gcs_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
+    # Every port `ray start` would otherwise take from its defaults: another Ray on this machine
+    # (the test session's own) holds those, and a clash leaves the job agent dead.
+    gcs_port, dashboard_port, serve_port, *more = free_ports(10)
+    node_ports = dict(zip(("dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port",
+                           "node-manager-port", "object-manager-port", "ray-client-server-port",
+                           "runtime-env-agent-port"), more))
     address = f"http://127.0.0.1:{dashboard_port}"
     registry, db_url = work / "registry", f"sqlite:///{work / 'feedback.db'}"
     documents = _documents()
     summary: dict = {}
     ray("start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats")
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in node_ports.items()))
     try:
         started = time.monotonic()
         ppo_log = submit(address, "ppo.py", f"output_dir={work / 'ppo'}", f"registry={registry}",
