@@ -16,7 +16,7 @@ from rlhf.config.sections import DataSourceConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.online.feedback import is_holdout, read_window
-from rlhf.online.loop import OnlineLoop
+from rlhf.online.loop import OnlineLoop, keep_reward_update
 from rlhf.ppo.registry import PolicyRegistry
 from rlhf.store import CycleLog, FeedbackStore
 from rlhf.store.tables import utcnow
@@ -65,6 +65,15 @@ def test_windows_tile_the_choices_and_replay_only_older_ones(tmp_path: Path):
     assert set(two.train.column("source").to_pylist()) == {"feedback"}
 
 
+def test_the_reward_gate_judges_only_with_enough_held_out_choices():
+    overrides = ["feedback.min_holdout=16", "feedback.max_accuracy_drop=0.02"]
+    fb = load_config(OnlineConfig, None, overrides).feedback
+    assert keep_reward_update(0.80, 0.79, 16, fb) == (True, True)  # within the allowed drop
+    assert keep_reward_update(0.80, 0.70, 16, fb) == (True, False)  # fell too far: rejected
+    assert keep_reward_update(0.80, 0.70, 15, fb) == (False, True)  # too few rows to judge
+    assert keep_reward_update(None, None, 0, fb) == (False, True)
+
+
 def _config(tmp_path: Path, *overrides: str) -> OnlineConfig:
     return load_config(OnlineConfig, None, [
         f"output_dir={tmp_path / 'online'}", f"store.url=sqlite:///{tmp_path}/feedback.db",
@@ -110,6 +119,7 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
     assert record["policy_version"] == "v0002" and record["documents"] == 24
     assert set(record["new_ids"]) | set(record["holdout_ids"]) == set(first)
     assert record["accuracy_before"] is not None and record["accuracy_after"] is not None
+    assert record["reward_judged"] is False  # fewer held-out choices than feedback.min_holdout
 
     second = _label(store, 20, offset=24)
     cfg2 = _config(tmp_path, "cycles=2")

@@ -309,6 +309,10 @@ class FeedbackPolicyConfig:
     max_accuracy_drop: float = option(
         0.02, "Keep the updated reward model unless held-out accuracy fell by more than this.", ge=0
     )
+    min_holdout: int = option(
+        16, "Held-out choices needed before the accuracy gate applies; with fewer the update is kept "
+        "(a handful of rows cannot tell two models apart).", ge=0
+    )
 
 
 @dataclass

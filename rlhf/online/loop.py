@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlhf.config.core import validate
-from rlhf.config.jobs import OnlineConfig, PPOConfig, PPORewardConfig
+from rlhf.config.jobs import FeedbackPolicyConfig, OnlineConfig, PPOConfig, PPORewardConfig
 from rlhf.config.sections import DataSourceConfig, ModelConfig
 from rlhf.errors import InputError
 from rlhf.eval.metrics import evaluate_reward_model
@@ -36,6 +36,15 @@ EVAL_BATCH = 16
 
 class FeedbackTimeout(InputError):
     """Not enough new feedback arrived within ``feedback.max_wait_s``."""
+
+
+def keep_reward_update(
+    before: float | None, after: float | None, holdout_rows: int, fb: FeedbackPolicyConfig
+) -> tuple[bool, bool]:
+    """(judged, kept): with at least ``fb.min_holdout`` held-out choices the update is kept only if
+    accuracy fell by at most ``fb.max_accuracy_drop``; with fewer it is kept unjudged."""
+    judged = holdout_rows >= max(fb.min_holdout, 1) and before is not None and after is not None
+    return judged, not judged or after >= before - fb.max_accuracy_drop
 
 
 class OnlineLoop:
@@ -108,7 +117,8 @@ class OnlineLoop:
 
     def _update_reward(self, cycle: Cycle, cycle_dir: Path) -> dict:
         """Continue-train from the last kept reward model; keep the result only if held-out accuracy
-        did not fall by more than ``feedback.max_accuracy_drop``."""
+        did not fall by more than ``feedback.max_accuracy_drop`` (judged once ``feedback.min_holdout``
+        held-out choices exist)."""
         fb = self.cfg.feedback
         window = read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
                              self.cfg.seed + cycle.cycle)
@@ -121,7 +131,7 @@ class OnlineLoop:
         validation = window.holdout if window.holdout.num_rows else window.new
         trained = run_training(task, settings, window.train, validation).model_dir
         before, after = self._accuracy(base, window), self._accuracy(str(trained), window)
-        kept = before is None or after >= before - fb.max_accuracy_drop
+        judged, kept = keep_reward_update(before, after, window.holdout.num_rows, fb)
         used = base
         if kept:
             metrics = {"cycle": cycle.cycle, "accuracy_before": before, "accuracy_after": after}
@@ -131,7 +141,8 @@ class OnlineLoop:
             used = str(self.rewards.publish(copy, metrics))
         return {
             "new_ids": window.new_ids, "replay_ids": window.replay_ids, "holdout_ids": window.holdout_ids,
-            "accuracy_before": before, "accuracy_after": after, "reward_kept": kept, "reward_used": used,
+            "accuracy_before": before, "accuracy_after": after, "reward_judged": judged, "reward_kept": kept,
+            "reward_used": used,
         }
 
     def _accuracy(self, reward: str, window: FeedbackWindow) -> float | None:
