@@ -62,8 +62,9 @@ class OnlineLoop:
         """Finish an interrupted cycle first, then start new ones; returns the cycles this call ran."""
         ran = []
         while True:
-            last = self.ledger.last()
-            finished = sum(c.done for c in self.ledger.all())
+            cycles = self.ledger.all()
+            last = cycles[-1] if cycles else None
+            finished = sum(c.done for c in cycles)
             if last is not None and not last.done:
                 emit(f"online: resuming cycle {last.cycle} at stage {last.stage}")
                 cycle = last

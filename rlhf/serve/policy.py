@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 
 import torch
 from ray import serve
@@ -33,14 +34,15 @@ class PolicyDeployment:
         self.rng = random.Random(cfg.seed)
         self._generate_batch.set_max_batch_size(serving.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
-        self._stop = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(serving.reload_interval_s,), daemon=True)
         watcher.start()
         logger.info("policy replica serving %s on %s", self.versions.current, device)
 
     def _watch(self, interval_s: float) -> None:
-        """Poll the registry; a broken new version is logged and retried, never served half-loaded."""
-        while not self._stop.wait(interval_s):
+        """Poll the registry (a daemon thread: it ends with the replica); a broken new version is
+        logged and retried, never served half-loaded."""
+        while True:
+            time.sleep(interval_s)
             try:
                 self.versions.refresh()
             except Exception:  # noqa: BLE001 - keep serving the current version
@@ -89,6 +91,3 @@ class PolicyDeployment:
         """Switch to the newest version now instead of at the next poll."""
         self.versions.refresh()
         return self.policy_info()
-
-    def __del__(self) -> None:
-        self._stop.set()

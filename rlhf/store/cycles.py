@@ -42,13 +42,12 @@ class CycleLog:
 
     def all(self) -> list[Cycle]:
         """Every cycle, oldest first."""
-        with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(online_cycles).order_by(online_cycles.c.cycle)).mappings()
-            return [Cycle(**{**row, "record": json.loads(row["record"])}) for row in rows]
+        return self._select(sa.select(online_cycles).order_by(online_cycles.c.cycle))
 
-    def last(self) -> Cycle | None:
-        cycles = self.all()
-        return cycles[-1] if cycles else None
+    def _select(self, query: sa.Select) -> list[Cycle]:
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(query).mappings()
+            return [Cycle(**{**row, "record": json.loads(row["record"])}) for row in rows]
 
     def start(self, cycle: int, since: datetime | None, until: datetime, record: dict) -> Cycle:
         """Fix a new cycle's window; a second start of the same number fails on the primary key."""
@@ -71,4 +70,4 @@ class CycleLog:
         return self._get(cycle)
 
     def _get(self, cycle: int) -> Cycle:
-        return next(c for c in self.all() if c.cycle == cycle)
+        return self._select(sa.select(online_cycles).where(online_cycles.c.cycle == cycle))[0]
