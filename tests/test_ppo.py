@@ -101,6 +101,7 @@ def test_ppo_raises_the_score_of_a_tiny_trained_reward_model(tmp_path: Path) -> 
 @pytest.mark.usefixtures("ray_local")
 def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Path) -> None:
     common = ("roles.learner_workers=2", "roles.zero_stage=3", "roles.cpus_per_actor=0.4",
+              "roles.weight_sync=collective",
               "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1",
               "ppo.checkpoint_every=1", "ppo.publish_every=2",
               f"prompts.path={DATA / 'tldr_sft_sample.jsonl'}")
@@ -120,11 +121,26 @@ def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Pat
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def _state(actor, path: str) -> dict[str, torch.Tensor]:
+    """The state dict of the policy an actor holds at ``path`` (e.g. "policy.model")."""
+    def read(role, path: str) -> dict[str, torch.Tensor]:
+        module = role
+        for part in path.split("."):
+            module = getattr(module, part)
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return ray.get(actor.__ray_call__.remote(read, path))
+
+
 @pytest.mark.usefixtures("ray_local")
-def test_killed_rollout_worker_is_restarted_and_its_batch_retried(tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_killed_rollout_worker_is_restarted_and_its_batch_retried(
+    tmp_path: Path, caplog, transport: str
+) -> None:
     cfg = _cfg(tmp_path, "ppo.iterations=4", "ppo.rollout_batch_size=8", "ppo.minibatch_size=8",
-               "ppo.epochs=1", "roles.rollout_workers=2", "roles.cpus_per_actor=0.4")
+               "ppo.epochs=1", "roles.rollout_workers=2", "roles.cpus_per_actor=0.3",
+               f"roles.weight_sync={transport}")
     roles = RayRoles(cfg)
+    assert roles.transport == transport
     victim = roles.generators[0]
 
     def log(record: dict) -> None:
@@ -132,11 +148,17 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_retried(tmp_path: Path
             ray.kill(victim, no_restart=False)  # dies between iterations; Ray restarts it
 
     try:
+        initial = _state(roles.generators[1], "policy.model")
         history = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), log).run()
+        learner = _state(roles.learners[0], "policy.model")
+        generators = [_state(g, "policy.model") for g in roles.generators]
     finally:
         roles.shutdown()
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
     assert "rollout worker 0 failed" in caplog.text
+    assert any(not torch.equal(initial[k], learner[k]) for k in learner)  # training moved weights
+    for state in generators:  # both workers, the restarted one too, hold the learner's weights
+        assert all(torch.equal(state[k], learner[k]) for k in learner)
 
 
 def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path) -> None:

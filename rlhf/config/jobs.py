@@ -201,6 +201,11 @@ class RolesConfig:
     offload_optimizer: bool = option(False, "Learner optimizer state in CPU memory.")
     offload_params: bool = option(False, "Learner parameters in CPU memory (ZeRO-3).")
     max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
+    weight_sync: str = option(
+        "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "
+        "(a broadcast group: NCCL on GPU, gloo on CPU; needs a whole GPU per actor) or auto "
+        "(collective unless actors share a GPU).", choices=("auto", "object_store", "collective"),
+    )
 
 
 @dataclass

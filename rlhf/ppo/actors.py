@@ -29,6 +29,7 @@ from rlhf.ppo.roles import (
     StaleWeightsError,
     free_port,
 )
+from rlhf.ppo.weight_sync import COLLECTIVE, resolve_transport
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def check_placement(cfg: PPOConfig) -> None:
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower roles.cpus_per_actor, "
             "roles.gpus_per_actor or the worker counts"
         )
+    resolve_transport(r.weight_sync, r.gpus_per_actor)
     if r.learner_workers > 1 and cfg.ppo.minibatch_size % r.learner_workers:
         raise InputError(f"roles.learner_workers: {r.learner_workers} must divide ppo.minibatch_size")
 
@@ -102,6 +104,8 @@ class RayRoles:
             for rank, bundle in enumerate(learner_bundles)
         ]
         self.version = 0  # syncs sent to the generators
+        self.transport = resolve_transport(r.weight_sync, r.gpus_per_actor)
+        self._regroup = self.transport == COLLECTIVE  # the broadcast group must be (re)built
         self.sync()
 
     def _task(self, fn, bundle: int, **options):
@@ -137,6 +141,7 @@ class RayRoles:
             try:
                 weights = self.learners[0].synced_weights.remote()
                 ray.get(actor.load_weights.remote(weights, self.version))
+                self._regroup = self.transport == COLLECTIVE  # the old group lost a member
                 return ray.get(actor.generate.remote(documents, seed, self.version))
             except RayActorError:
                 if time.time() > deadline:
@@ -168,13 +173,29 @@ class RayRoles:
         return LearnStats.mean([vars(s) for s in stats])
 
     def sync(self) -> float:
-        """Changed policy tensors from learner rank 0 to every generator via the object store."""
+        """Changed policy tensors from learner rank 0 to every generator; seconds on rank 0."""
+        self.version += 1
+        if self.transport == COLLECTIVE:
+            if self._regroup:
+                self._open_weight_group()
+            seconds = [a.broadcast_weights.remote() for a in self.learners]
+            ray.get([g.receive_weights.remote(self.version) for g in self.generators])
+            return ray.get(seconds)[0]
         results = [a.changed_weights.options(num_returns=2).remote() for a in self.learners]
         weights_ref, seconds_ref = results[0]
-        self.version += 1
         ray.get([g.load_weights.remote(weights_ref, self.version) for g in self.generators])
         ray.get([ref for pair in results for ref in pair])  # every rank finished its gather
         return ray.get(seconds_ref)
+
+    def _open_weight_group(self) -> None:
+        """Learner rank 0 and every generator join a fresh broadcast group (also after a restart)."""
+        source, size = self.learners[0], 1 + len(self.generators)
+        port = ray.get(source.host_weight_group.remote(size))
+        address = ray.get(source.__ray_call__.remote(lambda _: ray.util.get_node_ip_address()))
+        ray.get([a.join_weight_group.remote(address, port, size) for a in self.learners]
+                + [g.join_weight_group.remote(address, port, rank, size)
+                   for rank, g in enumerate(self.generators, 1)])
+        self._regroup = False
 
     def save_policy(self, path: str) -> None:
         ray.get([a.save_policy.remote(path) for a in self.learners])

@@ -23,9 +23,8 @@ from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
 from rlhf.ppo.reward_fn import load_reward_fn
+from rlhf.ppo.weight_sync import ChangeTracker, StateDict, WeightGroup, unique_tensors
 from rlhf.train import engine as ds
-
-StateDict = dict[str, torch.Tensor]
 
 
 def _device(gpus: float) -> torch.device:
@@ -56,6 +55,7 @@ class Generator:
         self.cfg = cfg
         self.policy, self.device = _frozen_policy(cfg, threads)
         self.version = 0
+        self.weights: WeightGroup | None = None  # set by join_weight_group (collective sync)
 
     def generate(self, documents: list[str], seed: int, version: int) -> Rollout:
         """Sampled summaries of ``documents``; ``seed`` makes a retried batch identical."""
@@ -75,6 +75,16 @@ class Generator:
         if missing:
             raise KeyError(f"weights for unknown parameters: {sorted(missing)[:3]}")
         self.policy.model.load_state_dict(weights, strict=False)
+        self.version = version
+
+    def join_weight_group(self, address: str, port: int, rank: int, size: int) -> None:
+        """Become rank ``rank`` of the learner's broadcast group (collective weight sync)."""
+        self.weights = WeightGroup(address, port, rank, size, self.device)
+        self.weights.check_layout(unique_tensors(self.policy.model))
+
+    def receive_weights(self, version: int) -> None:
+        """Take the learner's broadcast of changed tensors into this policy, in place."""
+        self.weights.broadcast(unique_tensors(self.policy.model))
         self.version = version
 
 
@@ -178,7 +188,9 @@ class Learner:
         self.value = value
         self.device = self.engine.device
         self.rng = torch.Generator().manual_seed(cfg.seed + rank)
-        self._last_sent: StateDict = {}
+        self.sent = ChangeTracker()
+        self.weights: WeightGroup | None = None  # rank 0, collective sync only
+        self._weight_store = None  # the group's rendezvous, hosted by rank 0
 
     @staticmethod
     def _train_config(cfg: PPOConfig) -> TrainConfig:
@@ -234,25 +246,41 @@ class Learner:
                 "approx_kl": approx_kl.item()}
 
     def changed_weights(self) -> tuple[StateDict, float]:
-        """Policy tensors that changed since the last call (all on the first), and seconds taken.
+        """Policy tensors that changed since the last sync (all on the first), and seconds taken.
 
         Every rank must call it (ZeRO-3 gathers the shards); only rank 0 returns tensors.
         """
         start = time.perf_counter()
-        changed: StateDict = {}
+        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+            if self.rank != 0:
+                return {}, time.perf_counter() - start
+            changed = self.sent.changed(unique_tensors(self.policy.model))
+        return {name: self.sent.last[name] for name in changed}, time.perf_counter() - start
+
+    def host_weight_group(self, size: int) -> int:
+        """Rank 0: open the broadcast group's rendezvous here; returns its port."""
+        self._weight_store, port = WeightGroup.host(size)
+        return port
+
+    def join_weight_group(self, address: str, port: int, size: int) -> None:
+        """Every rank calls it (ZeRO-3 gather); rank 0 joins the broadcast group as its source."""
         with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
             if self.rank == 0:
-                for name, tensor in self.policy.model.state_dict().items():
-                    current = tensor.detach().to("cpu", copy=True)
-                    previous = self._last_sent.get(name)
-                    if previous is None or not torch.equal(previous, current):
-                        changed[name] = current
-                        self._last_sent[name] = current
-        return changed, time.perf_counter() - start
+                self.weights = WeightGroup(address, port, 0, size, self.device)
+                self.weights.check_layout(unique_tensors(self.policy.model))
+
+    def broadcast_weights(self) -> float:
+        """Every rank calls it (ZeRO-3 gather); rank 0 broadcasts the changed tensors. Seconds."""
+        start = time.perf_counter()
+        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+            if self.rank == 0:
+                tensors = unique_tensors(self.policy.model)
+                self.weights.broadcast(tensors, self.sent.changed(tensors))
+        return time.perf_counter() - start
 
     def synced_weights(self) -> StateDict:
         """Every policy tensor as last sent to the generators, to bring a restarted one up to date."""
-        return dict(self._last_sent)
+        return dict(self.sent.last)
 
     def save_policy(self, path: str) -> None:
         """The current policy in Hugging Face layout (all ranks call; rank 0 writes)."""
@@ -267,7 +295,7 @@ class Learner:
     def load_checkpoint(self, path: str) -> None:
         _, client = self.engine.load_checkpoint(path, tag="learner")
         self.rng.set_state(client["rng"])
-        self._last_sent = {}
+        self.sent.reset()
 
 
 class LocalRoles:

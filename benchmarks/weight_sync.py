@@ -1,0 +1,117 @@
+"""Weight-sync time from learner rank 0 to the rollout workers: object store vs collective.
+
+Runs the product path: ``RayRoles`` on a private ``ray.init`` with the rule-based reward, then
+``roles.sync()`` after every policy tensor of the learner was changed in place (what a full
+fine-tuning step does), and once with nothing changed (the cost of the change check alone).
+On CPU the collective is gloo; on GPU (``--gpu``) it is NCCL with one GPU per actor.
+
+Models are random-weight GPT-2s with the ByT5 tokenizer: ``tiny`` (the PPO anchor's 2 layers,
+n_embd 128) and ``gpt2`` (GPT-2 small's 12 layers, n_embd 768, vocabulary 50,257: 124M
+parameters, 0.5 GB in fp32). Times are medians over ``--repeats`` syncs, taken on the driver
+(wall) and on learner rank 0 (the gather, change check and send, as the PPO metrics report it).
+
+    python benchmarks/weight_sync.py --sizes tiny gpt2 --workers 1 2 --out benchmarks/results/weight_sync.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+from rlhf.config.core import load_config
+from rlhf.config.jobs import PPOConfig
+from rlhf.ppo.actors import RayRoles
+
+SIZES = {
+    "tiny": {"n_embd": 128, "n_layer": 2, "n_head": 4, "vocab_size": 384},
+    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257},
+}
+
+
+def build_policy(folder: Path, size: str) -> tuple[Path, int]:
+    """A random GPT-2 of ``size`` saved with the ByT5 tokenizer; returns its path and parameters."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=512, pad_token_id=0, eos_token_id=1, bos_token_id=1, **SIZES[size])
+    model = GPT2LMHeadModel(config)
+    path = folder / size
+    model.save_pretrained(str(path))
+    ByT5Tokenizer().save_pretrained(str(path))
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def perturb(learner, scale: float) -> None:
+    """Change every policy tensor of a learner in place, as an optimizer step would."""
+    def step(role, scale: float) -> None:
+        with torch.no_grad():
+            for p in role.policy.model.parameters():
+                p.add_(scale)
+    ray.get(learner.__ray_call__.remote(step, scale))
+
+
+def measure(policy: Path, transport: str, workers: int, repeats: int, gpu: bool) -> dict:
+    cfg = load_config(PPOConfig, None, [
+        f"output_dir={tempfile.mkdtemp()}", f"policy.name_or_path={policy}",
+        "reward.fn=rlhf.ppo.rewards:brevity", f"roles.rollout_workers={workers}",
+        f"roles.weight_sync={transport}", "roles.cpus_per_actor=0.25",
+        f"roles.gpus_per_actor={1 if gpu else 0}",
+    ])
+    roles = RayRoles(cfg)
+    try:
+        changed_wall, changed_rank0, unchanged_wall = [], [], []
+        for i in range(repeats):
+            perturb(roles.learners[0], 1e-3 * (i + 1))
+            start = time.perf_counter()
+            changed_rank0.append(roles.sync())
+            changed_wall.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            roles.sync()
+            unchanged_wall.append(time.perf_counter() - start)
+    finally:
+        roles.shutdown()
+    return {"transport": transport, "workers": workers,
+            "changed_wall_s": statistics.median(changed_wall),
+            "changed_rank0_s": statistics.median(changed_rank0),
+            "unchanged_wall_s": statistics.median(unchanged_wall)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "gpt2"], choices=sorted(SIZES))
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor; the collective is NCCL")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    actors = 3 + max(args.workers)
+    ray.init(address="local", num_cpus=max(2, actors), num_gpus=None if args.gpu else 0,
+             include_dashboard=False, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            policy, parameters = build_policy(Path(folder), size)
+            for workers in args.workers:
+                for transport in ("object_store", "collective"):
+                    row = {"size": size, "parameters": parameters,
+                           **measure(policy, transport, workers, args.repeats, args.gpu)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    ray.shutdown()
+    result = {"rows": rows, "machine": platform.platform(), "cpus": os.cpu_count(),
+              "torch": torch.__version__, "ray": ray.__version__, "gpu": args.gpu,
+              "loadavg_end": os.getloadavg()}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

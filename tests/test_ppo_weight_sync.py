@@ -1,0 +1,111 @@
+"""Weight sync from the learner to rollout workers: change tracking, tied tensors, and the
+collective transport on a real gloo group (ranks as threads here, as Ray actors in test_ppo)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from rlhf.config.sections import ModelConfig
+from rlhf.errors import InputError
+from rlhf.models import load_policy
+from rlhf.ppo import weight_sync
+from rlhf.ppo.weight_sync import ChangeTracker, WeightGroup, resolve_transport, unique_tensors
+
+
+def _model(seed: int, preset: str = "tiny-t5") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return load_policy(ModelConfig(name_or_path=preset)).model
+
+
+def test_tied_tensors_are_listed_once_under_their_first_name() -> None:
+    model = _model(0)
+    names = list(model.state_dict())
+    unique = unique_tensors(model)
+    assert model.lm_head.weight is model.shared.weight  # the tiny T5 ties its embeddings
+    assert "shared.weight" in unique
+    assert not {"lm_head.weight", "encoder.embed_tokens.weight"} & set(unique)
+    assert list(unique) == [n for n in names if n in unique]  # state-dict order kept
+    assert len(unique) < len(names)
+
+
+def test_change_tracker_reports_only_changed_tensors_and_forgets_on_reset() -> None:
+    model = _model(0)
+    tracker = ChangeTracker()
+    tensors = unique_tensors(model)
+    assert tracker.changed(tensors) == list(tensors)
+    assert tracker.changed(tensors) == []
+    with torch.no_grad():
+        model.shared.weight[0, 0] += 1.0
+    assert tracker.changed(unique_tensors(model)) == ["shared.weight"]
+    assert torch.equal(tracker.last["shared.weight"], model.shared.weight)
+    tracker.reset()
+    assert len(tracker.changed(tensors)) == len(tensors)
+
+
+def test_buckets_split_by_dtype_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weight_sync, "BUCKET_BYTES", 40)
+    f32 = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(20)]  # 16 bytes each, then 80
+    half = [torch.zeros(2, dtype=torch.bfloat16)]
+    sizes = [[t.numel() for t in b] for b in weight_sync._buckets(f32 + half + f32[:1])]
+    assert sizes == [[4, 4], [4], [20], [2], [4]]
+
+
+def test_transport_rule() -> None:
+    assert resolve_transport("auto", 0) == "collective"  # gloo on CPU
+    assert resolve_transport("auto", 0.25) == "object_store"  # NCCL: one rank per GPU
+    assert resolve_transport("auto", 1) == "collective"
+    assert resolve_transport("object_store", 1) == "object_store"
+    with pytest.raises(InputError, match=r"roles\.weight_sync: collective needs a whole GPU per actor"):
+        resolve_transport("collective", 0.5)
+
+
+def _group_run(models: list[torch.nn.Module], changed: list[str] | None, check: bool = True) -> list:
+    """Every model as one rank of a real gloo group (threads); rank 0 sends ``changed``."""
+    store, port = WeightGroup.host(len(models))
+
+    def member(rank: int):
+        group = WeightGroup("127.0.0.1", port, rank, len(models), torch.device("cpu"))
+        tensors = unique_tensors(models[rank])
+        if check:
+            group.check_layout(tensors)
+        return group.broadcast(tensors, changed if rank == 0 else None)
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        futures = [pool.submit(member, rank) for rank in range(len(models))]
+        results = [f.exception() or f.result() for f in futures]
+    del store
+    return results
+
+
+def test_collective_broadcast_moves_changed_tensors_into_every_worker() -> None:
+    learner, workers = _model(1), [_model(2), _model(3)]
+    tracker = ChangeTracker()
+    moved = _group_run([learner, *workers], tracker.changed(unique_tensors(learner)))
+    total = sum(t.numel() * t.element_size() for t in unique_tensors(learner).values())
+    assert moved == [total] * 3
+    for worker in workers:
+        for name, tensor in learner.state_dict().items():
+            assert torch.equal(worker.state_dict()[name], tensor), name
+        assert worker.lm_head.weight is worker.shared.weight  # received in place: ties intact
+
+    with torch.no_grad():
+        learner.shared.weight.mul_(0.5)
+        learner.decoder.final_layer_norm.weight.add_(1.0)
+    changed = tracker.changed(unique_tensors(learner))
+    assert changed == ["shared.weight", "decoder.final_layer_norm.weight"]
+    moved = _group_run([learner, *workers], changed, check=False)
+    assert moved[0] == learner.shared.weight.numel() * 4 + learner.decoder.final_layer_norm.weight.numel() * 4
+    for worker in workers:
+        assert torch.equal(worker.lm_head.weight, learner.shared.weight)
+        assert torch.equal(worker.decoder.final_layer_norm.weight, learner.decoder.final_layer_norm.weight)
+    assert _group_run([learner, *workers], [], check=False) == [0, 0, 0]
+
+
+def test_a_worker_with_another_architecture_fails_with_one_clear_error() -> None:
+    results = _group_run([_model(1), _model(2, "tiny-gpt2")], None)
+    assert all(isinstance(r, InputError) for r in results), results
+    assert "roles.weight_sync: a rollout worker's policy" in str(results[1])
+    assert "both must load the same policy config" in str(results[1])
