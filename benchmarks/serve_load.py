@@ -6,9 +6,12 @@ runs back to back on one local Ray: dynamic batching on (``--batch-size``) and o
 fresh SQLite database, so the stored rows can be checked against the accepted requests.
 
     python benchmarks/serve_load.py --clients 16 --rounds 12 --seconds 120
+    python benchmarks/serve_load.py --arch gpt2-125m --gpus-per-replica 1 --clients 1 8 32   # issue 7
 
-The policy is the tiny test preset (tiny-t5, byte tokenizer, 24 new tokens), one replica on one CPU:
-the numbers measure the serving path (HTTP, batching, generation, database), not a real model.
+By default the policy is the tiny test preset (tiny-t5, byte tokenizer, 24 new tokens), one replica
+on one CPU: the numbers measure the serving path (HTTP, batching, generation, database), not a real
+model. ``--arch`` publishes two random-weight versions of a real architecture's size instead
+(``benchmarks/architectures.py``), and ``--gpus-per-replica 1`` serves them from a GPU in bf16.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny published policies the serving tests use
 
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "gpu")]
+
+from architectures import ARCHITECTURES, save_random  # noqa: E402
+from gpu_common import device_report  # noqa: E402
 from serve_helpers import publish_tiny, serve_config  # noqa: E402
 
 ROUTES = ("/v1/compare", "/v1/feedback")
@@ -68,15 +75,32 @@ def _percentile_ms(sorted_values: list[float], q: float) -> float:
     return round(1000 * sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))], 1)
 
 
-def run_load(url: str, max_batch_size: int, clients: int, rounds: int, seconds: float, workdir: Path) -> dict:
+def publish_versions(registry: Path, arch: str) -> None:
+    """Two policy versions (seeds 1 and 2): the tiny test preset, or random weights of ``arch``."""
+    from rlhf.config.sections import ModelConfig
+    from rlhf.models import load_policy
+    from rlhf.ppo.registry import PolicyRegistry
+
+    for seed in (1, 2):
+        if arch == "tiny":
+            publish_tiny(registry, seed)
+            continue
+        path, _ = save_random(arch, registry.parent / f"{arch}-{seed}", seed)
+        policy = load_policy(ModelConfig(name_or_path=str(path), max_source_length=512, max_target_length=64))
+        PolicyRegistry(registry).publish(policy.save, {"iteration": seed})
+
+
+def run_load(url: str, max_batch_size: int, clients: int, rounds: int, seconds: float, workdir: Path,
+             overrides: list[str]) -> dict:
     """Deploy the app with this batch size on a fresh database and drive it; one result row."""
     from ray import serve
 
     from rlhf.serve.app import build_app
     from rlhf.store import FeedbackStore
 
-    cfg = serve_config(workdir / "registry", workdir / f"feedback-b{max_batch_size}.db",
-                       f"serve.max_batch_size={max_batch_size}", "serve.batch_wait_timeout_s=0.01")
+    cfg = serve_config(workdir / "registry", workdir / f"feedback-c{clients}-b{max_batch_size}.db",
+                       f"serve.max_batch_size={max_batch_size}", "serve.batch_wait_timeout_s=0.01",
+                       *overrides)
     serve.run(build_app(cfg), name="load", route_prefix="/")
     requests.post(url + "/v1/summarize", json={"text": "warm up"}, timeout=120).raise_for_status()
     results = [{"latency_s": {route: [] for route in ROUTES}, "errors": 0,
@@ -119,10 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, nargs="+", default=[16], help="one pair of runs per count")
     parser.add_argument("--rounds", type=int, default=12, help="compare+feedback pairs per client (bound)")
     parser.add_argument("--seconds", type=float, default=120, help="time bound per run")
     parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched run")
+    parser.add_argument("--arch", default="tiny", choices=("tiny", *ARCHITECTURES))
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0)
+    parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args()
     for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
@@ -132,35 +159,46 @@ def main() -> None:
     from ray import serve
 
     workdir = Path(tempfile.mkdtemp(prefix="rlhf-load-"))
-    publish_tiny(workdir / "registry", seed=1)
-    publish_tiny(workdir / "registry", seed=2)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    publish_versions(workdir / "registry", args.arch)
+    ray.init(address="local", num_cpus=2, num_gpus=None if args.gpus_per_replica else 0,
+             include_dashboard=False, log_to_driver=False)
     port = serve_config(workdir / "registry", workdir / "unused.db").serve.port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    rows = [run_load(url, size, args.clients, args.rounds, args.seconds, workdir)
-            for size in (args.batch_size, 1)]
+    overrides = [f"serve.gpus_per_replica={args.gpus_per_replica}", f"serve.max_new_tokens={args.new_tokens}"]
+    rows, ratios = [], []
+    for clients in args.clients:
+        on, off = (run_load(url, size, clients, args.rounds, args.seconds, workdir, overrides)
+                   for size in (args.batch_size, 1))
+        rows += [on, off]
+        ratios.append({
+            "clients": clients,
+            "batching_speedup_requests_per_s": round(on["requests_per_s"] / off["requests_per_s"], 2),
+            "batching_compare_p50_ratio": round(on["p50_ms"]["/v1/compare"]
+                                                / off["p50_ms"]["/v1/compare"], 2),
+        })
     serve.shutdown()
     ray.shutdown()
-    on, off = rows
     report = {
         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "arch": args.arch, "gpus_per_replica": args.gpus_per_replica, "new_tokens": args.new_tokens,
+        **device_report(),
         "runs": rows,
-        "batching_speedup_requests_per_s": round(on["requests_per_s"] / off["requests_per_s"], 2),
-        "batching_compare_p50_ratio": round(on["p50_ms"]["/v1/compare"] / off["p50_ms"]["/v1/compare"], 2),
+        "ratios": ratios,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| max_batch_size | requests | req/s | compare p50/p99 ms | feedback p50/p99 ms | errors | "
-          "stored = accepted |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | max_batch_size | requests | req/s | compare p50/p99 ms | feedback p50/p99 ms "
+          "| errors | stored = accepted |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         p50, p99 = row["p50_ms"], row["p99_ms"]
-        print(f"| {row['max_batch_size']} | {row['requests']} | {row['requests_per_s']} | "
+        print(f"| {row['clients']} | {row['max_batch_size']} | {row['requests']} | {row['requests_per_s']} | "
               + " | ".join(f"{p50[route]} / {p99[route]}" for route in ROUTES)
               + f" | {row['errors']} | {row['stored_equals_accepted']} |")
-    print(f"batching on/off: {report['batching_speedup_requests_per_s']}x requests/s, "
-          f"compare p50 ratio {report['batching_compare_p50_ratio']}")
+    for ratio in ratios:
+        print(f"{ratio['clients']} clients, batching on/off: {ratio['batching_speedup_requests_per_s']}x "
+              f"requests/s, compare p50 ratio {ratio['batching_compare_p50_ratio']}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from architectures import LED_SIZES as ALL_LED_SIZES
+from architectures import LedSize, led_config
 from deepspeed.runtime.zero.stage3 import (
     estimate_zero3_model_states_mem_needs,
     estimate_zero3_model_states_mem_needs_all_cold,
@@ -40,7 +42,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import (
     estimate_zero2_model_states_mem_needs,
     estimate_zero2_model_states_mem_needs_all_cold,
 )
-from transformers import LEDConfig, LEDForConditionalGeneration, LEDModel
+from transformers import LEDForConditionalGeneration, LEDModel
 
 from rlhf.models.policy import enable_activation_checkpointing
 
@@ -49,23 +51,9 @@ GPUS_PER_NODE = 8
 GPU_COUNTS = (1, 8, 16)
 SOURCE_TOKENS = 16384
 TARGET_TOKENS = 512
-ATTENTION_WINDOW = 1024
 
 
-@dataclass(frozen=True)
-class LedSize:
-    """The sizes that differ between the two LED checkpoints (encoder and decoder alike)."""
-
-    d_model: int
-    layers: int
-    heads: int
-    ffn: int
-
-
-LED_SIZES = {
-    "allenai/led-base-16384": LedSize(d_model=768, layers=6, heads=12, ffn=3072),
-    "allenai/led-large-16384": LedSize(d_model=1024, layers=12, heads=16, ffn=4096),
-}
+LED_SIZES = {name: size for name, size in ALL_LED_SIZES.items() if name.startswith("allenai/")}
 
 
 @dataclass(frozen=True)
@@ -85,17 +73,6 @@ SETUPS = (
     ZeroSetup("ZeRO-3, optimizer offload", 3, True, False),
     ZeroSetup("ZeRO-3, optimizer + param offload", 3, True, True),
 )
-
-
-def led_config(size: LedSize, encoder_layers: int, decoder_layers: int) -> LEDConfig:
-    """An LEDConfig with the hub checkpoint's sizes (vocabulary, positions, window) and given depth."""
-    return LEDConfig(
-        vocab_size=50265, d_model=size.d_model, encoder_layers=encoder_layers,
-        decoder_layers=decoder_layers, encoder_attention_heads=size.heads,
-        decoder_attention_heads=size.heads, encoder_ffn_dim=size.ffn, decoder_ffn_dim=size.ffn,
-        max_encoder_position_embeddings=16384, max_decoder_position_embeddings=1024,
-        attention_window=[ATTENTION_WINDOW] * encoder_layers,
-    )
 
 
 def parameter_counts(size: LedSize) -> dict[str, int]:

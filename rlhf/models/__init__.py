@@ -16,7 +16,7 @@ from rlhf.models.heads import (
     load_reward_model,
     load_value_model,
 )
-from rlhf.models.policy import Policy, enable_activation_checkpointing, load_policy
+from rlhf.models.policy import Policy, enable_activation_checkpointing, inference_dtype, load_policy
 from rlhf.models.tiny import (
     TINY_PRESETS,
     build_tiny_backbone,
@@ -40,6 +40,7 @@ __all__ = [
     "build_tiny_lm",
     "enable_activation_checkpointing",
     "get_preset",
+    "inference_dtype",
     "is_tiny_preset",
     "limits_for",
     "load_policy",

@@ -122,6 +122,13 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     (enable or model.gradient_checkpointing_enable)()
 
 
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """Weights for generation and scoring: bf16 on GPU, the dtype DeepSpeed's bf16 learner holds
+    (so a weight sync moves tensors as they are); None keeps the checkpoint's dtype on CPU, where
+    bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Policy:
     """The policy named by ``cfg.name_or_path``; ``dtype`` None keeps the checkpoint's dtype."""
     name = resolve_name_or_path(cfg.name_or_path)

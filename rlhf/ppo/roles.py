@@ -18,7 +18,14 @@ from torch import nn
 
 from rlhf.config.jobs import PPOConfig
 from rlhf.config.sections import TrainConfig
-from rlhf.models import Policy, RewardModel, load_policy, load_reward_model, load_value_model
+from rlhf.models import (
+    Policy,
+    RewardModel,
+    inference_dtype,
+    load_policy,
+    load_reward_model,
+    load_value_model,
+)
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
@@ -35,7 +42,7 @@ def _frozen_policy(cfg: PPOConfig, threads: int) -> tuple[Policy, torch.device]:
     """The initial policy in eval mode on this actor's device (generation and reference)."""
     torch.set_num_threads(threads)
     device = _device(cfg.roles.gpus_per_actor)
-    policy = load_policy(cfg.policy)
+    policy = load_policy(cfg.policy, dtype=inference_dtype(device))
     policy.model.to(device).eval()
     return policy, device
 
@@ -96,8 +103,9 @@ class RewardScorer:
         self.cfg = cfg.reward
         self.model: RewardModel | None = None
         if cfg.reward.model is not None:
-            self.model = load_reward_model(cfg.reward.model)
-            self.model.to(_device(cfg.roles.gpus_per_actor)).eval()
+            device = _device(cfg.roles.gpus_per_actor)
+            self.model = load_reward_model(cfg.reward.model, dtype=inference_dtype(device))
+            self.model.to(device).eval()
         self.fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
 
     def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

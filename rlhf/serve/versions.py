@@ -19,7 +19,7 @@ import torch
 
 from rlhf.config.jobs import ServingConfig
 from rlhf.config.sections import ModelConfig
-from rlhf.models.policy import Policy, load_policy
+from rlhf.models.policy import Policy, inference_dtype, load_policy
 from rlhf.ppo.registry import METRICS_FILE, PolicyRegistry
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,7 @@ class PolicyVersions:
             cfg = ModelConfig(**{**vars(self.base), "name_or_path": str(self.registry.root / version)})
         else:
             raise KeyError(version)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        policy = load_policy(cfg, dtype=dtype)
+        policy = load_policy(cfg, dtype=inference_dtype(self.device))
         policy.model.to(self.device).eval()
         return policy
 
