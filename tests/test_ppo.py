@@ -131,22 +131,42 @@ def _state(actor, path: str) -> dict[str, torch.Tensor]:
     return ray.get(actor.__ray_call__.remote(read, path))
 
 
+def _kill_and_wait_for_restart(actor) -> None:
+    """Kill an actor and return once Ray has restarted it (a fresh instance answers)."""
+    ray.kill(actor, no_restart=False)
+    while True:
+        try:
+            if ray.get(actor.weights_version.remote()) == 0:
+                return
+        except ray.exceptions.RayActorError:
+            pass
+
+
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("transport", ["object_store", "collective"])
-def test_killed_rollout_worker_is_restarted_and_its_batch_retried(
+def test_killed_rollout_workers_are_restarted_and_brought_up_to_date(
     tmp_path: Path, caplog, transport: str
 ) -> None:
+    """Worker 0 dies between iterations (its next batch fails and is retried); worker 1 dies
+    while the learner trains, after its batch (the next weight sync must resend everything)."""
     cfg = _cfg(tmp_path, "ppo.iterations=4", "ppo.rollout_batch_size=8", "ppo.minibatch_size=8",
                "ppo.epochs=1", "roles.rollout_workers=2", "roles.cpus_per_actor=0.3",
                f"roles.weight_sync={transport}")
     roles = RayRoles(cfg)
     assert roles.transport == transport
-    victim = roles.generators[0]
+    train = roles.train
 
     def log(record: dict) -> None:
-        if record["iteration"] == 2:
-            ray.kill(victim, no_restart=False)  # dies between iterations; Ray restarts it
+        if record["iteration"] == 1:
+            ray.kill(roles.generators[0], no_restart=False)  # dies between iterations
 
+    def train_then_kill_worker_1(batch):
+        stats = train(batch)
+        if roles.version == 3:  # the third iteration, before its sync
+            _kill_and_wait_for_restart(roles.generators[1])
+        return stats
+
+    roles.train = train_then_kill_worker_1
     try:
         initial = _state(roles.generators[1], "policy.model")
         history = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), log).run()
@@ -156,8 +176,9 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_retried(
         roles.shutdown()
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
     assert "rollout worker 0 failed" in caplog.text
+    assert "1 rollout worker(s) restarted since the last weight sync" in caplog.text
     assert any(not torch.equal(initial[k], learner[k]) for k in learner)  # training moved weights
-    for state in generators:  # both workers, the restarted one too, hold the learner's weights
+    for state in generators:  # both workers, restarted twice over, hold the learner's weights
         assert all(torch.equal(state[k], learner[k]) for k in learner)
 
 

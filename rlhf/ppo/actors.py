@@ -139,9 +139,7 @@ class RayRoles:
         deadline = time.time() + RESTART_WAIT_S
         while True:
             try:
-                weights = self.learners[0].synced_weights.remote()
-                ray.get(actor.load_weights.remote(weights, self.version))
-                self._regroup = self.transport == COLLECTIVE  # the old group lost a member
+                self._bring_up_to_date([actor])
                 return ray.get(actor.generate.remote(documents, seed, self.version))
             except RayActorError:
                 if time.time() > deadline:
@@ -172,8 +170,25 @@ class RayRoles:
                          for a, s in zip(self.learners, shards)])
         return LearnStats.mean([vars(s) for s in stats])
 
+    def _bring_up_to_date(self, generators: list) -> None:
+        """Every tensor last sent, through the object store, to generators that missed syncs."""
+        weights = self.learners[0].synced_weights.remote()
+        ray.get([g.load_weights.remote(weights, self.version) for g in generators])
+        self._regroup = self.transport == COLLECTIVE  # the old group lost a member
+
     def sync(self) -> float:
-        """Changed policy tensors from learner rank 0 to every generator; seconds on rank 0."""
+        """Changed policy tensors from learner rank 0 to every generator; seconds on rank 0.
+
+        A generator restarted since the last sync (after its last batch, e.g. while the learner
+        trained) holds the initial weights: it gets every tensor first, since the changed ones
+        alone would leave it with a mix.
+        """
+        versions = ray.get([g.weights_version.remote() for g in self.generators])
+        restarted = [g for g, v in zip(self.generators, versions) if v != self.version]
+        if restarted:
+            logger.warning("%d rollout worker(s) restarted since the last weight sync; resending "
+                           "every tensor to them", len(restarted))
+            self._bring_up_to_date(restarted)
         self.version += 1
         if self.transport == COLLECTIVE:
             if self._regroup:

@@ -84,6 +84,10 @@ class Generator:
         self.policy.model.load_state_dict(weights, strict=False)
         self.version = version
 
+    def weights_version(self) -> int:
+        """Syncs received; 0 in an actor Ray has restarted."""
+        return self.version
+
     def join_weight_group(self, address: str, port: int, rank: int, size: int) -> None:
         """Become rank ``rank`` of the learner's broadcast group (collective weight sync)."""
         self.weights = WeightGroup(address, port, rank, size, self.device)
