@@ -8,10 +8,11 @@ tensors (a shared embedding under several names) move once.
 - **Collective** (``collective``): learner rank 0 and the rollout workers form their own process
   group (NCCL on GPU, gloo on CPU), separate from the learners' gradient group, and rank 0
   broadcasts the changed tensors in flat buckets straight from device memory into the workers'
-  parameters. No host copy, no object store, one broadcast per bucket whatever the worker count.
+  parameters: no serialisation, no object store, one broadcast per bucket whatever the number
+  of workers.
 
 The collective is the default: on CPU, gloo moved GPT-2 small's 124M changed parameters to one
-worker in 0.69 s against 1.78 s through the object store (benchmarks/weight_sync.py). NCCL cannot
+worker in 0.7 s against 1.9 s through the object store (benchmarks/weight_sync.py). NCCL cannot
 hold two ranks on one GPU, so roles sharing a GPU (fractional ``gpus_per_actor``) use the object
 store; see :func:`resolve_transport`.
 """
