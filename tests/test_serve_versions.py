@@ -4,6 +4,7 @@ batch of mixed requests is generated."""
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,16 @@ def test_the_cache_keeps_the_current_version_and_drops_the_least_recent(tmp_path
     assert versions.get("v0001") is not first  # reloaded from the registry
     with pytest.raises(KeyError):
         versions.get("v0009")
+
+
+def test_versions_loaded_from_several_threads_at_once_all_load(tmp_path: Path):
+    """The reload thread and request threads may ask for uncached versions together."""
+    for seed in (1, 2, 3):
+        publish_tiny(tmp_path / "registry", seed)
+    cfg = serve_config(tmp_path / "registry", tmp_path / "feedback.db")
+    versions = PolicyVersions(cfg.registry, cfg.policy, cfg.serve, torch.device("cpu"), cache_size=3)
+    with ThreadPoolExecutor(4) as pool:
+        policies = list(pool.map(versions.get, ["v0001", "v0002", "v0001", "v0002"]))
+    for policy in policies:
+        assert all(not p.is_meta for p in policy.model.parameters())
+    assert policies[0] is policies[2] and policies[1] is policies[3]  # each version loaded once

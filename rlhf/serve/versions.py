@@ -62,6 +62,9 @@ class PolicyVersions:
         self.cache_size = cache_size
         self._loaded: OrderedDict[str, Policy] = OrderedDict()
         self._lock = threading.Lock()  # guards _loaded and current across the reload and request threads
+        # One load at a time: transformers builds models on the meta device through process-wide
+        # state, and two threads loading at once get meta tensors ("Cannot copy out of meta tensor").
+        self._load_lock = threading.Lock()
         self.current = self._newest()
         self.get(self.current)
 
@@ -86,17 +89,27 @@ class PolicyVersions:
 
     def get(self, version: str) -> Policy:
         """The policy of ``version``, loading it if needed (the least recently used one is dropped)."""
+        cached = self._cached(version)
+        if cached is not None:
+            return cached
+        with self._load_lock:
+            cached = self._cached(version)  # loaded by another thread while this one waited
+            if cached is not None:
+                return cached
+            policy = self._load(version)
+            with self._lock:
+                self._loaded[version] = policy
+                while len(self._loaded) > self.cache_size:
+                    oldest = next(v for v in self._loaded if v != self.current)
+                    del self._loaded[oldest]
+        return policy
+
+    def _cached(self, version: str) -> Policy | None:
         with self._lock:
             if version in self._loaded:
                 self._loaded.move_to_end(version)
                 return self._loaded[version]
-        policy = self._load(version)
-        with self._lock:
-            self._loaded[version] = policy
-            while len(self._loaded) > self.cache_size:
-                oldest = next(v for v in self._loaded if v != self.current)
-                del self._loaded[oldest]
-        return policy
+        return None
 
     def _load(self, version: str) -> Policy:
         if version == BASE_VERSION:
