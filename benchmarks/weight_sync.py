@@ -5,12 +5,13 @@ Runs the product path: ``RayRoles`` on a private ``ray.init`` with the rule-base
 fine-tuning step does), and once with nothing changed (the cost of the change check alone).
 On CPU the collective is gloo; on GPU (``--gpu``) it is NCCL with one GPU per actor.
 
-Models are random-weight GPT-2s with the ByT5 tokenizer: ``tiny`` (the PPO anchor's 2 layers,
-n_embd 128) and ``gpt2`` (GPT-2 small's 12 layers, n_embd 768, vocabulary 50,257: 124M
-parameters, 0.5 GB in fp32). Times are medians over ``--repeats`` syncs, taken on the driver
-(wall) and on learner rank 0 (the gather, change check and send, as the PPO metrics report it).
+Models are random-weight GPT-2s from ``benchmarks/architectures.py``: ``tiny-gpt2`` (the PPO
+anchor's 2 layers, n_embd 128) and ``gpt2-125m`` (GPT-2 small's 12 layers, n_embd 768,
+vocabulary 50,257, 1,024 positions: 124M parameters, 0.5 GB in fp32). Times are medians over
+``--repeats`` syncs, taken on the driver (wall) and on learner rank 0 (the gather, change check
+and send, as the PPO metrics report it).
 
-    python benchmarks/weight_sync.py --sizes tiny gpt2 --workers 1 2 --out benchmarks/results/weight_sync.json
+    python benchmarks/weight_sync.py --out benchmarks/results/weight_sync.json  # both sizes, 1 and 2 workers
 """
 
 from __future__ import annotations
@@ -26,27 +27,11 @@ from pathlib import Path
 
 import ray
 import torch
-from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+from architectures import ARCHITECTURES, save_random
 
 from rlhf.config.core import load_config
 from rlhf.config.jobs import PPOConfig
 from rlhf.ppo.actors import RayRoles
-
-SIZES = {
-    "tiny": {"n_embd": 128, "n_layer": 2, "n_head": 4, "vocab_size": 384},
-    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257},
-}
-
-
-def build_policy(folder: Path, size: str) -> tuple[Path, int]:
-    """A random GPT-2 of ``size`` saved with the ByT5 tokenizer; returns its path and parameters."""
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=512, pad_token_id=0, eos_token_id=1, bos_token_id=1, **SIZES[size])
-    model = GPT2LMHeadModel(config)
-    path = folder / size
-    model.save_pretrained(str(path))
-    ByT5Tokenizer().save_pretrained(str(path))
-    return path, sum(p.numel() for p in model.parameters())
 
 
 def perturb(learner, scale: float) -> None:
@@ -86,7 +71,8 @@ def measure(policy: Path, transport: str, workers: int, repeats: int, gpu: bool)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "gpt2"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny-gpt2", "gpt2-125m"],
+                        choices=sorted(ARCHITECTURES))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor; the collective is NCCL")
@@ -98,7 +84,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            policy, parameters = build_policy(Path(folder), size)
+            policy, parameters = save_random(size, Path(folder))
             for workers in args.workers:
                 for transport in ("object_store", "collective"):
                     row = {"size": size, "parameters": parameters,

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,25 +122,24 @@ def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Pat
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def _state(actor, path: str) -> dict[str, torch.Tensor]:
-    """The state dict of the policy an actor holds at ``path`` (e.g. "policy.model")."""
-    def read(role, path: str) -> dict[str, torch.Tensor]:
-        module = role
-        for part in path.split("."):
-            module = getattr(module, part)
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return ray.get(actor.__ray_call__.remote(read, path))
+def _policy_state(actor) -> dict[str, torch.Tensor]:
+    """The state dict of the policy a generator or learner actor holds."""
+    def read(role) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in role.policy.model.state_dict().items()}
+    return ray.get(actor.__ray_call__.remote(read))
 
 
 def _kill_and_wait_for_restart(actor) -> None:
     """Kill an actor and return once Ray has restarted it (a fresh instance answers)."""
     ray.kill(actor, no_restart=False)
-    while True:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         try:
             if ray.get(actor.weights_version.remote()) == 0:
                 return
         except ray.exceptions.RayActorError:
-            pass
+            time.sleep(0.1)
+    raise AssertionError("Ray did not restart the killed rollout worker within 120 s")
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -168,10 +168,10 @@ def test_killed_rollout_workers_are_restarted_and_brought_up_to_date(
 
     roles.train = train_then_kill_worker_1
     try:
-        initial = _state(roles.generators[1], "policy.model")
+        initial = _policy_state(roles.generators[1])
         history = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), log).run()
-        learner = _state(roles.learners[0], "policy.model")
-        generators = [_state(g, "policy.model") for g in roles.generators]
+        learner = _policy_state(roles.learners[0])
+        generators = [_policy_state(g) for g in roles.generators]
     finally:
         roles.shutdown()
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]

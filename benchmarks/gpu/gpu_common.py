@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import time
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -54,3 +56,13 @@ def bf16_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> 
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print the result as one JSON line and append it to ``out`` (runs accumulate in one file)."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(line + "\n")

@@ -15,7 +15,6 @@ compares like for like with a plain ``model.generate`` call on the same model, b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from architectures import save_random  # noqa: E402
-from gpu_common import device_report, peak_memory_gib, reset_peak_memory  # noqa: E402
+from gpu_common import device_report, emit, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 from rlhf.config.core import load_config  # noqa: E402
 from rlhf.config.jobs import PPOConfig  # noqa: E402
@@ -117,12 +116,7 @@ def main() -> None:
               "plain_generate_tokens_per_s": plain,
               "rollout_vs_plain_generate": median["generate_tokens_per_s"] / plain,
               "peak_memory_gib": peak_memory_gib(device), **device_report()}
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

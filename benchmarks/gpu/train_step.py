@@ -22,7 +22,6 @@ smoke test of the script (``--arch tiny-led``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from architectures import save_random  # noqa: E402
-from gpu_common import bf16_matmul_peak, device_report, peak_memory_gib, reset_peak_memory  # noqa: E402
+from gpu_common import bf16_matmul_peak, device_report, emit, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 from rlhf.config.sections import ModelConfig, TrainConfig  # noqa: E402
 from rlhf.models import load_reward_model  # noqa: E402
@@ -139,12 +138,7 @@ def main() -> None:
         except torch.OutOfMemoryError as error:
             result.update(fits=False, error=str(error).splitlines()[0])
         result["peak_memory_gib"] = peak_memory_gib(device)
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ tensors (a shared embedding under several names) move once.
   of workers.
 
 The collective is the default: on CPU, gloo moved GPT-2 small's 124M changed parameters to one
-worker in 0.7 s against 1.9 s through the object store (benchmarks/weight_sync.py). NCCL cannot
+worker in 0.7 s against 1.9-2.2 s through the object store (benchmarks/weight_sync.py). NCCL cannot
 hold two ranks on one GPU, so roles sharing a GPU (fractional ``gpus_per_actor``) use the object
 store; see :func:`resolve_transport`.
 """
