@@ -1,6 +1,6 @@
 """Wall time of one PPO iteration: our trainer without Ray, on Ray actors, and TRL's PPOTrainer.
 
-Every configuration runs the fixed tiny setup of the TRL anchor (/work/shared/bench/README.md):
+Every configuration runs the fixed tiny setup of the TRL anchor (../shared/bench/README.md):
 random-init GPT-2 (vocab 384, 512 positions, n_embd 128, 2 layers, 4 heads, seed 42) with the
 ByT5 tokenizer; value and reward models are GPT-2 backbones with a scalar head; 256 prompts of
 exactly 64 tokens; rollout batch 16; exactly 32 sampled tokens (no EOS stop, T=1, top_k=0);
@@ -44,7 +44,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-ANCHOR = Path("/work/shared/bench/trl_ppo_anchor.py")
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR = ROOT.parent / "shared" / "bench" / "trl_ppo_anchor.py"  # ../shared/bench/, beside the repository
 TRL_PYTHON = Path("/tmp/trl/bin/python")
 TRL_INSTALL = "python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.28.0"
 
@@ -62,6 +63,7 @@ WHAT = {
     "ray": "RayRoles (4 actors x 0.5 CPU, 1 thread each) + PPOTrainer, ray.init(num_cpus=2)",
     "ray_2t": "RayRoles (4 actors x 0.5 CPU, 2 threads each: roles.threads_per_actor=2) + PPOTrainer",
 }
+# IterationMetrics fields, read with getattr: a renamed field is an AttributeError
 ROLE_KEYS = ("time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s", "time_s")
 
 ENV_DEFAULTS = {
@@ -142,7 +144,7 @@ def build_models(folder: Path) -> tuple[Path, Path]:
 
 def ppo_config(workdir: Path, policy_dir: Path, reward_dir: Path, iterations: int, extra: list[str]):
     from rlhf.config.core import load_config
-    from rlhf.config.jobs import PPOConfig
+    from rlhf.ppo.config import PPOConfig
 
     never = iterations + 1000  # no checkpoint/publish I/O (the script also never calls them)
     return load_config(PPOConfig, None, [
@@ -244,14 +246,14 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             start, cpu_start = time.perf_counter(), time.process_time()
             metrics = trainer.step()  # no checkpoint/publish: run() would add them
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            assert metrics["response_length_mean"] == RESPONSE_TOKENS, metrics["response_length_mean"]
-            record = {"wall_s": wall, "process_cpu_s": cpu, **{k: metrics[k] for k in ROLE_KEYS},
-                      "sync_transfer_s": metrics["sync_transfer_s"], "reward_mean": metrics["reward_mean"],
-                      "kl_mean": metrics["kl_mean"], "eos_fraction": metrics["eos_fraction"],
+            assert metrics.response_length_mean == RESPONSE_TOKENS, metrics.response_length_mean
+            record = {"wall_s": wall, "process_cpu_s": cpu, **{k: getattr(metrics, k) for k in ROLE_KEYS},
+                      "sync_transfer_s": metrics.sync_transfer_s, "reward_mean": metrics.reward_mean,
+                      "kl_mean": metrics.kl_mean, "eos_fraction": metrics.eos_fraction,
                       "peak_rss_mb": peak_rss_mb()}
             records.append(record)
-            print(f"[{name}] iter {metrics['iteration']}: {wall:.3f} s (cpu {cpu:.3f} s) "
-                  + " ".join(f"{k[5:-2]}={metrics[k]:.3f}" for k in ROLE_KEYS[:-1]), flush=True)
+            print(f"[{name}] iter {metrics.iteration}: {wall:.3f} s (cpu {cpu:.3f} s) "
+                  + " ".join(f"{k[5:-2]}={getattr(metrics, k):.3f}" for k in ROLE_KEYS[:-1]), flush=True)
         actors_rss = descendants_rss_mb() if name.startswith("ray") else None
     finally:
         if ray_mod is not None:
@@ -368,6 +370,9 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
     args = parser.parse_args()
+    if args.config != "summary" and not args.anchor.is_file():
+        parser.error(f"--anchor: TRL anchor script not found at {args.anchor}; it lives in ../shared/bench/ "
+                     "beside the repository root: check out the shared folder there or pass --anchor PATH")
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def publish_versions(registry: Path, arch: str) -> None:
     """Two policy versions (seeds 1 and 2): the tiny test preset, or random weights of ``arch``."""
     from rlhf.config.sections import ModelConfig
     from rlhf.models import load_policy
-    from rlhf.ppo.registry import PolicyRegistry
+    from rlhf.registry import PolicyRegistry
 
     for seed in (1, 2):
         if arch == "tiny":

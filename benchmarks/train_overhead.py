@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from rlhf.config.core import load_config
-from rlhf.config.jobs import SFTConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.models import load_policy
+from rlhf.train.config import SFTConfig
 from rlhf.train.loop import LoopSettings, run_training
 from rlhf.train.sft import SFTTask
 
@@ -65,7 +65,7 @@ def plain_loop(cfg: SFTConfig, threads: int) -> dict:
 
 def ray_train(cfg: SFTConfig) -> dict:
     train = load_source(cfg.data, Schema.SFT).table
-    task = SFTTask(cfg.model, cfg.train.batch_size, 0, cfg.train.zero_stage)
+    task = SFTTask(cfg.model, cfg.train.batch_size, 0, cfg.train.deepspeed.zero_stage)
     settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
     t0 = time.perf_counter()
     result = run_training(task, settings, train, train.slice(0, 8))
@@ -87,7 +87,7 @@ def main() -> None:
     results["ray_train_1worker"] = ray_train(base_config(args.steps, f"{tmp}/r1"))
     for stage in (2, 3):
         results[f"ray_train_2workers_zero{stage}"] = ray_train(base_config(
-            args.steps, f"{tmp}/z{stage}", "train.num_workers=2", f"train.zero_stage={stage}"))
+            args.steps, f"{tmp}/z{stage}", "train.num_workers=2", f"train.deepspeed.zero_stage={stage}"))
     results["ratio_ray_train_1worker_vs_plain"] = (
         results["ray_train_1worker"]["step_time_s"] / results["plain_1thread"]["step_time_s"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,8 @@ import torch
 from architectures import ARCHITECTURES, save_random
 
 from rlhf.config.core import load_config
-from rlhf.config.jobs import PPOConfig
 from rlhf.ppo.actors import RayRoles
+from rlhf.ppo.config import PPOConfig
 
 
 def perturb(learner, scale: float) -> None:

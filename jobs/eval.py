@@ -2,7 +2,7 @@
 
 from rlhf.cli import run_main
 from rlhf.config.core import parse_cli
-from rlhf.config.jobs import EvalConfig
+from rlhf.eval.config import EvalConfig
 
 if __name__ == "__main__":
     args = parse_cli(EvalConfig, prog="eval.py")

@@ -2,7 +2,7 @@
 
 from rlhf.cli import run_main
 from rlhf.config.core import parse_cli
-from rlhf.config.jobs import OnlineConfig
+from rlhf.online.config import OnlineConfig
 
 if __name__ == "__main__":
     args = parse_cli(OnlineConfig, prog="online.py")

@@ -2,10 +2,10 @@
 
 from rlhf.cli import run_main
 from rlhf.config.core import parse_cli
-from rlhf.config.jobs import PPOConfig
+from rlhf.ppo.config import PPOConfig
 
 if __name__ == "__main__":
-    args = parse_cli(PPOConfig, prog="ppo.py")
+    args = parse_cli(PPOConfig, prog="ppo.py", resumable=True)
     from rlhf.ppo.job import run_ppo  # heavy imports only once the config is valid
 
     run_main(run_ppo, args, prog="ppo.py")

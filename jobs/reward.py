@@ -2,10 +2,10 @@
 
 from rlhf.cli import run_main
 from rlhf.config.core import parse_cli
-from rlhf.config.jobs import RewardConfig
+from rlhf.train.config import RewardConfig
 
 if __name__ == "__main__":
-    args = parse_cli(RewardConfig, prog="reward.py")
+    args = parse_cli(RewardConfig, prog="reward.py", resumable=True)
     from rlhf.train.reward import run_reward  # heavy imports only once the config is valid
 
     run_main(run_reward, args, prog="reward.py")

@@ -1,11 +1,18 @@
-"""Shared fixtures: one local Ray instance per test session, started only by tests that need it."""
+"""Shared fixtures: one local Ray instance per test session, started only by tests that need it.
+
+The session fails if a process it started is still running at its end (see pytest_sessionfinish).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +22,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Every process this session starts inherits this mark, Ray's raylet and workers too (Ray puts
+# workers in process groups of their own, and they outlive their parent when they leak), so the
+# end-of-session check finds them, and never another session's processes.
+SESSION_MARK = "RLHF_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+LEFTOVER_GRACE_S = 15  # ray.shutdown() returns before its workers have seen the raylet go
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +91,50 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(*pg_ctl, "-m", "fast", "stop")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _running(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return proc.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _started_by_this_session() -> list[psutil.Process]:
+    """Running processes this session started: its descendants, and any carrying its mark."""
+    me = psutil.Process()
+    found = {proc.pid: proc for proc in me.children(recursive=True)}
+    for proc in psutil.process_iter():
+        if proc.pid != me.pid and proc.pid not in found:
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get(SESSION_MARK) == os.environ[SESSION_MARK]:
+                    found[proc.pid] = proc
+    return [proc for proc in found.values() if _running(proc)]
+
+
+@pytest.hookimpl(trylast=True)  # after the runner has torn down the session fixtures (Ray, PostgreSQL)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run when a process it started outlives it, then kill that process.
+
+    A leaked Ray worker holds memory and CPU on a small machine, unseen until someone runs ps,
+    and slows or breaks every later run there.
+    """
+    _, alive = psutil.wait_procs(_started_by_this_session(), timeout=LEFTOVER_GRACE_S)
+    leftovers = []
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            if _running(proc):
+                leftovers.append(f"pid {proc.pid}: {' '.join(proc.cmdline()).strip()[:200]}")
+                proc.kill()
+    if not leftovers:
+        return
+    header = f"{len(leftovers)} process(es) started by the tests outlived them; killed now"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        print(header, *leftovers, sep="\n", file=sys.stderr)
+    else:
+        reporter.ensure_newline()
+        reporter.write_sep("=", header, red=True)
+        for line in leftovers:
+            reporter.write_line(line)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

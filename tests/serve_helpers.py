@@ -6,11 +6,11 @@ import socket
 from pathlib import Path
 
 from rlhf.config.core import load_config
-from rlhf.config.jobs import ServeConfig
 from rlhf.models.policy import Policy
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.models.tokenizer import load_tokenizer
-from rlhf.ppo.registry import PolicyRegistry
+from rlhf.registry import PolicyRegistry
+from rlhf.serve.config import ServeConfig
 
 PRESET = "tiny-t5"
 

@@ -21,7 +21,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from rlhf.config.core import load_config
-from rlhf.config.jobs import PPOConfig, SFTConfig
+from rlhf.ppo.config import PPOConfig
+from rlhf.train.config import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
@@ -156,7 +157,8 @@ def test_arxiv_ppo_config_is_the_long_document_setup() -> None:
     cfg = load_config(PPOConfig, str(path), GPU_CONFIGS[path.name])
     assert cfg.policy.max_source_length == cfg.value.max_source_length == 16384
     assert cfg.policy.gradient_checkpointing and cfg.value.gradient_checkpointing
-    assert (cfg.roles.zero_stage, cfg.roles.offload_optimizer, cfg.roles.offload_params) == (3, True, True)
+    zero = cfg.roles.deepspeed
+    assert (zero.zero_stage, zero.offload_optimizer, zero.offload_params) == (3, True, True)
     assert cfg.roles.gpus_per_actor == 1  # bf16 follows from running on GPUs
     sft = load_config(SFTConfig, str(ROOT / "configs" / "sft_arxiv_led.yaml"))
     assert yaml.safe_load(path.read_text())["policy"]["name_or_path"] == f"{sft.output_dir}/model"

@@ -3,6 +3,7 @@ killed between its reward update and its PPO run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -11,15 +12,15 @@ import pytest
 from serve_helpers import publish_tiny
 
 from rlhf.config.core import load_config
-from rlhf.config.jobs import OnlineConfig
 from rlhf.config.sections import DataSourceConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
+from rlhf.online.config import OnlineConfig
 from rlhf.online.feedback import is_holdout, read_window
 from rlhf.online.loop import OnlineLoop, keep_reward_update
-from rlhf.ppo.registry import PolicyRegistry
-from rlhf.store import CycleLog, FeedbackStore
-from rlhf.store.tables import utcnow
+from rlhf.registry import PolicyRegistry
+from rlhf.store import CycleLog, CycleRecord, FeedbackStore, PPOSummary
+from rlhf.store.tables import online_cycles, utcnow
 
 DATA = Path(__file__).parent / "data" / "tldr_sft_sample.jsonl"
 
@@ -79,11 +80,42 @@ def _config(tmp_path: Path, *overrides: str) -> OnlineConfig:
         f"output_dir={tmp_path / 'online'}", f"store.url=sqlite:///{tmp_path}/feedback.db",
         f"registry={tmp_path / 'registry'}", "cycles=1", "feedback.min_new=16", "feedback.settle_s=0",
         "feedback.poll_interval_s=0.2", "feedback.max_wait_s=30", "feedback.holdout_fraction=0.25",
-        "feedback.max_accuracy_drop=1.0", "reward_train.max_steps=4", "reward_train.batch_size=4",
-        "reward_train.eval_every=4", "reward_train.save_every=4", "ppo.iterations=1",
-        "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.max_new_tokens=8",
-        "roles.cpus_per_actor=0.5", *overrides,
+        "feedback.max_accuracy_drop=1.0", "reward.train.max_steps=4", "reward.train.batch_size=4",
+        "reward.train.eval_every=4", "reward.train.save_every=4", "rl.ppo.iterations=1",
+        "rl.ppo.rollout_batch_size=4", "rl.ppo.minibatch_size=4", "rl.ppo.epochs=1",
+        "rl.ppo.max_new_tokens=8", "rl.roles.cpus_per_actor=0.5", *overrides,
     ])
+
+
+def test_cycle_records_round_trip_through_json_and_the_ledger(tmp_path: Path) -> None:
+    started = CycleRecord(watermark_since=None, watermark_until="2025-01-01T00:00:00+00:00",
+                          policy_before="tiny-t5", reward_before="tiny-gpt2")
+    done = dataclasses.replace(
+        started, new_ids=["a", "b"], replay_ids=[], holdout_ids=["c"], accuracy_before=None,
+        accuracy_after=None, reward_judged=False, reward_kept=True, reward_used="/r/v0001", documents=2,
+        policy_version="v0002", ppo_first=PPOSummary(0.1, 0.0, 8.0), ppo_last=PPOSummary(0.3, 1.5, 7.5),
+    )
+    keys = {"watermark_since", "watermark_until", "policy_before", "reward_before", "new_ids", "replay_ids",
+            "holdout_ids", "accuracy_before", "accuracy_after", "reward_judged", "reward_kept", "reward_used",
+            "documents", "policy_version", "ppo_first", "ppo_last", "ppo"}
+    for record in (started, done):
+        as_json = json.loads(json.dumps(record.to_record()))
+        assert set(as_json) == keys and CycleRecord.from_record(as_json) == record
+    assert done.to_record()["ppo_last"] == {"reward_mean": 0.3, "kl_mean": 1.5, "response_length_mean": 7.5}
+
+    store = FeedbackStore(f"sqlite:///{tmp_path}/feedback.db")
+    ledger = CycleLog(store)
+    assert ledger.start(1, None, utcnow(), started).record == started
+    assert ledger.advance(1, "done", done).record == done
+    with pytest.raises(ValueError, match="stage must be one of"):
+        ledger.advance(1, "finished", done)  # type: ignore[arg-type]
+    # A row written by older code holds only the keys set so far (here: at "started").
+    old = {"watermark_since": None, "watermark_until": "2025-01-01T00:00:00+00:00",
+           "policy_before": "tiny-t5", "reward_before": "tiny-gpt2"}
+    with store.write() as conn:
+        conn.execute(online_cycles.insert().values(cycle=2, until=utcnow(), stage="started",
+                                                   record=json.dumps(old), started_at=utcnow()))
+    assert [(c.stage, c.record) for c in ledger.all()] == [("done", done), ("started", started)]
 
 
 class Killed(Exception):
@@ -107,7 +139,7 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
             OnlineLoop(cfg).run()
     ledger = CycleLog(store)
     (cycle,) = ledger.all()
-    assert cycle.stage == "reward_done" and cycle.record["reward_kept"]
+    assert cycle.stage == "reward_done" and cycle.record.reward_kept
     rewards = PolicyRegistry(tmp_path / "online" / "reward_registry")
     assert rewards.versions() == ["v0001"]
 
@@ -116,22 +148,24 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
     assert rewards.versions() == ["v0001"]  # the reward update was not run again
     assert PolicyRegistry(tmp_path / "registry").versions() == ["v0001", "v0002"]
     record = resumed[0].record
-    assert record["policy_version"] == "v0002" and record["documents"] == 24
-    assert set(record["new_ids"]) | set(record["holdout_ids"]) == set(first)
-    assert record["accuracy_before"] is not None and record["accuracy_after"] is not None
-    assert record["reward_judged"] is False  # fewer held-out choices than feedback.min_holdout
+    assert record.policy_version == "v0002" and record.documents == 24
+    assert set(record.new_ids) | set(record.holdout_ids) == set(first)
+    assert record.accuracy_before is not None and record.accuracy_after is not None
+    assert record.reward_judged is False  # fewer held-out choices than feedback.min_holdout
+    assert record.ppo_first is not None and record.ppo_last.response_length_mean > 0
 
     second = _label(store, 20, offset=24)
     cfg2 = _config(tmp_path, "cycles=2")
     (next_cycle,) = OnlineLoop(cfg2).run()
     assert next_cycle.cycle == 2 and next_cycle.since == resumed[0].until
-    new_ids = next_cycle.record["new_ids"]
-    assert set(new_ids) == {i for i in second if i not in next_cycle.record["holdout_ids"]}
-    assert not set(new_ids) & set(record["new_ids"])  # nothing trained on twice as new
-    assert set(next_cycle.record["replay_ids"]) <= set(record["new_ids"])
+    new_ids = next_cycle.record.new_ids
+    assert set(new_ids) == {i for i in second if i not in next_cycle.record.holdout_ids}
+    assert not set(new_ids) & set(record.new_ids)  # nothing trained on twice as new
+    assert set(next_cycle.record.replay_ids) <= set(record.new_ids)
     assert PolicyRegistry(tmp_path / "registry").versions()[-1] == "v0003"
     log = [json.loads(line) for line in (tmp_path / "online" / "cycles.jsonl").read_text().splitlines()]
     assert [entry["cycle"] for entry in log] == [1, 2]
+    assert CycleRecord.from_record({k: v for k, v in log[1].items() if k != "cycle"}) == next_cycle.record
     assert next_cycle.until - next_cycle.since > timedelta(0)
 
 

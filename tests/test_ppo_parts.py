@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rlhf.errors import InputError
-from rlhf.ppo.registry import PolicyRegistry
-from rlhf.ppo.reward_fn import load_reward_fn
-from rlhf.ppo.rewards import brevity, document_overlap
+from rlhf.metrics import IterationMetrics
+from rlhf.ppo.rewards import brevity, document_overlap, load_reward_fn
 from rlhf.ppo.trainer import PromptStream, apply_no_eos_penalty
+from rlhf.registry import PolicyRegistry
 
 
 def _stream() -> PromptStream:
@@ -75,3 +75,22 @@ def test_registry_publishes_numbered_complete_versions(tmp_path: Path) -> None:
     latest = registry.latest()
     assert latest.name == "v0002" and (latest / "weights.txt").read_text() == "1"
     assert json.loads((latest / "metrics.json").read_text()) == {"iteration": 1}
+
+
+# The metrics.jsonl keys of a PPO iteration; the first two lines are what the shared design requires.
+ITERATION_KEYS = {
+    "iteration", "reward_mean", "kl_mean", "response_length_mean", "time_s",
+    "time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s",
+    "reward_used_mean", "kl_coef", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
+    "explained_variance", "eos_fraction", "generate_tokens_per_s", "sync_transfer_s",
+}
+
+
+def test_iteration_metrics_round_trip_through_a_record_with_exactly_the_documented_keys() -> None:
+    values = {key: i + 0.5 for i, key in enumerate(sorted(ITERATION_KEYS))}
+    metrics = IterationMetrics(**{**values, "iteration": 3})
+    record = json.loads(json.dumps(metrics.to_record()))
+    assert set(record) == ITERATION_KEYS and set(IterationMetrics.keys()) == ITERATION_KEYS
+    assert IterationMetrics.from_record(record) == metrics
+    with pytest.raises(TypeError):  # a key lost or renamed is an error, not a default
+        IterationMetrics.from_record({k: v for k, v in record.items() if k != "kl_mean"})

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from rlhf.config.core import ConfigError
 from rlhf.config.sections import ModelConfig
 from rlhf.errors import InputError
 from rlhf.models import load_policy
@@ -58,7 +59,7 @@ def test_transport_rule() -> None:
     assert resolve_transport("auto", 0.25) == "object_store"  # NCCL: one rank per GPU
     assert resolve_transport("auto", 1) == "collective"
     assert resolve_transport("object_store", 1) == "object_store"
-    with pytest.raises(InputError, match=r"roles\.weight_sync: collective needs a whole GPU per actor"):
+    with pytest.raises(ConfigError, match=r"weight_sync: collective needs a whole GPU per actor"):
         resolve_transport("collective", 0.5)
 
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rlhf.config.core import load_config
-from rlhf.config.jobs import RewardConfig, SFTConfig
 from rlhf.config.sections import ModelConfig
 from rlhf.models import load_reward_model
+from rlhf.train.config import RewardConfig, SFTConfig
 from rlhf.train.reward import bradley_terry_loss, run_reward
 from rlhf.train.sft import run_sft
 
@@ -30,6 +34,21 @@ def _evals(output_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == "eval"]
 
 
+def _wait_for_no_train_controller(timeout_s: float) -> list[str]:
+    """Ray Train controllers still running under this process after ``timeout_s``: none expected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = []
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(proc.cmdline()).strip()
+                if "TrainController" in command:
+                    left.append(f"{proc.pid} {command}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def _sft_config(tmp_path: Path, *overrides: str) -> SFTConfig:
     return load_config(SFTConfig, None, [
         f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_sft_sample.jsonl'}", "data.limit=40",
@@ -42,7 +61,12 @@ def _sft_config(tmp_path: Path, *overrides: str) -> SFTConfig:
 def test_sft_lowers_validation_loss(tmp_path: Path, preset: str) -> None:
     cfg = _sft_config(tmp_path, f"model.name_or_path={preset}", "train.max_steps=12",
                       "train.eval_every=12", "train.save_every=12")
+    ctrl_c = signal.getsignal(signal.SIGINT)
     result = run_sft(cfg)
+    # Ray Train's fit() swaps the Ctrl-C handler for one holding its TrainController, which kept
+    # that process alive after the run; run_training puts the handler back, so the process ends.
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
+    assert _wait_for_no_train_controller(timeout_s=60) == []
     evals = _evals(tmp_path)
     assert [e["step"] for e in evals] == [0, 12]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
@@ -129,7 +153,7 @@ def test_reward_with_zero3_on_two_workers(tmp_path: Path) -> None:
     cfg = load_config(RewardConfig, None, [
         f"output_dir={tmp_path / 'run'}", f"data.path={data}", "model.max_source_length=64",
         "model.max_target_length=32", "train.batch_size=4", "train.max_steps=3",
-        "train.num_workers=2", "train.zero_stage=3", "train.eval_every=3", "train.save_every=3",
+        "train.num_workers=2", "train.deepspeed.zero_stage=3", "train.eval_every=3", "train.save_every=3",
     ])
     result = run_reward(cfg)
     shards = sorted(p.name for p in (result.checkpoint_dir / "deepspeed").glob("*optim_states.pt"))

@@ -29,12 +29,13 @@ from architectures import save_random  # noqa: E402
 from gpu_common import device_report, emit, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 from rlhf.config.core import load_config  # noqa: E402
-from rlhf.config.jobs import PPOConfig  # noqa: E402
 from rlhf.config.sections import ModelConfig  # noqa: E402
 from rlhf.models import Policy, load_reward_model  # noqa: E402
+from rlhf.ppo.config import PPOConfig  # noqa: E402
 from rlhf.ppo.roles import LocalRoles  # noqa: E402
 from rlhf.ppo.trainer import PPOTrainer, PromptStream  # noqa: E402
 
+# IterationMetrics fields, read with getattr: a renamed field is an AttributeError
 ROLE_KEYS = ("time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s")
 
 
@@ -93,7 +94,7 @@ def main() -> None:
         f"ppo.epochs={args.epochs}", f"ppo.max_new_tokens={args.new_tokens}", "ppo.stop_at_eos=false",
         f"ppo.iterations={args.warmup + args.iters}", f"ppo.checkpoint_every={never}",
         f"ppo.publish_every={never}", f"roles.gpus_per_actor={1 if gpu else 0}",
-        f"roles.zero_stage={args.zero}",
+        f"roles.deepspeed.zero_stage={args.zero}",
     ])
     docs = documents(args.rollout_batch * (args.warmup + args.iters), args.source_tokens)
     reset_peak_memory(device)
@@ -104,8 +105,9 @@ def main() -> None:
         start = time.perf_counter()
         metrics = trainer.step()
         if i >= args.warmup:
-            records.append({"wall_s": time.perf_counter() - start, **{k: metrics[k] for k in ROLE_KEYS},
-                            "generate_tokens_per_s": metrics["generate_tokens_per_s"]})
+            records.append({"wall_s": time.perf_counter() - start,
+                            **{k: getattr(metrics, k) for k in ROLE_KEYS},
+                            "generate_tokens_per_s": metrics.generate_tokens_per_s})
     median = {k: statistics.median(r[k] for r in records) for k in records[0]}
     plain = plain_generate_tokens_per_s(roles.generator.policy, docs[: args.rollout_batch],
                                         args.new_tokens, repeats=3)

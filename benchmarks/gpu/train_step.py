@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from architectures import save_random  # noqa: E402
 from gpu_common import bf16_matmul_peak, device_report, emit, peak_memory_gib, reset_peak_memory  # noqa: E402
 
-from rlhf.config.sections import ModelConfig, TrainConfig  # noqa: E402
+from rlhf.config.sections import DeepSpeedConfig, ModelConfig  # noqa: E402
 from rlhf.models import load_reward_model  # noqa: E402
 from rlhf.ppo.roles import free_port, init_process_group  # noqa: E402
 from rlhf.train import engine as ds  # noqa: E402
@@ -111,14 +111,15 @@ def main() -> None:
         task = make_task(args.task, checkpoint, args)
         result["flops_per_step"] = step_flops(task, rows, device, dtype)
         result["peak_flops"] = bf16_matmul_peak(device)
-        train_cfg = TrainConfig(use_gpu=gpu, zero_stage=args.zero, offload_optimizer=args.offload_optimizer,
-                                offload_params=args.offload_params, batch_size=args.batch,
-                                lr=1e-5, lr_schedule="constant", max_steps=args.warmup + args.steps)
+        zero = DeepSpeedConfig(zero_stage=args.zero, offload_optimizer=args.offload_optimizer,
+                               offload_params=args.offload_params)
+        ds_config = ds.deepspeed_config(zero, micro_batch_size=args.batch, lr=1e-5, max_grad_norm=1.0,
+                                        bf16=gpu)
         reset_peak_memory(device)
         try:
-            with ds.zero3_init_context(ds.deepspeed_config(train_cfg)):
+            with ds.zero3_init_context(ds_config):
                 model = task.build_model()
-            engine, _ = ds.initialize(model, train_cfg)
+            engine, _ = ds.initialize(model, ds_config)
             result["memory_after_init_gib"] = peak_memory_gib(device)
             times = []
             for step in range(args.warmup + args.steps):

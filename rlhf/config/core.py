@@ -42,18 +42,18 @@ def option(
     help: str = "",
     *,
     factory: Any = None,
-    choices: Sequence[Any] | None = None,
     gt: float | None = None,
     ge: float | None = None,
     le: float | None = None,
     must_exist: bool = False,
 ) -> Any:
-    """A documented config field with optional bounds.
+    """A documented config field with optional bounds; a set of choices is a ``Literal`` or ``Enum``
+    field type, so the code that dispatches on it and the config share one definition.
 
     ``must_exist`` checks that a path exists, unless the value is empty or looks like a hub
     name (``owner/name`` with no file suffix), since those are resolved later by their loaders.
     """
-    meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "le": le, "must_exist": must_exist}
+    meta = {"help": help, "gt": gt, "ge": ge, "le": le, "must_exist": must_exist}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -89,72 +89,85 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member type of ``tp`` that ``value`` converts to (null only when it allows it)."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        with contextlib.suppress(ConfigError):
+            return _coerce(value, arg, key)
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_choice(value: Any, tp: Any, key: str) -> Any:
+    """A ``Literal`` value or an ``Enum`` member."""
+    if get_origin(tp) is Literal:
+        for allowed in get_args(tp):  # by type too: YAML's true must not pass as the choice 1
+            if value == allowed and type(value) is type(allowed):
+                return allowed
+    else:
+        with contextlib.suppress(ValueError):
+            return tp(value)
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_container(value: Any, tp: Any, key: str) -> Any:
+    """A list/tuple or dict, item by item; a dataclass section from a mapping."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        ktp, vtp = get_args(tp) or (Any, Any)
+        return {_coerce(k, ktp, key): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"expected a list, got {value!r}")
+    (item_tp,) = get_args(tp)[:1] or (Any,)
+    items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int, float, str or Path; YAML's loose typing is tightened (no bool as int)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and number and isinstance(value, int):
+        return value
+    if tp is float:
+        if number:
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
+    if tp is str and (isinstance(value, str) or number):
+        return str(value)
+    if tp is Path:
+        return Path(str(value))
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp not in expected:
+        raise ConfigError(key, f"unsupported field type {tp!r}")
+    raise ConfigError(key, f"expected {expected[tp]}, got {value!r}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML-parsed value to ``tp`` or raise a ConfigError naming ``key``."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}") from None
-    if origin in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        (item_tp,) = get_args(tp)[:1] or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        ktp, vtp = get_args(tp) or (Any, Any)
-        return {_coerce(k, ktp, key): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    if tp is Path:
-        return Path(str(value))
-    raise ConfigError(key, f"unsupported field type {tp!r}")
+        return _coerce_union(value, tp, key)
+    if origin is Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return _coerce_choice(value, tp, key)
+    if origin in (list, tuple, Sequence, dict) or dataclasses.is_dataclass(tp):
+        return _coerce_container(value, tp, key)
+    return _coerce_scalar(value, tp, key)
 
 
 def _build(cls: type[T], values: dict[str, Any], prefix: str) -> T:
@@ -167,6 +180,9 @@ def _apply(instance: T, values: dict[str, Any], prefix: str) -> T:
 
     Merging into the current instance (not the class defaults) keeps a job's own defaults for
     a section, e.g. ``model.lr=...`` must not reset the job's choice of ``model.name_or_path``.
+    A section whose defaults depend on what the user set defines ``with_given(given)``: it gets
+    the names of the fields given here (from the file or the command line) and returns the
+    section to use.
     """
     cls = type(instance)
     hints = get_type_hints(cls)
@@ -181,7 +197,9 @@ def _apply(instance: T, values: dict[str, Any], prefix: str) -> T:
             changes[name] = _apply(current, value, key)
         else:
             changes[name] = _coerce(value, hints[name], key)
-    return dataclasses.replace(instance, **changes)
+    updated = dataclasses.replace(instance, **changes)
+    with_given = getattr(updated, "with_given", None)
+    return with_given(frozenset(values)) if callable(with_given) else updated
 
 
 # ---------------------------------------------------------------- validation
@@ -191,9 +209,6 @@ def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
     meta = f.metadata
     if value is None:
         return
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        allowed = ", ".join(repr(c) for c in meta["choices"])
-        raise ConfigError(key, f"must be one of {allowed}, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if meta.get("gt") is not None and not value > meta["gt"]:
             raise ConfigError(key, f"must be > {meta['gt']}, got {value!r}")
@@ -245,8 +260,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-safe data (enums by value, paths as strings)."""
+def to_dict(cfg: Any) -> Any:
+    """A config (or any value in it) as plain YAML-safe data (enums by value, paths as strings)."""
 
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
@@ -294,6 +309,11 @@ def load_config(
     return cfg
 
 
+def default_config(cls: type[T]) -> T:
+    """What a run of ``cls`` with no file and no overrides resolves to (before validation)."""
+    return _build(cls, {}, "")
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML; a run's outputs always carry it."""
     path = Path(path)
@@ -302,51 +322,62 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every leaf field, for ``--help`` and the docs."""
-    rows: list[tuple[str, str, str]] = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key + "."))
+@dataclasses.dataclass(frozen=True)
+class KeyHelp:
+    """One leaf key as ``--help`` shows it: the value a run with no overrides resolves, and its doc."""
+
+    key: str
+    default: Any  # plain YAML data, exactly what output_dir/config.yaml records
+    doc: str
+    when_set: str = ""  # a section that is null by default: the key's value applies once it is set
+
+    def line(self) -> str:
+        text = yaml.safe_dump(self.default, default_flow_style=True).strip().removesuffix("...").strip()
+        return f"  {self.key} = {text}" + (f"   (once {self.when_set} is set)" if self.when_set else "")
+
+
+def _optional_section(tp: Any) -> type | None:
+    """The dataclass in ``Section | None``, else None."""
+    if get_origin(tp) in (Union, types.UnionType):
+        sections = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        return sections[0] if sections else None
+    return None
+
+
+def describe(cfg: Any, prefix: str = "", when_set: str = "") -> list[KeyHelp]:
+    """Every leaf key of ``cfg`` (a job's default instance), for ``--help`` and the docs.
+
+    Reading the instance, not the class, shows each job's own defaults for a shared section.
+    A section that is null by default is shown as null, followed by its keys' values once set.
+    """
+    rows: list[KeyHelp] = []
+    hints = get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(value, key + ".", when_set))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = "(required)"
-        default_text = yaml.safe_dump(to_dict_value(default), default_flow_style=True).strip()
-        default_text = default_text.removesuffix("...").strip()
-        rows.append((key, default_text, f.metadata.get("help", "")))
+        rows.append(KeyHelp(key, to_dict(value), f.metadata.get("help", ""), when_set))
+        section = _optional_section(hints[f.name])
+        if value is None and section is not None:
+            rows.extend(describe(section(), key + ".", when_set or key))
     return rows
 
 
-def to_dict_value(value: Any) -> Any:
-    return to_dict(value) if dataclasses.is_dataclass(value) else _plain_scalar(value)
-
-
-def _plain_scalar(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def help_text(cls: type, prog: str) -> str:
+def help_text(cls: type, prog: str, resumable: bool) -> str:
+    flags = "[--config FILE.yaml]" + (" [--resume]" if resumable else "")
     lines = [
-        f"usage: {prog} [--config FILE.yaml] [--resume] [key=value ...]",
+        f"usage: {prog} {flags} [key=value ...]",
         "",
-        "Every key below can be set in the YAML file or overridden as key=value.",
+        *(["--resume continues from the last checkpoint under output_dir.", ""] if resumable else []),
+        "Every key below can be set in the YAML file or overridden as key=value; the value shown is",
+        "what a run with no overrides uses (and records in output_dir/config.yaml).",
         "",
     ]
-    for key, default, doc in describe(cls):
-        lines.append(f"  {key} = {default}")
-        if doc:
-            lines.append(f"      {doc}")
+    for row in describe(default_config(cls)):
+        lines.append(row.line())
+        if row.doc:
+            lines.append(f"      {row.doc}")
     return "\n".join(lines)
 
 
@@ -358,13 +389,17 @@ class CliArgs(typing.Generic[T]):
     resume: bool
 
 
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> CliArgs[T]:
+def parse_cli(
+    cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None, resumable: bool = False
+) -> CliArgs[T]:
     """Parse ``[--config FILE] [--resume] [--help] key=value ...`` for a job.
 
-    Config errors print one line (``error: key: message``) and exit with status 2.
+    ``--resume`` is accepted only by jobs that checkpoint (``resumable``). Config errors print one
+    line (``error: key: message``) and exit with status 2.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
+    flags = "--config FILE, " + ("--resume, " if resumable else "") + "--help"
     config_file = None
     resume = False
     overrides: list[str] = []
@@ -372,9 +407,9 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None 
     try:
         for arg in it:
             if arg in ("-h", "--help"):
-                print(help_text(cls, prog))
+                print(help_text(cls, prog, resumable))
                 raise SystemExit(0)
-            if arg == "--resume":
+            if arg == "--resume" and resumable:
                 resume = True
             elif arg == "--config":
                 config_file = next(it, None)
@@ -383,7 +418,7 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None 
             elif arg.startswith("--config="):
                 config_file = arg.split("=", 1)[1]
             elif arg.startswith("-"):
-                raise ConfigError(arg, "unknown flag; allowed: --config FILE, --resume, --help")
+                raise ConfigError(arg, f"unknown flag; allowed: {flags}")
             else:
                 overrides.append(arg)
         cfg = load_config(cls, config_file, overrides)

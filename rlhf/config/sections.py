@@ -1,4 +1,8 @@
-"""Config sections shared by several jobs. Each field's doc lives here and only here."""
+"""Config sections shared by several packages' jobs. Each field's doc lives here and only here.
+
+A job's own tree lives in its package (``rlhf/train/config.py``, ``rlhf/ppo/config.py``, ...) next to
+the code that dispatches on its choices; this module depends on nothing but :mod:`rlhf.config.core`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Literal
 from rlhf.config.core import ConfigError, option
 
 SourceFormat = Literal["auto", "jsonl", "json", "parquet", "csv", "hub"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 @dataclass
@@ -60,39 +65,21 @@ class StoreConfig:
 
     def validate(self) -> None:
         if "://" not in self.url:
-            raise ConfigError("url", f"not an SQLAlchemy URL: {self.url!r} (e.g. sqlite:///feedback.db)")
+            raise ConfigError("url", f"not an SQLAlchemy URL: {self.url!r}; accepted forms: "
+                                     "sqlite:///path/feedback.db or postgresql+psycopg://user@host:5432/db")
 
 
 @dataclass
-class TrainConfig:
-    """Ray Train + DeepSpeed settings shared by SFT and reward-model training."""
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings of a learner: SFT and reward-model ranks, the PPO learner."""
 
-    num_workers: int = option(1, "Ray Train workers (data-parallel ranks).", gt=0)
-    use_gpu: bool = option(False, "One GPU per worker (bf16); false trains on CPU in fp32.")
-    cpus_per_worker: float = option(1.0, "CPUs reserved per worker.", gt=0)
-    zero_stage: int = option(0, "DeepSpeed ZeRO stage: 0 (plain DDP) to 3 (shard params too).",
-                             choices=(0, 1, 2, 3))
+    zero_stage: ZeroStage = option(0, "DeepSpeed ZeRO stage: 0 (plain data parallel) to 3 (shard "
+                                      "parameters too).")
     offload_optimizer: bool = option(False, "Keep optimizer state in CPU memory (ZeRO 1-3).")
     offload_params: bool = option(False, "Keep parameters in CPU memory (ZeRO-3 only).")
-    batch_size: int = option(8, "Micro-batch size per worker.", gt=0)
-    grad_accum_steps: int = option(1, "Micro-batches per optimizer step.", gt=0)
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
-    lr: float = option(1e-3, "Peak learning rate.", gt=0)
-    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
-    warmup_steps: int = option(0, "Linear warmup steps from 0 to lr.", ge=0)
-    lr_schedule: str = option("linear", "Decay after warmup.", choices=("linear", "cosine", "constant"))
-    max_steps: int = option(40, "Optimizer steps to train.", gt=0)
-    eval_every: int = option(20, "Validate every N steps (and at the end).", gt=0)
-    save_every: int = option(20, "Checkpoint every N steps (and at the end).", gt=0)
-    log_every: int = option(5, "Print a progress line every N steps.", gt=0)
-    validation_fraction: float = option(
-        0.1, "Share of the training rows held out for validation when no eval_data is given.",
-        gt=0, le=0.5,
-    )
-    max_eval_rows: int = option(64, "Validate on at most this many held-out rows.", gt=0)
 
     def validate(self) -> None:
         if self.offload_params and self.zero_stage != 3:
-            raise ConfigError("offload_params", "needs zero_stage=3")
+            raise ConfigError("offload_params", f"needs zero_stage=3, got zero_stage={self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("offload_optimizer", "needs zero_stage 1, 2 or 3")
+            raise ConfigError("offload_optimizer", "needs zero_stage 1, 2 or 3, got zero_stage=0")

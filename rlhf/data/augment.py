@@ -9,12 +9,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import pyarrow as pa
 
 from rlhf.data.schemas import PREFERENCE_SCHEMA
 
 Corruption = Callable[[str, random.Random, Sequence[str]], str]
+CorruptionKind = Literal["other_summary", "truncate", "shuffle", "repeat_tail", "random_tokens"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -72,17 +74,18 @@ def random_tokens(summary: str, rng: random.Random, pool: Sequence[str]) -> str:
     return " ".join(words)
 
 
-CORRUPTIONS: dict[str, Corruption] = {
+CORRUPTIONS: dict[CorruptionKind, Corruption] = {
     "other_summary": other_summary,
     "truncate": truncate,
     "shuffle": shuffle,
     "repeat_tail": repeat_tail,
     "random_tokens": random_tokens,
 }
+assert tuple(CORRUPTIONS) == get_args(CorruptionKind)
 
 
 def synthetic_preferences(
-    sft: pa.Table, n_pairs: int, kinds: Sequence[str], seed: int
+    sft: pa.Table, n_pairs: int, kinds: Sequence[CorruptionKind], seed: int
 ) -> pa.Table:
     """``n_pairs`` preference rows from SFT rows (original_text, summary).
 

@@ -1,4 +1,4 @@
-"""The three canonical tables every training stage reads (DESIGN.md, "Canonical data").
+"""The three canonical tables every training stage reads (docs/design.md, "Data flow and packages").
 
 Adapters in :mod:`rlhf.data.sources` map real layouts onto these, so SFT, reward and PPO code
 only ever sees these column names and types.

@@ -35,7 +35,7 @@ from rlhf.errors import InputError
 if TYPE_CHECKING:
     import ray.data
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Policy samples in summarize_from_feedback sometimes run past the end-of-text token into
 # unrelated text; everything from the token on is generation junk.
@@ -527,11 +527,11 @@ def _warn(report: SkipReport) -> None:
         file = next(e.file for e in report.examples if e.reason is reason)
         message = f"{file}: skipped {report.describe(reason)}"
         if reason.is_filter:
-            log.info(message)
+            logger.info(message)
         else:
             warnings.warn(message, DataWarning, stacklevel=3)
     if report.cut_at_endoftext:
-        log.info("cut generation junk after %s from %d summaries", ENDOFTEXT, report.cut_at_endoftext)
+        logger.info("cut generation junk after %s from %d summaries", ENDOFTEXT, report.cut_at_endoftext)
 
 
 def _rows(

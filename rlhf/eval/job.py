@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf.config.jobs import EvalConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
+from rlhf.eval.config import EvalConfig
 from rlhf.eval.metrics import evaluate_policy, evaluate_reward_model
+from rlhf.metrics import emit
 from rlhf.models import load_policy, load_reward_model
 
 
@@ -22,7 +23,7 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg: EvalConfig, resume: bool = False) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json."""
     reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model else None
     results: dict[str, dict] = {}
@@ -33,10 +34,10 @@ def run_eval(cfg: EvalConfig, resume: bool = False) -> dict:
         pairs = load_source(cfg.references, Schema.SFT).table
         policy = load_policy(cfg.policy)
         results["policy"] = evaluate_policy(policy, pairs, cfg.batch_size, reward_model)
-    print(format_table(results), flush=True)
+    emit(format_table(results))
     report = {**results.get("reward", {}), **({"policy": results["policy"]} if "policy" in results else {})}
     path = Path(cfg.output_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}", flush=True)
+    emit(f"wrote {path}")
     return report

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 
@@ -10,6 +9,7 @@ import pyarrow as pa
 import torch
 
 from rlhf.eval.rouge import rouge
+from rlhf.metrics import emit
 from rlhf.models import Policy, RewardModel
 
 SIMILAR_LENGTH = 0.2  # pairs whose lengths differ by less than this share are "similar length"
@@ -22,8 +22,7 @@ def _batches(table: pa.Table, size: int, label: str) -> Iterator[dict[str, list]
         yield table.slice(offset, size).to_pydict()
         done = min(offset + size, n)
         rate = done / max(time.time() - start, 1e-9)
-        sys.stdout.write(f"{label}: {done}/{n} rows | {rate:.1f} rows/s\n")
-        sys.stdout.flush()
+        emit(f"{label}: {done}/{n} rows | {rate:.1f} rows/s")
 
 
 def length_baseline(lengths_0: list[int], lengths_1: list[int], choices: list[int]) -> float:

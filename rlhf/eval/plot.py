@@ -6,14 +6,26 @@ import json
 from pathlib import Path
 
 from rlhf.errors import InputError
+from rlhf.metrics import IterationMetrics
 
-# (metrics key, panel title); panels whose key never appears are left out
+
+def _field(name: str) -> str:
+    """``name`` if it is an IterationMetrics field: renaming a metric breaks this module at import
+    instead of leaving a panel silently empty."""
+    if name not in IterationMetrics.keys():
+        raise AttributeError(f"IterationMetrics has no field {name!r}")
+    return name
+
+
+# (IterationMetrics field, panel title); panels whose key no record has are left out, so a
+# metrics.jsonl written before a metric existed still plots
 PPO_PANELS = [
-    ("reward_mean", "reward (raw)"),
-    ("kl_mean", "KL to reference (per sequence)"),
-    ("entropy", "entropy (per token)"),
-    ("response_length_mean", "summary length (tokens)"),
+    (_field("reward_mean"), "reward (raw)"),
+    (_field("kl_mean"), "KL to reference (per sequence)"),
+    (_field("entropy"), "entropy (per token)"),
+    (_field("response_length_mean"), "summary length (tokens)"),
 ]
+ITERATION = _field("iteration")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -30,13 +42,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")  # headless: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(run_dir) if "iteration" in r]
+    records = [r for r in read_metrics(run_dir) if ITERATION in r]
     panels = [(key, title) for key, title in PPO_PANELS if any(key in r for r in records)]
     if not panels:
         raise InputError(f"{run_dir}: metrics.jsonl has none of {', '.join(k for k, _ in PPO_PANELS)}")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        points = [(r["iteration"], r[key]) for r in records if key in r]
+        points = [(r[ITERATION], r[key]) for r in records if key in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_title(title)
         ax.set_xlabel("iteration")

@@ -171,17 +171,9 @@ class RewardModel(ScalarHeadModel):
 
     role: ClassVar[str] = "reward"
 
-    def __init__(
-        self,
-        backbone: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        max_source_length: int,
-        max_target_length: int,
-        seed: int = 0,
-        reward_mean: float = 0.0,
-        reward_std: float = 1.0,
-    ) -> None:
-        super().__init__(backbone, tokenizer, max_source_length, max_target_length, seed)
+    def __init__(self, *args: Any, reward_mean: float = 0.0, reward_std: float = 1.0, **kwargs: Any) -> None:
+        """``ScalarHeadModel``'s arguments plus the stored score statistics."""
+        super().__init__(*args, **kwargs)
         self.reward_mean = float(reward_mean)
         self.reward_std = float(reward_std)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from datetime import datetime, timedelta
@@ -18,18 +17,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlhf.config.core import validate
-from rlhf.config.jobs import FeedbackPolicyConfig, OnlineConfig, PPOConfig, PPORewardConfig
 from rlhf.config.sections import DataSourceConfig, ModelConfig
 from rlhf.errors import InputError
 from rlhf.eval.metrics import evaluate_reward_model
-from rlhf.metrics import emit
+from rlhf.metrics import IterationMetrics, emit
 from rlhf.models.heads import load_reward_model
+from rlhf.online.config import FeedbackPolicyConfig, OnlineConfig
 from rlhf.online.feedback import FeedbackWindow, read_window
-from rlhf.ppo.registry import PolicyRegistry
-from rlhf.store import Cycle, CycleLog, FeedbackStore
+from rlhf.ppo.config import PPOConfig, PPORewardConfig
+from rlhf.registry import PolicyRegistry
+from rlhf.runtime import derive_seed, init_ray
+from rlhf.store import Cycle, CycleLog, CycleRecord, FeedbackStore, PPOSummary, check_url
 from rlhf.store.tables import utcnow
-from rlhf.train.loop import LoopSettings, run_training
-from rlhf.train.reward import RewardTask
+from rlhf.train.reward import train_reward_model
 
 EVAL_BATCH = 16
 
@@ -91,46 +91,44 @@ class OnlineLoop:
                                       f"{waited:.0f} s; lower feedback.min_new or wait longer")
             emit(f"online: cycle {number} waiting for feedback: {new}/{fb.min_new} new choices")
             time.sleep(fb.poll_interval_s)
-        record = {"watermark_since": _iso(since), "watermark_until": _iso(until),
-                  "policy_before": self._current_policy(), "reward_before": self._current_reward()}
-        emit(f"online: cycle {number} starts on {new} new choices in ({record['watermark_since']}, "
-             f"{record['watermark_until']}]")
+        record = CycleRecord(watermark_since=_iso(since), watermark_until=until.isoformat(),
+                             policy_before=self._current_policy(), reward_before=self._current_reward())
+        emit(f"online: cycle {number} starts on {new} new choices in ({record.watermark_since}, "
+             f"{record.watermark_until}]")
         return self.ledger.start(number, since, until, record)
 
     def _finish(self, cycle: Cycle) -> Cycle:
         cycle_dir = self.output_dir / "cycles" / f"c{cycle.cycle:04d}"
-        record = dict(cycle.record)
         if cycle.stage == "started":
-            record.update(self._update_reward(cycle, cycle_dir))
-            cycle = self.ledger.advance(cycle.cycle, "reward_done", record)
-        if self._current_policy() != record["policy_before"]:
+            cycle = self.ledger.advance(cycle.cycle, "reward_done", self._update_reward(cycle, cycle_dir))
+        if self._current_policy() != cycle.record.policy_before:
             # Killed between publishing and recording it: the version is this cycle's.
-            record.update(policy_version=Path(self._current_policy()).name, ppo="published before a restart")
+            record = dataclasses.replace(cycle.record, policy_version=Path(self._current_policy()).name,
+                                         ppo="published before a restart")
         else:
-            record.update(self._update_policy(cycle, cycle_dir, record["reward_used"]))
+            record = self._update_policy(cycle, cycle_dir)
         cycle = self.ledger.advance(cycle.cycle, "done", record)
         with (self.output_dir / "cycles.jsonl").open("a") as log:
-            log.write(json.dumps({"cycle": cycle.cycle, **record}) + "\n")
-        emit(f"online: cycle {cycle.cycle} done: reward accuracy {record['accuracy_before']} -> "
-             f"{record['accuracy_after']} ({'kept' if record['reward_kept'] else 'rejected'}), "
-             f"published policy {record['policy_version']}")
+            log.write(json.dumps({"cycle": cycle.cycle, **record.to_record()}) + "\n")
+        emit(f"online: cycle {cycle.cycle} done: reward accuracy {record.accuracy_before} -> "
+             f"{record.accuracy_after} ({'kept' if record.reward_kept else 'rejected'}), "
+             f"published policy {record.policy_version}")
         return cycle
 
-    def _update_reward(self, cycle: Cycle, cycle_dir: Path) -> dict:
+    def _update_reward(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """Continue-train from the last kept reward model; keep the result only if held-out accuracy
         did not fall by more than ``feedback.max_accuracy_drop`` (judged once ``feedback.min_holdout``
         held-out choices exist)."""
         fb = self.cfg.feedback
         window = read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
-                             self.cfg.seed + cycle.cycle)
-        base = cycle.record["reward_before"]
+                             derive_seed(self.cfg.seed, cycle.cycle))
+        base = cycle.record.reward_before
         emit(f"online: cycle {cycle.cycle} reward update from {base}: {window.new.num_rows} new + "
              f"{window.replay.num_rows} replayed choices, {window.holdout.num_rows} held out")
-        seed = self.cfg.seed + cycle.cycle
-        task = RewardTask(self._reward_config(base), self.cfg.reward_train.batch_size, seed)
-        settings = LoopSettings(train=self.cfg.reward_train, seed=seed, output_dir=str(cycle_dir / "reward"))
         validation = window.holdout if window.holdout.num_rows else window.new
-        trained = run_training(task, settings, window.train, validation).model_dir
+        training = dataclasses.replace(self.cfg.reward, model=self._reward_config(base))
+        trained = train_reward_model(training, window.train, validation, str(cycle_dir / "reward"),
+                                     derive_seed(self.cfg.seed, cycle.cycle)).model_dir
         before, after = self._accuracy(base, window), self._accuracy(str(trained), window)
         judged, kept = keep_reward_update(before, after, window.holdout.num_rows, fb)
         used = base
@@ -140,11 +138,11 @@ class OnlineLoop:
                 shutil.copytree(trained, folder, dirs_exist_ok=True)
 
             used = str(self.rewards.publish(copy, metrics))
-        return {
-            "new_ids": window.new_ids, "replay_ids": window.replay_ids, "holdout_ids": window.holdout_ids,
-            "accuracy_before": before, "accuracy_after": after, "reward_judged": judged, "reward_kept": kept,
-            "reward_used": used,
-        }
+        return dataclasses.replace(
+            cycle.record, new_ids=window.new_ids, replay_ids=window.replay_ids,
+            holdout_ids=window.holdout_ids, accuracy_before=before, accuracy_after=after,
+            reward_judged=judged, reward_kept=kept, reward_used=used,
+        )
 
     def _accuracy(self, reward: str, window: FeedbackWindow) -> float | None:
         """Pairwise accuracy on the held-out choices (None when there are none yet)."""
@@ -153,41 +151,45 @@ class OnlineLoop:
         model = load_reward_model(self._reward_config(reward)).eval()
         return round(evaluate_reward_model(model, window.holdout, EVAL_BATCH)["accuracy"], 4)
 
-    def _update_policy(self, cycle: Cycle, cycle_dir: Path, reward: str) -> dict:
-        """M PPO iterations from the current policy on the stored documents, published at the end."""
+    def _update_policy(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
+        """M PPO iterations from the current policy on the stored documents with the reward model the
+        update chose, published at the end."""
         from rlhf.ppo.job import run_ppo  # Ray roles: imported only when a cycle gets this far
 
         documents = cycle_dir / "documents.jsonl"
         n_documents = _write_documents(self.store.documents_table(), documents)
-        cfg = PPOConfig(
-            output_dir=str(cycle_dir / "ppo"),
-            seed=self.cfg.seed + cycle.cycle,
-            policy=dataclasses.replace(self.cfg.policy, name_or_path=cycle.record["policy_before"]),
-            reward=PPORewardConfig(model=self._reward_config(reward), fn=""),
-            prompts=DataSourceConfig(path=str(documents)),
-            ppo=dataclasses.replace(self.cfg.ppo, publish_every=self.cfg.ppo.iterations),
-            roles=self.cfg.roles,
-            registry=self.cfg.registry,
+        rl = self.cfg.rl
+        training = dataclasses.replace(
+            rl, policy=dataclasses.replace(rl.policy, name_or_path=cycle.record.policy_before),
+            ppo=dataclasses.replace(rl.ppo, publish_every=rl.ppo.iterations),
+        )
+        cfg = PPOConfig.for_run(
+            training, output_dir=str(cycle_dir / "ppo"), seed=derive_seed(self.cfg.seed, cycle.cycle),
+            reward=PPORewardConfig(model=self._reward_config(cycle.record.reward_used), fn=""),
+            prompts=DataSourceConfig(path=str(documents)), registry=self.cfg.registry,
         )
         validate(cfg)
         emit(f"online: cycle {cycle.cycle} PPO from {cfg.policy.name_or_path}: {cfg.ppo.iterations} "
              f"iterations on {n_documents} stored documents")
         history = run_ppo(cfg)
-        keys = ("reward_mean", "kl_mean", "response_length_mean")
-        return {"documents": n_documents, "policy_version": Path(self._current_policy()).name,
-                "ppo_first": {k: history[0].get(k) for k in keys},
-                "ppo_last": {k: history[-1].get(k) for k in keys}}
+        return dataclasses.replace(cycle.record, documents=n_documents,
+                                   policy_version=Path(self._current_policy()).name,
+                                   ppo_first=_summary(history[0]), ppo_last=_summary(history[-1]))
 
     def _reward_config(self, name_or_path: str) -> ModelConfig:
-        return dataclasses.replace(self.cfg.reward, name_or_path=name_or_path)
+        return dataclasses.replace(self.cfg.reward.model, name_or_path=name_or_path)
 
     def _current_policy(self) -> str:
         latest = self.policies.latest()
-        return str(latest) if latest is not None else self.cfg.policy.name_or_path
+        return str(latest) if latest is not None else self.cfg.rl.policy.name_or_path
 
     def _current_reward(self) -> str:
         latest = self.rewards.latest()
-        return str(latest) if latest is not None else self.cfg.reward.name_or_path
+        return str(latest) if latest is not None else self.cfg.reward.model.name_or_path
+
+
+def _summary(metrics: IterationMetrics) -> PPOSummary:
+    return PPOSummary(metrics.reward_mean, metrics.kl_mean, metrics.response_length_mean)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -205,10 +207,8 @@ def _write_documents(table: pa.Table, path: Path) -> int:
     return len(texts)
 
 
-def run_online(cfg: OnlineConfig, resume: bool = False) -> list[Cycle]:
-    """Run the loop (resuming is automatic: the ledger says where it stopped; ``resume`` is unused)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+def run_online(cfg: OnlineConfig) -> list[Cycle]:
+    """Run the loop (resuming is automatic: the ledger says where it stopped)."""
+    check_url(cfg.store.url)  # fail in seconds, before Ray starts
+    init_ray()
     return OnlineLoop(cfg).run()

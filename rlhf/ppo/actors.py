@@ -16,9 +16,9 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf.config.jobs import PPOConfig
 from rlhf.errors import InputError
 from rlhf.ppo.batch import PPOBatch
+from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout
 from rlhf.ppo.roles import (
     Generator,
@@ -30,6 +30,7 @@ from rlhf.ppo.roles import (
     free_port,
 )
 from rlhf.ppo.weight_sync import COLLECTIVE, resolve_transport
+from rlhf.runtime import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -47,26 +48,20 @@ def _threads(cfg: PPOConfig) -> int:
     return roles.threads_per_actor or max(1, int(roles.cpus_per_actor))
 
 
-def _actor_count(cfg: PPOConfig) -> int:
-    r = cfg.roles
-    return r.rollout_workers + r.reward_workers + r.reference_workers + r.learner_workers
-
-
 def check_placement(cfg: PPOConfig) -> None:
-    """Fail before any model loads when the cluster cannot hold every role's actors."""
+    """Fail before any model loads when the cluster cannot hold every role's actors.
+
+    The checks that need no cluster (worker counts, transport) ran in config validation.
+    """
     r = cfg.roles
-    n = _actor_count(cfg)
-    need_cpu, need_gpu = n * r.cpus_per_actor, n * r.gpus_per_actor
+    need_cpu, need_gpu = r.actors * r.cpus_per_actor, r.actors * r.gpus_per_actor
     have = ray.cluster_resources()
     if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
         raise InputError(
-            f"roles: {n} actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the cluster has "
+            f"roles: {r.actors} actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower roles.cpus_per_actor, "
             "roles.gpus_per_actor or the worker counts"
         )
-    resolve_transport(r.weight_sync, r.gpus_per_actor)
-    if r.learner_workers > 1 and cfg.ppo.minibatch_size % r.learner_workers:
-        raise InputError(f"roles.learner_workers: {r.learner_workers} must divide ppo.minibatch_size")
 
 
 def _split(n: int, parts: int) -> list[slice]:
@@ -83,12 +78,12 @@ class RayRoles:
         self.cfg = cfg
         r = cfg.roles
         bundle = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
-        self.pg = placement_group([bundle] * _actor_count(cfg), strategy=r.placement)
+        self.pg = placement_group([bundle] * r.actors, strategy=r.placement)
         if not self.pg.wait(PLACEMENT_TIMEOUT_S):
             remove_placement_group(self.pg)
-            raise InputError(f"roles.placement: {r.placement} placement of {_actor_count(cfg)} actors "
+            raise InputError(f"roles.placement: {r.placement} placement of {r.actors} actors "
                              f"could not be met within {PLACEMENT_TIMEOUT_S}s")
-        bundles = iter(range(_actor_count(cfg)))
+        bundles = iter(range(r.actors))
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
         self.generators = [self._actor(Generator, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(r.rollout_workers)]
@@ -122,14 +117,14 @@ class RayRoles:
 
     def generate(self, documents: list[str], seed: int) -> Rollout:
         shards = _split(len(documents), len(self.generators))
-        refs = [g.generate.remote(documents[s], seed * 1000 + i, self.version)
+        refs = [g.generate.remote(documents[s], derive_seed(seed, i), self.version)
                 for i, (g, s) in enumerate(zip(self.generators, shards))]
         parts = []
         for i, ref in enumerate(refs):
             try:
                 parts.append(ray.get(ref))
             except (RayActorError, StaleWeightsError) as err:
-                parts.append(self._retry_generate(i, documents[shards[i]], seed * 1000 + i, err))
+                parts.append(self._retry_generate(i, documents[shards[i]], derive_seed(seed, i), err))
         return Rollout.concat(parts)
 
     def _retry_generate(self, index: int, documents: list[str], seed: int, error: Exception) -> Rollout:

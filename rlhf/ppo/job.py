@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import ray
-
-from rlhf.config.jobs import PPOConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import read_dataset
-from rlhf.metrics import MetricsWriter, emit, progress_line
+from rlhf.metrics import IterationMetrics, MetricsWriter, emit, progress_line
 from rlhf.ppo.actors import RayRoles
-from rlhf.ppo.trainer import PPOTrainer, PromptStream, latest_checkpoint
-from rlhf.train.loop import quiet_ray_data
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.trainer import PPOTrainer, PromptStream, latest_ppo_checkpoint
+from rlhf.runtime import derive_seed, init_ray, quiet_ray_data
 
-PROGRESS_KEYS = ["iteration", "reward_mean", "kl_mean", "entropy", "clip_fraction", "value_loss",
-                 "response_length_mean", "generate_tokens_per_s", "time_s"]
+
+def progress(m: IterationMetrics) -> str:
+    """What people watch per iteration: reward and KL, the learning signals, length and speed."""
+    shown = {"reward_mean": m.reward_mean, "kl_mean": m.kl_mean, "entropy": m.entropy,
+             "clip_fraction": m.clip_fraction, "value_loss": m.value_loss,
+             "response_length_mean": m.response_length_mean,
+             "generate_tokens_per_s": m.generate_tokens_per_s, "time_s": m.time_s}
+    return progress_line(shown, list(shown))
 
 
 def prompt_stream(cfg: PPOConfig) -> PromptStream:
@@ -30,29 +33,28 @@ def prompt_stream(cfg: PPOConfig) -> PromptStream:
     dataset = read_dataset(cfg.prompts, Schema.PROMPTS).materialize()
 
     def epoch_documents(epoch: int) -> Iterator[str]:
-        batches = dataset.iter_batches(batch_size=256, batch_format="pyarrow",
-                                       local_shuffle_buffer_size=4096, local_shuffle_seed=cfg.seed + epoch)
+        batches = dataset.iter_batches(batch_size=256, batch_format="pyarrow", local_shuffle_buffer_size=4096,
+                                       local_shuffle_seed=derive_seed(cfg.seed, epoch))
         for batch in batches:
             yield from batch.column("original_text").to_pylist()
 
     return PromptStream(epoch_documents)
 
 
-def run_ppo(cfg: PPOConfig, resume: bool = False) -> list[dict]:
+def run_ppo(cfg: PPOConfig, resume: bool = False) -> list[IterationMetrics]:
     """Run PPO as configured; returns the metrics of each iteration run."""
-    resume_from = latest_checkpoint(cfg.output_dir) if resume else None
+    resume_from = latest_ppo_checkpoint(cfg.output_dir) if resume else None
     if resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output_dir}; run without it")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    init_ray()
     quiet_ray_data()
     prompts = prompt_stream(cfg)
     roles = RayRoles(cfg)
     metrics = MetricsWriter(cfg.output_dir, step_key="iteration")
 
-    def log(record: dict) -> None:
-        metrics.write(record)
-        emit(f"ppo {record['iteration']}/{cfg.ppo.iterations} | " + progress_line(record, PROGRESS_KEYS[1:]))
+    def log(iteration: IterationMetrics) -> None:
+        metrics.write(iteration.to_record())
+        emit(f"ppo {iteration.iteration}/{cfg.ppo.iterations} | {progress(iteration)}")
 
     trainer = PPOTrainer(cfg, roles, prompts, log)
     if resume_from is not None:

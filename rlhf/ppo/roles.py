@@ -16,8 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf.config.jobs import PPOConfig
-from rlhf.config.sections import TrainConfig
 from rlhf.models import (
     Policy,
     RewardModel,
@@ -28,9 +26,11 @@ from rlhf.models import (
 )
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
+from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
-from rlhf.ppo.reward_fn import load_reward_fn
+from rlhf.ppo.rewards import load_reward_fn
 from rlhf.ppo.weight_sync import ChangeTracker, StateDict, WeightGroup, unique_tensors
+from rlhf.runtime import derive_seed
 from rlhf.train import engine as ds
 
 
@@ -192,30 +192,21 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         gpu = cfg.roles.gpus_per_actor > 0
         init_process_group(rank, world_size, address, port or free_port(), gpu)
-        self.train_cfg = self._train_config(cfg)
-        with ds.zero3_init_context(ds.deepspeed_config(self.train_cfg)):
+        self.zero_stage = cfg.roles.deepspeed.zero_stage
+        ds_config = ds.deepspeed_config(
+            cfg.roles.deepspeed, micro_batch_size=max(1, cfg.ppo.minibatch_size // world_size),
+            lr=cfg.ppo.lr, max_grad_norm=cfg.ppo.max_grad_norm, bf16=gpu,
+        )
+        with ds.zero3_init_context(ds_config):
             self.policy: Policy = load_policy(cfg.policy)
             value = load_value_model(cfg.value or cfg.policy)
-        self.engine, _ = ds.initialize(ActorCritic(self.policy.model, value), self.train_cfg)
+        self.engine, _ = ds.initialize(ActorCritic(self.policy.model, value), ds_config)
         self.value = value
         self.device = self.engine.device
-        self.rng = torch.Generator().manual_seed(cfg.seed + rank)
+        self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
         self.sent = ChangeTracker()
         self.weights: WeightGroup | None = None  # rank 0, collective sync only
         self._weight_store = None  # the group's rendezvous, hosted by rank 0
-
-    @staticmethod
-    def _train_config(cfg: PPOConfig) -> TrainConfig:
-        """DeepSpeed settings for PPO minibatch updates, via the shared training plumbing."""
-        roles, algo = cfg.roles, cfg.ppo
-        return TrainConfig(
-            num_workers=roles.learner_workers, use_gpu=roles.gpus_per_actor > 0,
-            zero_stage=roles.zero_stage, offload_optimizer=roles.offload_optimizer,
-            offload_params=roles.offload_params,
-            batch_size=max(1, algo.minibatch_size // roles.learner_workers),
-            max_grad_norm=algo.max_grad_norm, lr=algo.lr, lr_schedule="constant",
-            max_steps=algo.iterations * algo.epochs * (algo.rollout_batch_size // algo.minibatch_size),
-        )
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +254,7 @@ class Learner:
         Every rank must call it (ZeRO-3 gathers the shards); only rank 0 returns tensors.
         """
         start = time.perf_counter()
-        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+        with ds.gathered_params(self.policy.model, self.zero_stage):
             if self.rank != 0:
                 return {}, time.perf_counter() - start
             changed = self.sent.changed(unique_tensors(self.policy.model))
@@ -276,7 +267,7 @@ class Learner:
 
     def join_weight_group(self, address: str, port: int, size: int) -> None:
         """Every rank calls it (ZeRO-3 gather); rank 0 joins the broadcast group as its source."""
-        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+        with ds.gathered_params(self.policy.model, self.zero_stage):
             if self.rank == 0:
                 self.weights = WeightGroup(address, port, 0, size, self.device)
                 self.weights.check_layout(unique_tensors(self.policy.model))
@@ -284,7 +275,7 @@ class Learner:
     def broadcast_weights(self) -> float:
         """Every rank calls it (ZeRO-3 gather); rank 0 broadcasts the changed tensors. Seconds."""
         start = time.perf_counter()
-        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+        with ds.gathered_params(self.policy.model, self.zero_stage):
             if self.rank == 0:
                 tensors = unique_tensors(self.policy.model)
                 self.weights.broadcast(tensors, self.sent.changed(tensors))
@@ -296,7 +287,7 @@ class Learner:
 
     def save_policy(self, path: str) -> None:
         """The current policy in Hugging Face layout (all ranks call; rank 0 writes)."""
-        with ds.gathered_params(self.policy.model, self.train_cfg.zero_stage):
+        with ds.gathered_params(self.policy.model, self.zero_stage):
             if self.rank == 0:
                 self.policy.save(path)
 

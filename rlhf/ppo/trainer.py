@@ -17,12 +17,14 @@ from typing import Protocol
 
 import torch
 
-from rlhf.config.jobs import PPOAlgoConfig, PPOConfig
+from rlhf.metrics import IterationMetrics, emit
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
+from rlhf.ppo.config import PPOAlgoConfig, PPOConfig
 from rlhf.ppo.experience import Rollout
-from rlhf.ppo.registry import PolicyRegistry
 from rlhf.ppo.roles import LearnStats
+from rlhf.registry import PolicyRegistry
+from rlhf.runtime import derive_seed
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -119,7 +121,8 @@ class TrainerState:
 class PPOTrainer:
     """Runs PPO iterations over ``roles``, logging, checkpointing and publishing as configured."""
 
-    def __init__(self, cfg: PPOConfig, roles: Roles, prompts: PromptStream, log: Callable[[dict], None]):
+    def __init__(self, cfg: PPOConfig, roles: Roles, prompts: PromptStream,
+                 log: Callable[[IterationMetrics], None]):
         self.cfg, self.roles, self.prompts, self.log = cfg, roles, prompts, log
         algo = cfg.ppo
         self.kl = (F.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
@@ -128,7 +131,7 @@ class PPOTrainer:
         self.output_dir = Path(cfg.output_dir)
         self.registry = PolicyRegistry(cfg.registry or self.output_dir / "registry")
 
-    def run(self) -> list[dict]:
+    def run(self) -> list[IterationMetrics]:
         history = []
         while self.iteration < self.cfg.ppo.iterations:
             metrics = self.step()
@@ -137,12 +140,12 @@ class PPOTrainer:
             self._checkpoint_and_publish(metrics)
         return history
 
-    def step(self) -> dict:
+    def step(self) -> IterationMetrics:
         """One PPO iteration; returns its metrics."""
         algo, timer, start = self.cfg.ppo, RoleTimer(), time.perf_counter()
         documents = self.prompts.next_batch(algo.rollout_batch_size)
         with timer("generate"):
-            rollout = self.roles.generate(documents, seed=self.cfg.seed * 1_000_003 + self.iteration)
+            rollout = self.roles.generate(documents, seed=derive_seed(self.cfg.seed, self.iteration))
         with timer("score"):
             raw, scores = self.roles.score(documents, rollout.summaries)
         scores = apply_no_eos_penalty(scores, rollout.ended, algo.no_eos_penalty)
@@ -159,33 +162,39 @@ class PPOTrainer:
         self.kl.update(kl_per_sequence.mean().item(), len(documents))
         self.iteration += 1
         lengths = rollout.mask.sum(1)  # (B,)
-        return {
-            "iteration": self.iteration,
-            "reward_mean": raw.mean().item(),
-            "reward_used_mean": scores.mean().item(),
-            "kl_mean": kl_per_sequence.mean().item(),
-            "kl_coef": kl_coef,
-            **asdict(stats),
-            "explained_variance": F.explained_variance(values, batch.returns, rollout.mask).item(),
-            "response_length_mean": lengths.mean().item(),
-            "eos_fraction": rollout.ended.float().mean().item(),
-            "generate_tokens_per_s": lengths.sum().item() / max(timer.seconds["generate"], 1e-9),
-            "sync_transfer_s": sync_transfer_s,
-            "time_s": time.perf_counter() - start,
-            **{f"time_{role}_s": seconds for role, seconds in timer.seconds.items()},
-        }
+        seconds = timer.seconds
+        return IterationMetrics(
+            iteration=self.iteration,
+            reward_mean=raw.mean().item(),
+            reward_used_mean=scores.mean().item(),
+            kl_mean=kl_per_sequence.mean().item(),
+            kl_coef=kl_coef,
+            **asdict(stats),  # a LearnStats field IterationMetrics lacks is a TypeError here
+            explained_variance=F.explained_variance(values, batch.returns, rollout.mask).item(),
+            response_length_mean=lengths.mean().item(),
+            eos_fraction=rollout.ended.float().mean().item(),
+            generate_tokens_per_s=lengths.sum().item() / max(seconds["generate"], 1e-9),
+            sync_transfer_s=sync_transfer_s,
+            time_s=time.perf_counter() - start,
+            time_generate_s=seconds["generate"],
+            time_score_s=seconds["score"],
+            time_reference_s=seconds["reference"],
+            time_learn_s=seconds["learn"],
+            time_sync_s=seconds["sync"],
+        )
 
     # ------------------------------------------------------------ checkpoints and versions
 
     def _due(self, every: int) -> bool:
         return self.iteration % every == 0 or self.iteration == self.cfg.ppo.iterations
 
-    def _checkpoint_and_publish(self, metrics: dict) -> None:
+    def _checkpoint_and_publish(self, metrics: IterationMetrics) -> None:
         if self._due(self.cfg.ppo.checkpoint_every):
             self.save_checkpoint()
         if self._due(self.cfg.ppo.publish_every):
-            version = self.registry.publish(lambda folder: self.roles.save_policy(str(folder)), metrics)
-            print(f"published policy {version}", flush=True)
+            version = self.registry.publish(lambda folder: self.roles.save_policy(str(folder)),
+                                            metrics.to_record())
+            emit(f"published policy {version}")
 
     def save_checkpoint(self) -> Path:
         folder = self.output_dir / "checkpoints" / f"iter_{self.iteration:06d}"
@@ -203,7 +212,7 @@ class PPOTrainer:
         self.kl.load_state_dict(state.kl)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The PPO checkpoint with the highest iteration under ``output_dir``."""
+def latest_ppo_checkpoint(output_dir: str | Path) -> Path | None:
+    """The PPO checkpoint (``checkpoints/iter_*``) with the highest iteration under ``output_dir``."""
     folders = sorted((Path(output_dir) / "checkpoints").glob(f"iter_*/{TRAINER_STATE}"))
     return folders[-1].parent if folders else None

@@ -22,30 +22,34 @@ from __future__ import annotations
 import datetime
 import zlib
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlhf.config.core import ConfigError
 from rlhf.errors import InputError
 
 StateDict = dict[str, torch.Tensor]
 
-OBJECT_STORE = "object_store"
-COLLECTIVE = "collective"
+WeightSync = Literal["auto", "object_store", "collective"]  # roles.weight_sync
+Transport = Literal["object_store", "collective"]  # what ``auto`` resolves to
+OBJECT_STORE: Transport = "object_store"
+COLLECTIVE: Transport = "collective"
 BUCKET_BYTES = 256 * 2**20  # large enough to keep the link busy, small enough to not double memory
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 _STORE_PREFIX = "rlhf-weights"
 
 
-def resolve_transport(setting: str, gpus_per_actor: float) -> str:
+def resolve_transport(setting: WeightSync, gpus_per_actor: float) -> Transport:
     """The transport ``roles.weight_sync`` asks for; ``auto`` = collective unless actors share a GPU."""
     if setting == "auto":
         return OBJECT_STORE if 0 < gpus_per_actor < 1 else COLLECTIVE
     if setting == COLLECTIVE and 0 < gpus_per_actor < 1:
-        raise InputError(
-            f"roles.weight_sync: collective needs a whole GPU per actor (NCCL cannot put two ranks "
-            f"on one device), roles.gpus_per_actor is {gpus_per_actor:g}; use object_store or auto"
+        raise ConfigError(
+            "weight_sync", f"collective needs a whole GPU per actor (NCCL cannot put two ranks on one "
+            f"device), gpus_per_actor is {gpus_per_actor:g}; use object_store or auto"
         )
     return setting
 

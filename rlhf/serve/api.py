@@ -24,8 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from rlhf.config.jobs import ServeConfig
 from rlhf.data.pdf import PdfError, extract_paper
+from rlhf.serve.config import ServeConfig
 from rlhf.serve.schemas import (
     CompareRequest,
     CompareResponse,

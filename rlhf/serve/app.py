@@ -6,13 +6,14 @@ import hashlib
 import os
 import time
 
-import ray
 from ray import serve
 
-from rlhf.config.jobs import ServeConfig
 from rlhf.metrics import emit
+from rlhf.runtime import init_ray
 from rlhf.serve.api import FeedbackApi
+from rlhf.serve.config import ServeConfig
 from rlhf.serve.policy import PolicyDeployment
+from rlhf.store import check_url
 
 APP_NAME = "rlhf"
 
@@ -44,15 +45,15 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 def start_app(cfg: ServeConfig) -> str:
     """Deploy on the connected (or a new local) Ray cluster; returns the base URL."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    init_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def run_serve(cfg: ServeConfig, resume: bool = False) -> None:
-    """Serve until interrupted (``ray job stop`` or Ctrl-C); ``resume`` has no meaning here."""
+def run_serve(cfg: ServeConfig) -> None:
+    """Serve until interrupted (``ray job stop`` or Ctrl-C)."""
+    check_url(cfg.store.url)  # a bad URL would otherwise fail later, inside a replica
     try:
         url = start_app(cfg)
         policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)

@@ -11,7 +11,7 @@ import time
 import torch
 from ray import serve
 
-from rlhf.config.jobs import ServeConfig
+from rlhf.serve.config import ServeConfig
 from rlhf.serve.versions import PolicyVersions, Summary, SummaryRequest
 
 logger = logging.getLogger(__name__)

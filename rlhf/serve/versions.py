@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config.jobs import ServingConfig
 from rlhf.config.sections import ModelConfig
 from rlhf.models.policy import Policy, inference_dtype, load_policy
-from rlhf.ppo.registry import METRICS_FILE, PolicyRegistry
+from rlhf.registry import METRICS_FILE, PolicyRegistry
+from rlhf.serve.config import ServingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
-"""The feedback database (DESIGN.md, "Serving and the feedback loop"): documents people submit,
+"""The feedback database (docs/design.md, "Feedback store"): documents people submit,
 comparisons of two policy summaries, and their choices, read back as canonical training tables.
 """
 
-from rlhf.store.cycles import Cycle, CycleLog
+from rlhf.store.cycles import Cycle, CycleLog, CycleRecord, CycleStage, PPOSummary
 from rlhf.store.dataset import feedback_dataset
+from rlhf.store.engine import check_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError, StoreInputError
 from rlhf.store.feedback import Comparison, FeedbackStore
 
@@ -12,9 +13,13 @@ __all__ = [
     "Comparison",
     "Cycle",
     "CycleLog",
+    "CycleRecord",
+    "CycleStage",
     "FeedbackStore",
     "InvalidFeedbackError",
     "NotFoundError",
+    "PPOSummary",
     "StoreInputError",
+    "check_url",
     "feedback_dataset",
 ]

@@ -8,15 +8,64 @@ choice is trained on twice by the reward update or skipped.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 
 from rlhf.store.feedback import FeedbackStore
 from rlhf.store.tables import online_cycles, utcnow
 
-STAGES = ("started", "reward_done", "done")
+CycleStage = Literal["started", "reward_done", "done"]
+STAGES: tuple[CycleStage, ...] = get_args(CycleStage)
+
+
+@dataclass(frozen=True)
+class PPOSummary:
+    """The headline numbers of one PPO iteration a cycle ran (IterationMetrics' names and units)."""
+
+    reward_mean: float  # raw score
+    kl_mean: float  # KL to the reference per summary
+    response_length_mean: float  # tokens
+
+
+@dataclass(frozen=True)
+class CycleRecord:
+    """What a cycle used and measured, filled in stage by stage (None = not reached yet); stored as
+    JSON with the field names as keys, in ``online_cycles.record`` and the loop's cycles.jsonl."""
+
+    # started: the feedback window and what the cycle starts from
+    watermark_since: str | None  # ISO time, exclusive; None = from the first choice
+    watermark_until: str  # ISO time, inclusive
+    policy_before: str  # the policy PPO continues from (registry version folder or model name)
+    reward_before: str  # the reward model the update continues from
+    # reward_done: the reward update and whether it was kept
+    new_ids: list[str] | None = None  # comparison ids of the window trained on
+    replay_ids: list[str] | None = None  # older comparison ids trained on again
+    holdout_ids: list[str] | None = None  # comparison ids the update is judged on
+    accuracy_before: float | None = None  # held-out pairwise accuracy; also None with no held-out rows
+    accuracy_after: float | None = None
+    reward_judged: bool | None = None  # enough held-out rows to judge the update
+    reward_kept: bool | None = None
+    reward_used: str | None = None  # the reward model PPO scores with: the update or reward_before
+    # done: the PPO run and the version it published
+    documents: int | None = None  # stored documents PPO sampled from
+    policy_version: str | None = None  # e.g. "v0003"
+    ppo_first: PPOSummary | None = None  # the first and last PPO iteration
+    ppo_last: PPOSummary | None = None
+    ppo: str | None = None  # why PPO did not run in this cycle (its version was published before a restart)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form: every key, null where a stage has not set it."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CycleRecord:
+        """Read a record back; one written at an earlier stage, or by older code, lacks later keys."""
+        summaries = {key: PPOSummary(**record[key]) for key in ("ppo_first", "ppo_last")
+                     if record.get(key) is not None}
+        return cls(**{**record, **summaries})
 
 
 @dataclass(frozen=True)
@@ -24,8 +73,8 @@ class Cycle:
     cycle: int
     since: datetime | None  # choices decided in (since, until] are this cycle's new rows
     until: datetime
-    stage: str
-    record: dict  # what the cycle used and measured, logged as it goes
+    stage: CycleStage
+    record: CycleRecord  # what the cycle used and measured, logged as it goes
     started_at: datetime
     finished_at: datetime | None
 
@@ -47,22 +96,23 @@ class CycleLog:
     def _select(self, query: sa.Select) -> list[Cycle]:
         with self._store.engine.connect() as conn:
             rows = conn.execute(query).mappings()
-            return [Cycle(**{**row, "record": json.loads(row["record"])}) for row in rows]
+            return [Cycle(**{**row, "record": CycleRecord.from_record(json.loads(row["record"]))})
+                    for row in rows]
 
-    def start(self, cycle: int, since: datetime | None, until: datetime, record: dict) -> Cycle:
+    def start(self, cycle: int, since: datetime | None, until: datetime, record: CycleRecord) -> Cycle:
         """Fix a new cycle's window; a second start of the same number fails on the primary key."""
         with self._store.write() as conn:
             conn.execute(online_cycles.insert().values(
-                cycle=cycle, since=since, until=until, stage="started", record=json.dumps(record),
+                cycle=cycle, since=since, until=until, stage="started", record=json.dumps(record.to_record()),
                 started_at=utcnow(),
             ))
         return self._get(cycle)
 
-    def advance(self, cycle: int, stage: str, record: dict) -> Cycle:
+    def advance(self, cycle: int, stage: CycleStage, record: CycleRecord) -> Cycle:
         """Move ``cycle`` to ``stage`` with its updated record (``done`` also sets finished_at)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        values = {"stage": stage, "record": json.dumps(record)}
+        values = {"stage": stage, "record": json.dumps(record.to_record())}
         if stage == "done":
             values["finished_at"] = utcnow()
         with self._store.write() as conn:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import NullPool, Pool
 
 from rlhf.store.errors import StoreInputError
 
@@ -25,6 +26,10 @@ URL_KEY = "store.url"
 BUSY_TIMEOUT_MS = 30_000
 # Connection execution option that marks a write transaction (see _begin_sqlite).
 WRITE_OPTION = "rlhf_write"
+# Named in every store.url error, so the one line says what would have worked.
+ACCEPTED_FORMS = "sqlite:///path/feedback.db or postgresql+psycopg://user:${PGPASSWORD}@host:5432/db"
+# check_url gives up on a server that has not answered by then (a firewall drops packets silently).
+CHECK_TIMEOUT_S = 5.0
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _EXPANDED_PARTS = ("username", "password", "host", "database")
@@ -62,7 +67,13 @@ def _absolute_sqlite(url: sa.URL) -> sa.URL:
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return url
     path = Path(url.database).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreInputError(
+            URL_KEY, f"cannot create the folder of the SQLite file {path} ({exc.strerror}); "
+            f"accepted forms: {ACCEPTED_FORMS}"
+        ) from exc
     return url.set(database=str(path))
 
 
@@ -72,8 +83,8 @@ def resolve_url(url: str) -> sa.URL:
         parsed = sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError) as exc:
         raise StoreInputError(
-            URL_KEY, f"not a valid SQLAlchemy URL ({exc}); e.g. sqlite:///feedback.db or "
-            "postgresql+psycopg://user:${PGPASSWORD}@host:5432/db (${VAR} is not allowed in the port)"
+            URL_KEY, f"not a valid SQLAlchemy URL ({exc}); accepted forms: {ACCEPTED_FORMS} "
+            "(${VAR} is not allowed in the port)"
         ) from exc
     return _absolute_sqlite(_expand_url(parsed))
 
@@ -124,3 +135,59 @@ def create_engine(url: sa.URL, poolclass: type[Pool] | None = None) -> sa.Engine
     event.listen(engine, "connect", _connect_sqlite)
     event.listen(engine, "begin", _begin_sqlite)
     return engine
+
+
+def check_url(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Open and close one connection to ``store.url``, so that jobs fail in seconds with one line
+    before any Ray work, not with a traceback from a Serve replica or Ray worker much later.
+
+    Raises StoreInputError for a URL that does not parse, an unset ``${VAR}``, an unknown dialect,
+    a driver that is not installed, a SQLite folder that cannot be created, or a server that
+    refuses or does not answer within ``timeout_s``. The password is never part of the message.
+    """
+    resolved = resolve_url(url)
+    try:
+        dialect = resolved.get_dialect()
+    except sa.exc.NoSuchModuleError as exc:
+        raise _check_error(f"unknown database dialect or driver {resolved.drivername!r}") from exc
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise _check_error(
+            f"the driver of {resolved.drivername!r} is not installed ({exc}); install it where the job runs"
+        ) from exc
+    failure = _connect_once(create_engine(resolved, poolclass=NullPool), timeout_s)
+    if failure is None:
+        return
+    if isinstance(failure, TimeoutError):
+        where = f"{resolved.host}:{resolved.port}" if resolved.port else resolved.host or "the server"
+        raise _check_error(f"no answer from the database server at {where} within {timeout_s:g} s")
+    detail = str(getattr(failure, "orig", None) or failure)
+    if resolved.password:
+        detail = detail.replace(resolved.password, "***")
+    raise _check_error(f"cannot connect to the database ({' '.join(detail.split())})") from None
+
+
+def _connect_once(engine: sa.Engine, timeout_s: float) -> Exception | None:
+    """Connect and run ``SELECT 1`` in a daemon thread: drivers' own timeouts differ (libpq has
+    none by default), and a daemon thread left waiting does not keep the failing job alive."""
+    outcome: list[Exception | None] = [TimeoutError()]
+
+    def connect() -> None:
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            outcome[0] = None
+        except Exception as exc:  # any driver error: reported to the caller as the URL's problem
+            outcome[0] = exc
+        finally:
+            engine.dispose()
+
+    thread = threading.Thread(target=connect, name="store-url-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0]
+
+
+def _check_error(problem: str) -> StoreInputError:
+    return StoreInputError(URL_KEY, f"{problem}; accepted forms: {ACCEPTED_FORMS}")

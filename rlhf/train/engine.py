@@ -8,44 +8,56 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhf.config.sections import TrainConfig
+from rlhf.config.sections import DeepSpeedConfig
+from rlhf.train.config import TrainConfig
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``cfg``.
+def deepspeed_config(
+    zero: DeepSpeedConfig, *, micro_batch_size: int, lr: float, max_grad_norm: float, bf16: bool,
+    grad_accum_steps: int = 1, weight_decay: float = 0.0,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a learner: ZeRO settings ``zero`` with AdamW.
 
     ``torch_adam`` and ``zero_force_ds_cpu_optimizer: false`` avoid JIT-compiling DeepSpeed's
-    CPU Adam op (30-60 s); bf16 only on GPU, since CPU bf16 matmuls are slow and lossy here.
+    CPU Adam op (30-60 s).
     """
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
-    if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
-    if cfg.zero_stage == 3:
+    section: dict[str, Any] = {"stage": zero.zero_stage}
+    if zero.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
+    if zero.offload_params:
+        section["offload_param"] = {"device": "cpu", "pin_memory": bf16}
+    if zero.zero_stage == 3:
         # Partition every parameter, even tiny ones, so small runs exercise real sharding.
-        zero["stage3_param_persistence_threshold"] = 0
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        section["stage3_param_persistence_threshold"] = 0
+        section["stage3_gather_16bit_weights_on_model_save"] = False
     return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "gradient_clipping": cfg.max_grad_norm,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": max_grad_norm,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
+            "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
         },
-        "zero_optimization": zero,
+        "zero_optimization": section,
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": cfg.use_gpu},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def training_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a supervised run; bf16 on GPU only (CPU bf16 is slow and lossy here)."""
+    return deepspeed_config(
+        cfg.deepspeed, micro_batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.use_gpu, grad_accum_steps=cfg.grad_accum_steps, weight_decay=cfg.weight_decay,
+    )
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -87,17 +99,16 @@ def zero3_init_context(ds_config: dict[str, Any]) -> Iterator[None]:
         del keep_alive
 
 
-def initialize(model: nn.Module, cfg: TrainConfig):
-    """A DeepSpeed engine for ``model`` with AdamW and the configured LR schedule."""
+def initialize(model: nn.Module, ds_config: dict[str, Any], lr_factor: Callable[[int], float] | None = None):
+    """A DeepSpeed engine for ``model``; ``lr_factor(step)`` scales the LR (None = constant)."""
     import deepspeed
 
     disable_shm_comm_op()
-    ds_config = deepspeed_config(cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor or (lambda _: 1.0)),
     )
     return engine, scheduler
 

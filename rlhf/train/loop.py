@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf.config.sections import TrainConfig
 from rlhf.metrics import MetricsWriter, emit, progress_line
+from rlhf.runtime import derive_seed, init_ray, quiet_ray_data, sigint_restored
 from rlhf.train import engine as ds
+from rlhf.train.config import TrainConfig
 
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
@@ -104,7 +105,7 @@ def _epoch_batches(shard: Any, cfg: TrainConfig, seed: int, epoch: int) -> Itera
         batch_format="pyarrow",
         drop_last=True,
         local_shuffle_buffer_size=cfg.batch_size * 8,
-        local_shuffle_seed=seed * 1000 + epoch,
+        local_shuffle_seed=derive_seed(seed, epoch),
     ):
         yield batch.to_pydict()
 
@@ -195,9 +196,10 @@ class _Worker:
         self.cfg = self.settings.train
         ds.set_threads_for_worker(self.cfg.cpus_per_worker)
         torch.manual_seed(self.settings.seed)
-        with ds.zero3_init_context(ds.deepspeed_config(self.cfg)):
+        ds_config = ds.training_config(self.cfg)
+        with ds.zero3_init_context(ds_config):
             model = self.task.build_model()
-        self.engine, self.scheduler = ds.initialize(model, self.cfg)
+        self.engine, self.scheduler = ds.initialize(model, ds_config, ds.lr_lambda(self.cfg))
         self.state = self._restore(config["resume_from"])
         self.shard = ray.train.get_dataset_shard("train")
         self.validation = _read_all(ray.train.get_dataset_shard("validation"), self.cfg.max_eval_rows)
@@ -266,7 +268,7 @@ class _Worker:
             with torch.no_grad():
                 self.task.finalize(self.engine.module)
         if step % cfg.save_every == 0 or final:
-            _save_checkpoint(self.task, self.engine, self.state, cfg.zero_stage, self.last_eval)
+            _save_checkpoint(self.task, self.engine, self.state, cfg.deepspeed.zero_stage, self.last_eval)
         return window
 
     def _evaluate(self) -> None:
@@ -293,18 +295,8 @@ class TrainResult:
     metrics_path: Path
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's per-dataset progress bars drown the training progress lines; turn them off."""
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.enable_operator_progress_bars = False
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint with the highest step under ``output_dir``, from any earlier run."""
+def latest_train_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The Ray Train checkpoint with the highest step under ``output_dir``, from any earlier run."""
     best: tuple[int, Path] | None = None
     for state_file in Path(output_dir).glob(f"ray_train-*/checkpoint_*/{STATE_FILE}"):
         step = json.loads(state_file.read_text())["step"]
@@ -342,13 +334,12 @@ def run_training(
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = None
     if resume:
-        resume_from = latest_checkpoint(output_dir)
+        resume_from = latest_train_checkpoint(output_dir)
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {output_dir}; run without it")
-        print(f"resuming from {resume_from}", flush=True)
+        emit(f"resuming from {resume_from}")
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    init_ray()
     quiet_ray_data()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -377,7 +368,8 @@ def run_training(
             execution_options=ExecutionOptions(preserve_order=True),
         ),
     )
-    result = trainer.fit()
+    with sigint_restored():
+        result = trainer.fit()
     checkpoint_dir = Path(result.checkpoint.path)
     model_dir = output_dir / MODEL_DIR
     shutil.rmtree(model_dir, ignore_errors=True)

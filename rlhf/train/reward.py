@@ -18,14 +18,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf.config.jobs import RewardConfig
 from rlhf.config.sections import ModelConfig
 from rlhf.data.augment import synthetic_preferences
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import dataset_table, load_source
 from rlhf.errors import InputError
+from rlhf.metrics import emit
 from rlhf.models import RewardModel, load_reward_model
-from rlhf.store import feedback_dataset
+from rlhf.store import check_url, feedback_dataset
+from rlhf.train.config import RewardConfig, RewardTrainingConfig
 from rlhf.train.data import split_validation, train_and_validation
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
 
@@ -117,7 +118,7 @@ def _human_comparisons(cfg: RewardConfig) -> tuple[pa.Table | None, pa.Table | N
         tables.append(train)
     if cfg.from_store:
         feedback = dataset_table(feedback_dataset(cfg.store.url, Schema.PREFERENCE), Schema.PREFERENCE)
-        print(f"reward: {feedback.num_rows} comparisons from the feedback database", flush=True)
+        emit(f"reward: {feedback.num_rows} comparisons from the feedback database")
         if validation is None and feedback.num_rows:
             feedback, validation = split_validation(feedback, cfg.train.validation_fraction, cfg.seed)
         tables.append(feedback)
@@ -131,7 +132,7 @@ def _synthetic(cfg: RewardConfig, n_human: int) -> pa.Table | None:
     sft = load_source(cfg.augment.data, Schema.SFT).table
     n_pairs = round(cfg.augment.ratio * n_human) if n_human else sft.num_rows
     synthetic = synthetic_preferences(sft, n_pairs, cfg.augment.kinds, cfg.seed)
-    print(f"reward: {synthetic.num_rows} synthetic pairs from {cfg.augment.data.path}", flush=True)
+    emit(f"reward: {synthetic.num_rows} synthetic pairs from {cfg.augment.data.path}")
     return synthetic
 
 
@@ -147,10 +148,20 @@ def reward_data(cfg: RewardConfig) -> tuple[pa.Table, pa.Table]:
     return train, validation
 
 
+def train_reward_model(
+    training: RewardTrainingConfig, train: pa.Table, validation: pa.Table, output_dir: str, seed: int,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``training.model`` on comparisons; jobs/reward.py and each online cycle call it."""
+    task = RewardTask(training.model, training.train.batch_size, seed)
+    settings = LoopSettings(train=training.train, seed=seed, output_dir=output_dir)
+    return run_training(task, settings, train, validation, resume=resume)
+
+
 def run_reward(cfg: RewardConfig, resume: bool = False) -> TrainResult:
     """Train the reward model; ``output_dir/model`` holds it with its reward mean/std."""
+    if cfg.from_store:
+        check_url(cfg.store.url)  # fail in seconds, before Ray starts
     train, validation = reward_data(cfg)
-    print(f"reward: {train.num_rows} training pairs, {validation.num_rows} validation", flush=True)
-    task = RewardTask(cfg.model, cfg.train.batch_size, cfg.seed)
-    settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
-    return run_training(task, settings, train, validation, resume=resume)
+    emit(f"reward: {train.num_rows} training pairs, {validation.num_rows} validation")
+    return train_reward_model(cfg, train, validation, cfg.output_dir, cfg.seed, resume=resume)

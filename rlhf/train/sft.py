@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf.config.jobs import SFTConfig
 from rlhf.config.sections import ModelConfig
 from rlhf.data.schemas import Schema
 from rlhf.eval.rouge import rouge
+from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy
+from rlhf.train.config import SFTConfig
 from rlhf.train.data import train_and_validation
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
 
@@ -69,7 +70,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
     train, validation = train_and_validation(
         cfg.data, cfg.eval_data, Schema.SFT, cfg.train.validation_fraction, cfg.seed
     )
-    print(f"sft: {train.num_rows} training pairs, {validation.num_rows} validation pairs", flush=True)
-    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.zero_stage)
+    emit(f"sft: {train.num_rows} training pairs, {validation.num_rows} validation pairs")
+    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.deepspeed.zero_stage)
     settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
     return run_training(task, settings, train, validation, resume=resume)

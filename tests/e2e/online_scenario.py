@@ -234,9 +234,9 @@ def main() -> None:
             address, "online.py", f"output_dir={work / 'online'}", f"store.url={db_url}",
             f"registry={registry}", f"cycles={args.cycles}", "feedback.min_new=24", "feedback.settle_s=0.5",
             "feedback.poll_interval_s=1",
-            "feedback.max_wait_s=300", f"feedback.holdout_fraction={holdout}", "reward_train.max_steps=30",
-            "reward_train.batch_size=8", "reward_train.eval_every=30", "reward_train.save_every=30",
-            "ppo.iterations=4", "ppo.max_new_tokens=24", "roles.cpus_per_actor=0.5", wait=False)
+            "feedback.max_wait_s=300", f"feedback.holdout_fraction={holdout}", "reward.train.max_steps=30",
+            "reward.train.batch_size=8", "reward.train.eval_every=30", "reward.train.save_every=30",
+            "rl.ppo.iterations=4", "rl.ppo.max_new_tokens=24", "rl.roles.cpus_per_actor=0.5", wait=False)
         def finished() -> str | None:
             status = job_status(address, online_job)
             return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None

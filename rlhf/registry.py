@@ -1,4 +1,8 @@
-"""Policy registry: numbered Hugging Face folders (v0001, v0002, ...) that Serve reads.
+"""Model registry: numbered Hugging Face folders (v0001, v0002, ...), each with its metrics.
+
+It versions policies (PPO publishes them, Serve reads them) and reward models (the online loop
+publishes each accepted reward update). It lives outside ``rlhf.ppo`` because Serve needs it and
+nothing else from there.
 
 A version is written under a temporary name and renamed into place only when complete, so a
 reader never sees half a model; the newest complete version is the current one.
@@ -18,7 +22,7 @@ METRICS_FILE = "metrics.json"
 
 
 class PolicyRegistry:
-    """A directory of published policy versions."""
+    """A directory of published model versions (policies or reward models)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)

@@ -1,0 +1,31 @@
+"""Config tree of jobs/eval.py: reward-model accuracy and policy quality on held-out data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.config.core import ConfigError, option
+from rlhf.config.sections import DataSourceConfig, ModelConfig
+
+
+@dataclass
+class EvalConfig:
+    """jobs/eval.py: reward-model accuracy and policy quality on held-out data."""
+
+    output_dir: str = option("runs/eval", "eval.json and the resolved config go here.")
+    seed: int = option(0, "Seed (generation is greedy; kept for a uniform interface).")
+    reward_model: ModelConfig | None = option(
+        None, "Reward checkpoint to evaluate on `comparisons`, and to score the policy's summaries."
+    )
+    comparisons: DataSourceConfig | None = option(None, "Preference pairs for reward-model accuracy.")
+    policy: ModelConfig | None = option(None, "Policy checkpoint to evaluate on `references`.")
+    references: DataSourceConfig | None = option(None, "SFT pairs: documents and reference summaries.")
+    batch_size: int = option(16, "Rows per forward pass.", gt=0)
+
+    def validate(self) -> None:
+        if self.comparisons is not None and self.reward_model is None:
+            raise ConfigError("reward_model", "comparisons need a reward_model.name_or_path to evaluate")
+        if self.references is not None and self.policy is None:
+            raise ConfigError("policy", "references need a policy.name_or_path to evaluate")
+        if self.comparisons is None and self.references is None:
+            raise ConfigError("comparisons", "nothing to evaluate: set comparisons.path or references.path")

@@ -1,0 +1,67 @@
+"""Config tree of jobs/online.py: the cycle trigger, and the PPO and reward-training configs it embeds.
+
+``rl`` and ``reward`` are the same sections jobs/ppo.py and jobs/reward.py use, so a cycle trains
+exactly as those jobs would; each cycle sets only what is its own (output folders, seed, the
+stored documents, the current reward model and policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.config.core import option
+from rlhf.config.sections import StoreConfig
+from rlhf.ppo.config import PPOAlgoConfig, PPOTrainingConfig
+from rlhf.train.config import RewardTrainingConfig, TrainConfig
+
+
+@dataclass
+class FeedbackPolicyConfig:
+    """When a cycle starts and which stored choices it trains and judges the reward model on."""
+
+    min_new: int = option(32, "New labelled comparisons needed to start a cycle (K).", gt=0)
+    poll_interval_s: float = option(10.0, "How often to count new comparisons while waiting.", gt=0)
+    max_wait_s: float | None = option(
+        None, "Give up waiting for feedback after this long (null = wait forever).", gt=0
+    )
+    settle_s: float = option(
+        2.0, "A cycle takes choices recorded at least this long ago, so a write still committing "
+        "(PostgreSQL) cannot land behind the watermark.", ge=0
+    )
+    replay_ratio: float = option(1.0, "Older comparisons replayed per new one in the reward update.", ge=0)
+    holdout_fraction: float = option(
+        0.2, "Share of comparisons (by id hash, stable across cycles) never trained on and used to "
+        "judge the reward model.", ge=0, le=0.5
+    )
+    max_accuracy_drop: float = option(
+        0.02, "Keep the updated reward model unless held-out accuracy fell by more than this.", ge=0
+    )
+    min_holdout: int = option(
+        16, "Held-out choices needed before the accuracy gate applies; with fewer the update is kept "
+        "(a handful of rows cannot tell two models apart).", ge=0
+    )
+
+
+@dataclass
+class OnlineConfig:
+    """jobs/online.py: people's choices -> reward model update -> PPO -> a new served policy version."""
+
+    output_dir: str = option("runs/online", "Per-cycle reward/PPO runs, cycles.jsonl, reward versions.")
+    seed: int = option(0, "Seed for replay sampling, training and generation (derived per cycle).")
+    cycles: int = option(0, "Stop after this many finished cycles in total (0 = run until stopped).", ge=0)
+    store: StoreConfig = option(factory=StoreConfig, help="The feedback database the Serve app writes.")
+    registry: str = option("runs/ppo/registry", "Policy registry Serve reads; new versions go here.")
+    reward_registry: str = option("", "Reward-model versions; empty = output_dir/reward_registry.")
+    feedback: FeedbackPolicyConfig = option(factory=FeedbackPolicyConfig, help="Cycle trigger and data.")
+    reward: RewardTrainingConfig = option(
+        factory=lambda: RewardTrainingConfig(
+            train=TrainConfig(lr=5e-4, max_steps=20, eval_every=20, save_every=20)
+        ),
+        help="Each cycle's reward update, as jobs/reward.py trains: reward.model is the starting reward "
+        "model while reward_registry is empty; later updates continue from the last kept version.",
+    )
+    rl: PPOTrainingConfig = option(
+        factory=lambda: PPOTrainingConfig(ppo=PPOAlgoConfig(iterations=4)),
+        help="Each cycle's PPO, as jobs/ppo.py trains: rl.policy is the starting policy while the "
+        "registry is empty (its lengths apply to every version); rl.ppo.iterations per cycle.",
+    )

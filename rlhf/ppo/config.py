@@ -1,0 +1,171 @@
+"""Config tree of jobs/ppo.py, and the part of it the online loop embeds (``PPOTrainingConfig``).
+
+Defaults are the tiny offline setup. Cross-key checks (worker counts against batch sizes, the
+weight-sync transport against fractional GPUs) run in config validation, so a bad combination
+exits 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rlhf.config.core import ConfigError, option
+from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, ModelConfig
+from rlhf.data import sample_source
+from rlhf.ppo.functional import KLKind
+from rlhf.ppo.weight_sync import WeightSync, resolve_transport
+
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement strategies
+DEFAULT_REWARD_FN = "rlhf.ppo.rewards:brevity"
+
+
+@dataclass
+class PPOAlgoConfig:
+    """The PPO algorithm: rollout sizes, losses, KL control and sampling."""
+
+    iterations: int = option(12, "PPO iterations (generate -> score -> learn -> sync).", gt=0)
+    rollout_batch_size: int = option(16, "Documents sampled per iteration.", gt=0)
+    minibatch_size: int = option(8, "Rows per optimizer step; divides rollout_batch_size.", gt=0)
+    epochs: int = option(4, "Passes over each rollout batch.", gt=0)
+    lr: float = option(
+        1e-3, "Learning rate of policy and value model (tiny default; ~1e-5 for real models).", gt=0
+    )
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm (0 = off).", ge=0)
+    clip_eps: float = option(0.2, "Policy ratio clip range.", gt=0)
+    value_clip_eps: float = option(0.2, "Value clip range around the rollout's values.", gt=0)
+    vf_coef: float = option(0.1, "Weight of the value loss.", ge=0)
+    entropy_coef: float = option(0.0, "Weight of the entropy bonus.", ge=0)
+    gamma: float = option(1.0, "Discount.", gt=0, le=1)
+    lam: float = option(0.95, "GAE lambda.", ge=0, le=1)
+    kl_coef: float = option(0.02, "KL penalty coefficient (initial value when adaptive).", ge=0)
+    kl_kind: KLKind = option("k1", "Per-token KL estimator.")
+    kl_target: float | None = option(
+        None, "Adaptive KL controller target (summed KL per sequence); null = fixed kl_coef.", gt=0
+    )
+    kl_horizon: int = option(10000, "Adaptive KL controller horizon in samples.", gt=0)
+    whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
+    temperature: float = option(1.0, "Sampling temperature.", gt=0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    max_new_tokens: int = option(32, "Longest summary in tokens.", gt=0)
+    stop_at_eos: bool = option(
+        True, "End a summary at EOS; false samples exactly max_new_tokens (fixed-length benchmarks)."
+    )
+    no_eos_penalty: float | None = option(
+        None, "Score given instead of the reward to a summary that never emits EOS (null = off)."
+    )
+    checkpoint_every: int = option(5, "Checkpoint every N iterations (and at the end).", gt=0)
+    publish_every: int = option(5, "Publish a policy version every N iterations (and at the end).", gt=0)
+
+    def validate(self) -> None:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ConfigError(
+                "minibatch_size",
+                f"{self.minibatch_size} must divide rollout_batch_size ({self.rollout_batch_size})",
+            )
+
+
+@dataclass
+class PPORewardConfig:
+    """What scores a summary: a trained reward model or a rule-based Python function."""
+
+    model: ModelConfig | None = option(
+        None, "Reward-model checkpoint (from jobs/reward.py); its stored mean/std normalise rewards. "
+        "Setting it replaces the default reward.fn."
+    )
+    fn: str = option(
+        DEFAULT_REWARD_FN, "Rule-based reward instead of a model: package.module:function or "
+        "path/file.py:function, called as fn(documents, summaries) -> list[float]; used unless "
+        "reward.model is set."
+    )
+    normalize: bool = option(True, "Normalise reward-model scores with the stored mean/std.")
+
+    def with_given(self, given: frozenset[str]) -> PPORewardConfig:
+        """A reward model the user names replaces the default function (it is one or the other)."""
+        if "model" in given and "fn" not in given and self.model is not None:
+            return dataclasses.replace(self, fn="")
+        return self
+
+    def validate(self) -> None:
+        if self.model is not None and self.fn:
+            raise ConfigError("model", f"reward.model and reward.fn ({self.fn!r}) are both set; keep one")
+        if self.model is None and not self.fn:
+            raise ConfigError("fn", "no reward: set reward.model.name_or_path or reward.fn")
+        target = self.fn.rpartition(":")[0]
+        if target.endswith(".py") and not Path(target).is_file():
+            raise ConfigError("fn", f"file not found: {target}")
+
+
+@dataclass
+class RolesConfig:
+    """How many Ray actors play each role, and what they reserve (fractions share a device)."""
+
+    placement: Placement = option("PACK", "Placement group strategy: PACK (colocate) or SPREAD (across "
+                                          "nodes).")
+    rollout_workers: int = option(1, "Generation actors, each with a policy copy.", gt=0)
+    reward_workers: int = option(1, "Reward-scoring actors.", gt=0)
+    reference_workers: int = option(1, "Actors holding the frozen initial policy.", gt=0)
+    learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
+    cpus_per_actor: float = option(0.5, "CPUs reserved by each actor.", gt=0)
+    threads_per_actor: int = option(
+        0, "Torch threads in each actor; 0 = whole CPUs reserved (at least 1). The roles run one "
+        "after another, so colocated actors may use more threads than they reserve.", ge=0
+    )
+    gpus_per_actor: float = option(
+        0.0, "GPUs per actor; fractions (0.25) colocate roles on one GPU, 0 = CPU only.", ge=0
+    )
+    deepspeed: DeepSpeedConfig = option(factory=DeepSpeedConfig, help="The learner's ZeRO stage and offload.")
+    max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
+    weight_sync: WeightSync = option(
+        "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "
+        "(a broadcast group: NCCL on GPU, gloo on CPU; needs a whole GPU per actor) or auto "
+        "(collective unless actors share a GPU)."
+    )
+
+    @property
+    def actors(self) -> int:
+        return self.rollout_workers + self.reward_workers + self.reference_workers + self.learner_workers
+
+    def validate(self) -> None:
+        resolve_transport(self.weight_sync, self.gpus_per_actor)
+
+
+@dataclass
+class PPOTrainingConfig:
+    """The policy, its algorithm and its actors: what jobs/ppo.py and each online cycle share."""
+
+    policy: ModelConfig = option(
+        factory=lambda: ModelConfig(name_or_path="tiny-t5", max_source_length=256, max_target_length=32),
+        help="Initial policy (an SFT checkpoint); also the frozen reference.",
+    )
+    value: ModelConfig | None = option(
+        None, "Value model init (e.g. a reward checkpoint); null = the policy's backbone."
+    )
+    ppo: PPOAlgoConfig = option(factory=PPOAlgoConfig, help="The algorithm.")
+    roles: RolesConfig = option(factory=RolesConfig, help="Ray actors and placement.")
+
+    def validate(self) -> None:
+        learners = self.roles.learner_workers
+        if learners > 1 and self.ppo.minibatch_size % learners:
+            raise ConfigError("roles.learner_workers",
+                              f"{learners} must divide ppo.minibatch_size ({self.ppo.minibatch_size})")
+
+
+@dataclass
+class PPOConfig(PPOTrainingConfig):
+    """jobs/ppo.py: RLHF with PPO across Ray actors."""
+
+    output_dir: str = option("runs/ppo", "Checkpoints, metrics.jsonl, TensorBoard events, registry.")
+    seed: int = option(0, "Seed for sampling, data order and init.")
+    reward: PPORewardConfig = option(factory=PPORewardConfig, help="The reward.")
+    prompts: DataSourceConfig = option(factory=lambda: sample_source("tldr_sft.jsonl"),
+                                       help="Documents to summarise (any layout with a document column).")
+    registry: str = option("", "Policy registry directory or URI; empty = output_dir/registry.")
+
+    @classmethod
+    def for_run(cls, training: PPOTrainingConfig, **run: object) -> PPOConfig:
+        """A PPO run of ``training`` with the run-specific fields ``run`` (e.g. an online cycle's)."""
+        shared = {f.name: getattr(training, f.name) for f in dataclasses.fields(PPOTrainingConfig)}
+        return cls(**shared, **run)

@@ -1,0 +1,123 @@
+"""What every job does the same way at run time: join Ray, tame Ray Data and Ray Train, derive seeds.
+
+Jobs join Ray as Ray itself would (``RAY_ADDRESS``, else the head that ``ray start`` recorded,
+else a fresh local Ray) but fail in seconds, with the fix, where Ray would retry a dead head forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rlhf.errors import InputError
+
+GCS_PROBE_S = 10.0
+SEED_BITS = 31
+
+
+def init_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)`` unless Ray is up already; an unreachable head is an :class:`InputError`.
+
+    A head recorded by ``ray start`` that has since died (machine restarted, ``ray stop`` never run)
+    makes plain ``ray.init()`` retry "Failed to connect to GCS" forever; a short TCP probe of the
+    address Ray would join turns that into one line naming the address and the fix.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address, temp_dir = kwargs.get("address"), kwargs.get("_temp_dir")
+    if os.environ.get("RAY_ADDRESS") and address in (None, "auto"):
+        address = os.environ["RAY_ADDRESS"]
+        source, fix = "RAY_ADDRESS", "start that cluster or fix RAY_ADDRESS"
+    elif address in (None, "auto"):
+        source, fix = f"recorded by `ray start` in {_address_file(temp_dir)}", "run `ray stop` to clear it"
+    else:
+        source, fix = "address=", "start that cluster or fix the address"
+    if address is None or "://" not in address:  # ray:// (Ray Client) checks its own connection
+        gcs = _bootstrap_address(address, temp_dir)
+        if gcs is not None and not _reachable(gcs, GCS_PROBE_S):
+            raise InputError(f"no Ray cluster answers at {gcs} ({source}): {fix}, "
+                             "or set RAY_ADDRESS=local for a fresh local Ray")
+    ray.init(**kwargs)
+
+
+def _address_file(temp_dir: str | None) -> str:
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(temp_dir)
+
+
+def _bootstrap_address(address: str | None, temp_dir: str | None) -> str | None:
+    """The GCS ``host:port`` that ``ray.init(address=address)`` would join; None: it starts a local Ray."""
+    from ray._private import services
+
+    try:
+        return services.canonicalize_bootstrap_address(address, temp_dir)
+    except ConnectionError as err:  # address="auto" and no Ray running on this machine
+        raise InputError(f"ray address=auto: {err}") from None
+
+
+def _reachable(gcs: str, within_s: float) -> bool:
+    """Whether something accepts TCP connections at ``gcs`` within ``within_s`` seconds."""
+    from ray._common.network_utils import parse_address
+
+    host, port = parse_address(gcs)
+    deadline = time.monotonic() + within_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(left, 0.1)):
+                return True
+        except OSError:
+            if left <= 0.5:
+                return False
+            time.sleep(0.5)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress bars drown the training progress lines; turn them off."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_operator_progress_bars = False
+
+
+@contextlib.contextmanager
+def sigint_restored() -> Iterator[None]:
+    """Put back the Ctrl-C handler that Ray Train's ``fit()`` replaces and never restores.
+
+    Its handler holds the finished run's ``TrainController`` actor, so that process outlives the
+    run for the rest of the driver's life, and a later Ctrl-C (a job's next step, a test session)
+    "aborts" that finished run instead of interrupting.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None  # fit() sets none off the main thread
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A seed for one stream of randomness (an epoch, iteration, rank, shard, cycle) of a run.
+
+    BLAKE2b of the decimal integers joined by commas, first 8 bytes big-endian, kept to the low
+    31 bits: stable across processes and Python versions (unlike the salted ``hash``), so a resumed
+    run replays the same order; well mixed, so neighbouring runs (seed 1, epoch 0 vs. seed 0,
+    epoch 1) share no stream; non-negative and below 2**31 so every consumer takes it (torch,
+    NumPy, Ray Data's ``local_shuffle_seed``, ``random``).
+    """
+    key = ",".join(str(int(p)) for p in (seed, *parts)).encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << SEED_BITS) - 1)

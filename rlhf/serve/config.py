@@ -1,0 +1,71 @@
+"""Config tree of jobs/serve.py: the HTTP app, policy replicas, batching and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config.core import ConfigError, option
+from rlhf.config.sections import ModelConfig, StoreConfig
+
+# What /v1/compare sets against the current policy (rlhf.serve.versions.PolicyVersions.pair).
+CompareStrategy = Literal["previous", "random_earlier", "samples"]
+
+
+@dataclass
+class ServingConfig:
+    """The Ray Serve application: HTTP, replicas, batching, limits and the comparison strategy."""
+
+    host: str = option("127.0.0.1", "Address the HTTP proxy listens on (0.0.0.0 on a cluster head).")
+    port: int = option(8000, "HTTP port.", gt=0, le=65535)
+    replicas: int = option(1, "Policy replicas when autoscaling is off.", gt=0)
+    autoscale: bool = option(False, "Scale policy replicas between min_replicas and max_replicas.")
+    min_replicas: int = option(1, "Autoscaling lower bound.", ge=0)
+    max_replicas: int = option(4, "Autoscaling upper bound.", gt=0)
+    target_ongoing_requests: float = option(4.0, "Autoscaling target of queued+running requests "
+                                                 "per replica.", gt=0)
+    cpus_per_replica: float = option(1.0, "CPUs reserved by each policy replica.", gt=0)
+    gpus_per_replica: float = option(0.0, "GPUs per policy replica (bf16 on GPU); 0 = CPU.", ge=0)
+    threads_per_replica: int = option(0, "Torch threads per policy replica; 0 = its whole CPUs.", ge=0)
+    max_batch_size: int = option(8, "Requests one policy replica generates for together "
+                                    "(@serve.batch); 1 turns batching off.", gt=0)
+    batch_wait_timeout_s: float = option(0.01, "How long a replica waits to fill a batch.", ge=0)
+    max_new_tokens: int = option(64, "Summary length when a request does not say.", gt=0)
+    max_text_bytes: int = option(200_000, "Hard limit on a text's UTF-8 size (413 above it); "
+                                          "shorter texts that exceed the model's window are cut "
+                                          "and flagged.", gt=0)
+    max_upload_bytes: int = option(20_000_000, "Hard limit on an uploaded PDF (413 above it).", gt=0)
+    compare_strategy: CompareStrategy = option(
+        "previous", "What /v1/compare sets against the current policy: previous (the version "
+        "before it), random_earlier (any earlier version), samples (two samples of the current "
+        "one). With a single version every strategy uses samples."
+    )
+    temperature: float = option(1.0, "Sampling temperature of /v1/compare summaries (/v1/summarize "
+                                     "is greedy).", gt=0)
+    top_p: float = option(0.95, "Nucleus sampling mass of /v1/compare summaries.", gt=0, le=1)
+    reload_interval_s: float = option(2.0, "How often replicas look for a newly published version.",
+                                      gt=0)
+    admin_token_env: str = option(
+        "RLHF_ADMIN_TOKEN", "Environment variable holding the admin token (reload, export); admin "
+        "routes answer 503 while it is unset."
+    )
+
+    def validate(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError("min_replicas", f"{self.min_replicas} exceeds max_replicas={self.max_replicas}")
+
+
+@dataclass
+class ServeConfig:
+    """jobs/serve.py: the policy over HTTP, the comparison page, choices into the feedback database."""
+
+    output_dir: str = option("runs/serve", "The resolved config is saved here.")
+    seed: int = option(0, "Seed for the order summaries are shown in and for sampling.")
+    registry: str = option("runs/ppo/registry", "Policy registry directory (jobs/ppo.py publishes into "
+                                                "output_dir/registry); the newest version is served.")
+    policy: ModelConfig = option(
+        factory=lambda: ModelConfig(name_or_path="tiny-t5", max_source_length=256, max_target_length=32),
+        help="Served as version 'base' while the registry is empty; its lengths apply to every version.",
+    )
+    store: StoreConfig = option(factory=StoreConfig, help="Where comparisons and choices are stored.")
+    serve: ServingConfig = option(factory=ServingConfig, help="HTTP, replicas, batching and limits.")
