@@ -18,7 +18,7 @@ from typing import Any
 
 from rlhf.errors import InputError
 
-GCS_PROBE_S = 10.0
+GCS_PROBE_S = 5.0  # a head that is restarting answers within seconds
 SEED_BITS = 31
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -214,6 +215,7 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
     return leaves
 
 
+@functools.cache
 def _help_rows(job: str) -> list[tuple[str, object, str]]:
     """(key, shown value, the null section it waits for or '') of each key line of ``job --help``."""
     run = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True)
