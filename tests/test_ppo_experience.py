@@ -324,3 +324,42 @@ def test_to_moves_every_tensor(policies) -> None:
     tensors = [*moved.query.values(), moved.response_ids, moved.mask, moved.ended]
     assert {tensor.device.type for tensor in tensors} == {"meta"}
     assert moved.documents == rollout.documents and rollout.response_ids.device.type == "cpu"
+
+
+def _masked_grads(policy: Policy, logprobs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the masked log-prob sum, left as they were found (no grad on the shared model)."""
+    policy.model.zero_grad(set_to_none=True)
+    (logprobs * mask).sum().backward()
+    grads = [p.grad.clone() for p in policy.model.parameters() if p.grad is not None]
+    policy.model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-gpt2"])
+def test_in_place_temperature_keeps_values_and_gradients(policies, name: str) -> None:
+    """``response_logprobs`` divides the logits in place; ``logits / T`` gives the same everything."""
+    policy, temperature = policies(name), 0.7
+    rollout = _rollout(policy)
+    mask = rollout.mask.float()
+    logprobs, _ = response_logprobs(policy.model, policy, rollout, temperature=temperature)
+    got = _masked_grads(policy, logprobs, mask)
+    logits = response_logits(policy.model, policy, rollout) / temperature  # the copying reference
+    expected = torch.log_softmax(logits, -1).gather(2, rollout.response_ids[..., None])[..., 0]
+    want = _masked_grads(policy, expected, mask)
+    on = rollout.mask == 1
+    torch.testing.assert_close(logprobs[on].detach(), expected[on].detach(), atol=1e-5, rtol=0)
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_entropy_without_grad_reports_the_same_entropy(policies) -> None:
+    """``entropy_grad=False`` (entropy_coef 0): same numbers, no graph, log-probs still differentiable."""
+    policy = policies("tiny-gpt2")
+    rollout = _rollout(policy)
+    logprobs, entropy = response_logprobs(
+        policy.model, policy, rollout, with_entropy=True, entropy_grad=False
+    )
+    _, with_grad = response_logprobs(policy.model, policy, rollout, with_entropy=True)
+    assert logprobs.requires_grad and with_grad.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(entropy, with_grad.detach(), atol=0, rtol=0)

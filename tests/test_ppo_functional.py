@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from rlhf.ppo.config import PPOAlgoConfig
 from rlhf.ppo.functional import (
     KL_KINDS,
     AdaptiveKLController,
@@ -21,6 +23,7 @@ from rlhf.ppo.functional import (
     masked_whiten,
     policy_loss,
     shape_rewards,
+    temper_logits_,
     value_loss,
 )
 
@@ -118,9 +121,16 @@ def test_entropy_from_logits_hand_example_and_minus_inf_logits():
     )
     # H([.25, .75]) = -(.25 ln .25 + .75 ln .75) = 0.5623351446; H([.5, .5]) = ln 2; H([1]) = 0
     expected = [[0.5623351446, math.log(2.0), 0.0]]
+    logits.requires_grad_(True)
     out = entropy_from_logits(logits)
     assert torch.isfinite(out).all()
     close(out, expected, atol=1e-6)
+    # The gradient is finite too, and 0 for the -inf logits; dH/dx_i = -p_i (ln p_i + H):
+    # for [.25, .75], dH/dx_0 = -.25 (ln .25 + 0.5623351446) = 0.2059898 = -dH/dx_1.
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    close(logits.grad[0, 0], [0.2059898, -0.2059898, 0.0], atol=1e-6)
+    close(logits.grad[0, 2], [0.0, 0.0, 0.0], atol=1e-6)
 
 
 def test_entropy_from_logits_matches_categorical():
@@ -446,3 +456,48 @@ def test_kl_controllers_reject_bad_hyperparameters():
         AdaptiveKLController(0.1, target=6.0, horizon=0)
     with pytest.raises(ValueError, match="kl_coef"):
         FixedKLController(-1.0)
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def test_temper_logits_keeps_the_tensor_at_temperature_one() -> None:
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # (1, 1, 2): p = (1/4, 3/4)
+    assert temper_logits_(logits, 1.0) is logits
+    logp = logprobs_from_logits(temper_logits_(logits, 1.0), torch.tensor([[1]]))
+    assert logp.item() == pytest.approx(math.log(3 / 4), abs=1e-7)
+
+
+def test_temper_logits_divides_in_place_with_the_right_gradient() -> None:
+    # T = 0.5: logits (0, 2 ln 3) -> p = (1/10, 9/10); d log p_1 / d x = (onehot - p) / T.
+    x = torch.tensor([[[0.0, math.log(3.0)]]], requires_grad=True)
+    logits = x * 1.0  # a fresh non-leaf, like a model's output
+    tempered = temper_logits_(logits, 0.5)
+    assert tempered is logits
+    logp = logprobs_from_logits(tempered, torch.tensor([[1]]))
+    assert logp.item() == pytest.approx(math.log(0.9), abs=1e-6)
+    logp.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[[-0.2, 0.2]]]), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- KL horizon
+
+
+def test_default_kl_horizon_adapts_within_twenty_iterations() -> None:
+    """At the defaults (16 documents an iteration, horizon 320) and a KL twice the target, the
+    error clips to 0.2 and each iteration scales the coefficient by 1 + 0.2 * 16 / 320 = 1.01:
+    1.01 ** 20 = 1.2202 after 20 iterations (the old 10000: 1.00032 ** 20 = 1.0064)."""
+    algo = PPOAlgoConfig()
+    assert (algo.rollout_batch_size, algo.kl_horizon) == (16, 320)
+    ctl = AdaptiveKLController(algo.kl_coef, target=6.0, horizon=algo.kl_horizon)
+    for _ in range(20):
+        ctl.update(12.0, n_steps=algo.rollout_batch_size)
+    assert ctl.value == pytest.approx(algo.kl_coef * 1.01**20, rel=1e-12)
+    assert ctl.value >= 1.2 * algo.kl_coef
+
+
+def test_kl_horizon_help_states_it_in_iterations() -> None:
+    [field] = [f for f in dataclasses.fields(PPOAlgoConfig) if f.name == "kl_horizon"]
+    help_text = field.metadata["help"]
+    assert "kl_horizon / rollout_batch_size iterations" in help_text
+    assert "320 / 16 = 20" in help_text

@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from rlhf.config.core import ConfigError
-from rlhf.config.sections import ModelConfig
+from rlhf.config.sections import DeepSpeedConfig, ModelConfig
 from rlhf.errors import InputError
-from rlhf.models import load_policy
+from rlhf.models import load_policy, resolve_dtype
 from rlhf.ppo import weight_sync
+from rlhf.ppo.roles import free_port, init_process_group
 from rlhf.ppo.weight_sync import ChangeTracker, WeightGroup, resolve_transport, unique_tensors
+from rlhf.train import engine as ds
+
+CPU = torch.device("cpu")
 
 
 def _model(seed: int, preset: str = "tiny-t5") -> torch.nn.Module:
@@ -110,3 +114,25 @@ def test_a_worker_with_another_architecture_fails_with_one_clear_error() -> None
     assert all(isinstance(r, InputError) for r in results), results
     assert "roles.weight_sync: a rollout worker's policy" in str(results[1])
     assert "both must load the same policy config" in str(results[1])
+
+
+@pytest.mark.parametrize("preset", ["tiny-bart", "tiny-led"])
+def test_a_bf16_deepspeed_learner_syncs_buffers_too(preset: str) -> None:
+    """ZeRO 0-2 bf16 casts parameters only; ``final_logits_bias`` (a buffer) must follow, or the
+    bf16 rollout copy's layout differs and the group refuses to open."""
+    init_process_group(0, 1, "127.0.0.1", free_port(), False)  # one learner rank, as a Learner opens it
+    config = ds.deepspeed_config(DeepSpeedConfig(zero_stage=2), micro_batch_size=1, lr=1e-3,
+                                 max_grad_norm=1.0, bf16=True)
+    learner = _model(1, preset)
+    ds.initialize(learner, config)
+    generator = load_policy(ModelConfig(name_or_path=preset), dtype=resolve_dtype("bf16", CPU)).model
+    tensors = unique_tensors(learner)
+    assert tensors["final_logits_bias"].dtype == torch.bfloat16
+    with torch.no_grad():
+        learner.final_logits_bias.add_(0.25)
+    moved = _group_run([learner, generator], ChangeTracker().changed(tensors))
+    assert moved == [sum(t.numel() * 2 for t in tensors.values())] * 2, moved
+    for name, tensor in learner.state_dict().items():
+        assert torch.equal(generator.state_dict()[name], tensor), name
+    other = _model(2, "tiny-t5").to(torch.bfloat16)  # another architecture, same dtype: still refused
+    assert all(isinstance(r, InputError) for r in _group_run([learner, other], None))

@@ -56,7 +56,8 @@ def plain_generate_tokens_per_s(policy: Policy, docs: list[str], new_tokens: int
         with torch.no_grad():
             policy.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  pad_token_id=policy.tokenizer.pad_token_id)
+                                  pad_token_id=policy.tokenizer.pad_token_id,
+                                  logits_processor=policy.logits_processors())
         if policy.model.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

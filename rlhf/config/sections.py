@@ -13,6 +13,7 @@ from rlhf.config.core import ConfigError, option
 
 SourceFormat = Literal["auto", "jsonl", "json", "parquet", "csv", "hub"]
 ZeroStage = Literal[0, 1, 2, 3]
+DType = Literal["auto", "bf16", "fp32"]  # roles.dtype, train.dtype; see rlhf.models.policy.resolve_dtype
 
 
 @dataclass

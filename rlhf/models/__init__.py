@@ -16,7 +16,13 @@ from rlhf.models.heads import (
     load_reward_model,
     load_value_model,
 )
-from rlhf.models.policy import Policy, enable_activation_checkpointing, inference_dtype, load_policy
+from rlhf.models.policy import (
+    Policy,
+    enable_activation_checkpointing,
+    inference_dtype,
+    load_policy,
+    resolve_dtype,
+)
 from rlhf.models.tiny import (
     TINY_PRESETS,
     build_tiny_backbone,
@@ -49,4 +55,5 @@ __all__ = [
     "load_value_model",
     "max_positions",
     "model_kind",
+    "resolve_dtype",
 ]

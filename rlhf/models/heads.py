@@ -8,17 +8,20 @@ tokenizer, ``scalar_head.safetensors`` (the head's weight and bias) and ``scalar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config.sections import ModelConfig
+from rlhf.models.dropout import disable_dropout_modules, without_dropout
 from rlhf.models.encoding import (
     ModelKind,
     encode_causal_pairs,
@@ -51,6 +54,49 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return mask.shape[1] - 1 - mask.long().flip(1).argmax(1)
 
 
+def _partitioned(module: nn.Module) -> bool:
+    """Whether ZeRO-3 partitioned ``module``'s weights at init (DeepSpeed marks them ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def _writable(head: nn.Module) -> Iterator[None]:
+    """Full head weights to write in place; under ZeRO-3 rank 0's values reach every shard."""
+    if not _partitioned(head):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0):
+        yield
+
+
+def _new_head(backbone: PreTrainedModel, seed: int) -> nn.Linear:
+    """(H -> 1) in the backbone's dtype, and partitioned at init like it under ZeRO-3: DeepSpeed
+    casts only unpartitioned models, so an fp32 head beside a bf16 ZeRO-3 backbone fails in
+    ``deepspeed.initialize`` (one flat buffer per dtype)."""
+    hidden = backbone.config.hidden_size
+    dtype = next(backbone.parameters()).dtype
+    init: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if _partitioned(backbone):
+        import deepspeed
+        from transformers.integrations.deepspeed import deepspeed_config
+
+        # The config's precision, never Init(dtype=...): deepspeed 0.19 maps that to bf16 on a CPU.
+        config = deepspeed_config() or {"train_micro_batch_size_per_gpu": 1,
+                                        "bf16": {"enabled": dtype == torch.bfloat16}}
+        init = deepspeed.zero.Init(config_dict_or_path=config)
+    with init:
+        head = nn.Linear(hidden, 1, dtype=dtype)
+    # Small random init (std 1/sqrt(H+1), as in Ziegler et al. 2019): a zero head would make
+    # every fresh score equal and hide wiring mistakes; the seed keeps it reproducible.
+    generator = torch.Generator().manual_seed(seed)
+    with _writable(head), torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator)
+        head.bias.zero_()
+    return head
+
+
 class ScalarHeadModel(nn.Module):
     """``backbone`` -> hidden states (B, T, H) -> ``head`` -> one scalar per token (B, T).
 
@@ -73,14 +119,7 @@ class ScalarHeadModel(nn.Module):
         self.tokenizer = tokenizer
         self.kind = model_kind(backbone.config)
         self.limits = limits_for(backbone.config, max_source_length, max_target_length)
-        hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, 1)
-        # Small random init (std 1/sqrt(H+1), as in Ziegler et al. 2019): a zero head would make
-        # every fresh score equal and hide wiring mistakes; the seed keeps it reproducible.
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator)
-            self.head.bias.zero_()
+        self.head = _new_head(backbone, seed)
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Per-token values (B, T) for the inputs of ``encode_pairs`` (labels are ignored)."""
@@ -128,33 +167,43 @@ class ScalarHeadModel(nn.Module):
         (folder / HEAD_META).write_text(json.dumps(self.metadata(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, cfg: ModelConfig, dtype: torch.dtype | None = None) -> ScalarHeadModel:
-        """From a preset's backbone, a plain HF folder / hub name (fresh head), or our folder."""
+    def load(
+        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True
+    ) -> ScalarHeadModel:
+        """From a preset's backbone, a plain HF folder / hub name (fresh head), or our folder.
+
+        ``dropout`` False (PPO roles) zeroes the backbone's dropout, see ``rlhf.models.dropout``.
+        """
         name = resolve_name_or_path(cfg.name_or_path)
         saved = not is_tiny_preset(name) and (Path(name) / HEAD_META).is_file()
         metadata = json.loads((Path(name) / HEAD_META).read_text()) if saved else {}
         model = cls(
-            _load_backbone(name, dtype), load_tokenizer(name), cfg.max_source_length,
+            _load_backbone(name, dtype, dropout), load_tokenizer(name), cfg.max_source_length,
             cfg.max_target_length, **cls._kwargs_from_metadata(metadata),
         )
         if saved:
             _check_kind(metadata, model.kind, name)
-            model.head.load_state_dict(load_file(str(Path(name) / HEAD_WEIGHTS)))
+            with _writable(model.head):
+                model.head.load_state_dict(load_file(str(Path(name) / HEAD_WEIGHTS)))
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model.backbone)
         return model.eval()
 
 
-def _load_backbone(name: str, dtype: torch.dtype | None) -> PreTrainedModel:
+def _load_backbone(name: str, dtype: torch.dtype | None, dropout: bool = True) -> PreTrainedModel:
     """The base model without any LM head; safetensors only, so loading never unpickles.
 
     AutoModel on an LM checkpoint (GPT2LMHeadModel, T5ForConditionalGeneration) keeps the base
     weights and drops the LM head, so an SFT policy folder can start a reward or value model.
     """
     if is_tiny_preset(name):
-        backbone = build_tiny_backbone(name)
-        return backbone if dtype is None else backbone.to(dtype)
-    return AutoModel.from_pretrained(name, dtype=dtype, use_safetensors=True)
+        backbone = build_tiny_backbone(name, dropout=dropout)
+        backbone = backbone if dtype is None else backbone.to(dtype)
+    else:
+        config = AutoConfig.from_pretrained(name)
+        config = config if dropout else without_dropout(config)
+        backbone = AutoModel.from_pretrained(name, config=config, dtype=dtype, use_safetensors=True)
+    return backbone if dropout else disable_dropout_modules(backbone)
 
 
 def _check_kind(metadata: dict[str, Any], kind: ModelKind, name: str) -> None:
@@ -217,15 +266,18 @@ class ValueModel(ScalarHeadModel):
     role: ClassVar[str] = "value"
 
 
-def load_reward_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> RewardModel:
-    """Reward model from a preset, an HF folder / hub name (fresh head), or a folder we saved."""
-    model = RewardModel.load(cfg, dtype)
+def load_reward_model(
+    cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True
+) -> RewardModel:
+    """Reward model from a preset, an HF folder / hub name (fresh head), or a folder we saved;
+    ``dropout`` True keeps the checkpoint's (reward training), False for PPO scoring."""
+    model = RewardModel.load(cfg, dtype, dropout)
     assert isinstance(model, RewardModel)
     return model
 
 
-def load_value_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> ValueModel:
-    """Value model from the same sources as ``load_reward_model``."""
-    model = ValueModel.load(cfg, dtype)
+def load_value_model(cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True) -> ValueModel:
+    """Value model from the same sources as ``load_reward_model``; PPO passes ``dropout=False``."""
+    model = ValueModel.load(cfg, dtype, dropout)
     assert isinstance(model, ValueModel)
     return model

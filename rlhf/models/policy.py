@@ -11,11 +11,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BatchEncoding,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from rlhf.config.sections import ModelConfig
+from rlhf.config.sections import DType, ModelConfig
+from rlhf.models.dropout import disable_dropout_modules, without_dropout
 from rlhf.models.encoding import (
     Limits,
     encode_causal_pairs,
@@ -28,6 +30,7 @@ from rlhf.models.encoding import (
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.tiny import build_tiny_lm, is_tiny_preset
 from rlhf.models.tokenizer import load_tokenizer
+from rlhf.models.vocab import with_known_ids_only
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +88,19 @@ class Policy:
             )
         return encode_causal_pairs(self.tokenizer, documents, summaries, self.limits)
 
+    def logits_processors(self, extra: LogitsProcessorList | None = None) -> LogitsProcessorList:
+        """``logits_processor=`` for every ``model.generate`` of this policy: ``extra``, then the
+        mask of ids its tokenizer cannot decode (``rlhf.models.vocab``; the embedding may be larger)."""
+        return with_known_ids_only(len(self.tokenizer), extra)
+
     @torch.no_grad()
     def generate(self, documents: list[str], **gen_kwargs) -> list[str]:
-        """Summaries as text, without the prompt; ``gen_kwargs`` go to ``model.generate``."""
+        """Summaries as text, without the prompt; ``gen_kwargs`` go to ``model.generate``, which
+        never picks an id the tokenizer cannot decode (``logits_processors``)."""
         batch = self.encode_documents(documents).to(self.model.device)
         gen_kwargs.setdefault("max_new_tokens", self.max_target_length)
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        gen_kwargs["logits_processor"] = self.logits_processors(gen_kwargs.get("logits_processor"))
         output = self.model.generate(**batch, **gen_kwargs)  # (B, T_out)
         if not self.is_encoder_decoder:
             output = output[:, batch["input_ids"].shape[1]:]  # drop the left-padded prompt
@@ -102,17 +112,24 @@ class Policy:
         self.tokenizer.save_pretrained(str(path))
 
 
-def _load_model(name_or_path: str, dtype: torch.dtype | None) -> PreTrainedModel:
+def _load_model(name_or_path: str, dtype: torch.dtype | None, dropout: bool = True) -> PreTrainedModel:
     """Preset, folder or hub name; seq2seq vs causal is read from the config, never guessed.
 
     ``use_safetensors=True`` refuses pickled ``.bin`` weights, which could run code on load.
+    ``dropout`` False zeroes every dropout probability before the model is built (RL roles).
     """
     if is_tiny_preset(name_or_path):
-        model = build_tiny_lm(name_or_path)
-        return model if dtype is None else model.to(dtype)
-    config = AutoConfig.from_pretrained(name_or_path)
-    auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto_class.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        model = build_tiny_lm(name_or_path, dropout=dropout)
+        model = model if dtype is None else model.to(dtype)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path)
+        if not dropout:
+            without_dropout(config)
+        auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto_class.from_pretrained(name_or_path, config=config, dtype=dtype, use_safetensors=True)
+    if not dropout:
+        disable_dropout_modules(model)
+    return model
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -122,17 +139,30 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     (enable or model.gradient_checkpointing_enable)()
 
 
-def inference_dtype(device: torch.device) -> torch.dtype | None:
-    """Weights for generation and scoring: bf16 on GPU, the dtype DeepSpeed's bf16 learner holds
-    (so a weight sync moves tensors as they are); None keeps the checkpoint's dtype on CPU, where
-    bf16 matmuls are slow."""
-    return torch.bfloat16 if device.type == "cuda" else None
+def resolve_dtype(setting: DType, device: torch.device) -> torch.dtype:
+    """``roles.dtype``/``train.dtype`` on ``device``: ``auto`` is bf16 on GPU and fp32 on CPU.
+
+    One rule for every role, so frozen copies hold the dtype the DeepSpeed learner trains in and
+    a weight sync moves tensors as they are.
+    """
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if setting == "bf16" else torch.float32
 
 
-def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Policy:
-    """The policy named by ``cfg.name_or_path``; ``dtype`` None keeps the checkpoint's dtype."""
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Weights for generation and scoring where no dtype is configured (Serve): ``auto``."""
+    return resolve_dtype("auto", device)
+
+
+def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True) -> Policy:
+    """The policy named by ``cfg.name_or_path``; ``dtype`` None keeps the checkpoint's dtype.
+
+    ``dropout`` True keeps the checkpoint's dropout (SFT); PPO roles pass False, see
+    ``rlhf.models.dropout``.
+    """
     name = resolve_name_or_path(cfg.name_or_path)
-    model = _load_model(name, dtype)
+    model = _load_model(name, dtype, dropout)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     tokenizer = load_tokenizer(name)

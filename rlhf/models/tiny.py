@@ -28,6 +28,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from rlhf.models.dropout import without_dropout
+
 VOCAB_SIZE = 384  # len(ByT5Tokenizer())
 PAD_ID = 0
 EOS_ID = 1
@@ -119,15 +121,25 @@ def get_preset(name: str) -> TinyPreset:
         raise ValueError(f"unknown tiny preset {name!r}; valid presets: {valid}") from None
 
 
-def build_tiny_lm(name: str, seed: int = 0) -> PreTrainedModel:
-    """The preset's language model (seq2seq or causal), same weights for the same seed."""
-    preset = get_preset(name)
-    torch.manual_seed(seed)
-    return preset.lm_class(preset.make_config()).eval()
-
-
-def build_tiny_backbone(name: str, seed: int = 0) -> PreTrainedModel:
-    """The preset's base model without the LM head (T5Model, GPT2Model, ...), for scalar heads."""
+def _preset_config(name: str, dropout: bool) -> PretrainedConfig:
     config = get_preset(name).make_config()
+    return config if dropout else without_dropout(config)
+
+
+def build_tiny_lm(name: str, seed: int = 0, dropout: bool = True) -> PreTrainedModel:
+    """The preset's language model (seq2seq or causal), same weights for the same seed.
+
+    ``dropout`` False applies the RL rule of ``rlhf.models.dropout`` (presets ship 0 anyway).
+    """
+    preset = get_preset(name)
+    config = _preset_config(name, dropout)
+    torch.manual_seed(seed)
+    # _from_config, as AutoModel.from_config: under ZeRO-3 the weights are partitioned at init.
+    return preset.lm_class._from_config(config).eval()
+
+
+def build_tiny_backbone(name: str, seed: int = 0, dropout: bool = True) -> PreTrainedModel:
+    """The preset's base model without the LM head (T5Model, GPT2Model, ...), for scalar heads."""
+    config = _preset_config(name, dropout)
     torch.manual_seed(seed)
     return AutoModel.from_config(config).eval()

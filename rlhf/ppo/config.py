@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, ModelConfig
+from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig
 from rlhf.data import sample_source
 from rlhf.ppo.functional import KLKind
 from rlhf.ppo.weight_sync import WeightSync, resolve_transport
@@ -45,7 +45,12 @@ class PPOAlgoConfig:
     kl_target: float | None = option(
         None, "Adaptive KL controller target (summed KL per sequence); null = fixed kl_coef.", gt=0
     )
-    kl_horizon: int = option(10000, "Adaptive KL controller horizon in samples.", gt=0)
+    kl_horizon: int = option(
+        320, "Adaptive KL controller horizon in samples (documents): the coefficient's time constant "
+        "is kl_horizon / rollout_batch_size iterations (320 / 16 = 20); per iteration it moves by at "
+        "most 20% * rollout_batch_size / kl_horizon (1%: +22% after 20 iterations at KL >= 1.2 x "
+        "target). Scale it with rollout_batch_size to keep the same number of iterations.", gt=0
+    )
     whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
     temperature: float = option(1.0, "Sampling temperature.", gt=0)
     top_p: float = option(1.0, "Nucleus sampling mass.", gt=0, le=1)
@@ -117,6 +122,10 @@ class RolesConfig:
         0.0, "GPUs per actor; fractions (0.25) colocate roles on one GPU, 0 = CPU only.", ge=0
     )
     deepspeed: DeepSpeedConfig = option(factory=DeepSpeedConfig, help="The learner's ZeRO stage and offload.")
+    dtype: DType = option(
+        "auto", "Weights of every role, frozen and learner (DeepSpeed bf16): auto (bf16 on GPU, fp32 on "
+        "CPU), bf16 or fp32."
+    )
     max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
     weight_sync: WeightSync = option(
         "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "

@@ -23,7 +23,8 @@ from torch import nn
 from rlhf.models.encoding import ModelKind, shift_right
 from rlhf.models.heads import ValueModel, positions_from_mask
 from rlhf.models.policy import Policy
-from rlhf.ppo.functional import entropy_from_logits, logprobs_from_logits
+from rlhf.models.vocab import known_logits
+from rlhf.ppo.functional import entropy_from_logits, logprobs_from_logits, temper_logits_
 
 # Hub generation configs often ask for beam search, repetition penalties, banned n-grams or a
 # forced first/last token (BART configs force EOS at max length). Each changes the distribution
@@ -153,8 +154,10 @@ def generate_rollout(
 
     Only ``temperature``, ``top_p``, ``top_k`` (0: off) and ``min_new_tokens`` (EOS banned
     before it) shape the distribution; the model's generation config cannot add anything (see
-    ``_PLAIN_SAMPLING``). With top_p=1, top_k=0 and min_new_tokens=0 the samples come exactly
-    from ``softmax(logits / temperature)``, what ``response_logprobs`` scores.
+    ``_PLAIN_SAMPLING``). Ids the tokenizer cannot decode are never sampled: ``logits`` below
+    are masked by ``rlhf.models.vocab`` (``response_logits`` drops the same ids). With top_p=1,
+    top_k=0 and min_new_tokens=0 the samples come exactly from ``softmax(logits / temperature)``,
+    what ``response_logprobs`` scores.
     ``max_new_tokens`` defaults to ``policy.max_target_length``. ``synced_gpus`` must be True
     under ZeRO-3 so that ranks that finish early keep joining the sharded forward passes.
 
@@ -175,6 +178,7 @@ def generate_rollout(
         min_new_tokens=min_new_tokens,
         eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
         pad_token_id=tokenizer.pad_token_id,
+        logits_processor=policy.logits_processors(),
         synced_gpus=synced_gpus,
     ).cpu()  # (B, prefix + T): seq2seq prefix is the start token, causal prefix the prompt
     prefix = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
@@ -242,11 +246,16 @@ def response_logits(model: nn.Module, policy: Policy, rollout: Rollout) -> torch
     ``model`` is ``policy.model`` or a wrapper of it (a DeepSpeed engine): only ``model(**inputs)``
     is called on it; ``policy`` supplies the config and tokenizer. Causal models compute logits
     for the response columns only (``logits_to_keep``), never for the (long) prompt.
+    ``V`` is at most ``len(policy.tokenizer)``: the columns of ids it cannot decode (a padded
+    embedding) are sliced off (a view), the ids sampling masks (``rlhf.models.vocab``), so
+    log-probs and entropy are those of the sampler's distribution.
     """
     inputs = _policy_inputs_for(policy, rollout, _device(model))
     if policy.is_encoder_decoder:
-        return model(**inputs).logits  # (B, T, V)
-    return model(**inputs, logits_to_keep=rollout.response_ids.shape[1]).logits  # (B, T, V)
+        logits = model(**inputs).logits  # (B, T, V)
+    else:
+        logits = model(**inputs, logits_to_keep=rollout.response_ids.shape[1]).logits  # (B, T, V)
+    return known_logits(logits, len(policy.tokenizer))  # (B, T, V), V at most len(tokenizer)
 
 
 def response_logprobs(
@@ -255,20 +264,25 @@ def response_logprobs(
     rollout: Rollout,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of the response tokens under ``softmax(logits / temperature)``, the
     distribution they were sampled from, and its entropy (B, T) if ``with_entropy``, else None.
 
     Differentiable (call under ``torch.no_grad()`` for the old or reference log-probs); both are
-    0 where ``mask == 0``, on the rollout's device.
+    0 where ``mask == 0``, on the rollout's device. ``entropy_grad`` False builds the entropy
+    without a graph: a reported-only entropy (``entropy_coef == 0``) then keeps no (B, T, V)
+    softmax alive for backward.
     """
-    logits = response_logits(model, policy, rollout) / temperature  # (B, T, V)
+    logits = temper_logits_(response_logits(model, policy, rollout), temperature)  # (B, T, V), no copy
     padding = rollout.mask.to(logits.device) == 0  # (B, T)
     labels = rollout.response_ids.to(logits.device)  # (B, T)
     logprobs = logprobs_from_logits(logits, labels).masked_fill(padding, 0.0)  # (B, T)
     if not with_entropy:
         return logprobs, None
-    return logprobs, entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T)
+    return logprobs, entropy
 
 
 def _check_value_model(value_model: ValueModel, policy: Policy) -> None:

@@ -141,11 +141,11 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _entropy(logits: Tensor) -> Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    # p * logp is 0 * -inf = nan for tokens with logit -inf; their contribution is 0.
-    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device))
-    return -plogp.sum(dim=-1)
+    # H = logsumexp(x) - sum(softmax(x) * x). Logits of -inf enter as 0 in the sum (their
+    # probability is 0): neither the value nor the gradient meets 0 * -inf = nan.
+    finite = torch.where(torch.isfinite(logits), logits, torch.zeros((), dtype=logits.dtype,
+                                                                      device=logits.device))
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * finite).sum(dim=-1)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -154,6 +154,20 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     Tokens whose logit is -inf (e.g. banned by a logits processor) contribute 0, not nan.
     """
     return _fp32_rowwise(_entropy, logits)
+
+
+def temper_logits_(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature`` (same shape) without a second (B, T, V) tensor: ``logits`` itself
+    at temperature 1, else ``logits`` divided in place.
+
+    Safe on the differentiable path: the caller owns ``logits`` (a fresh model output, not a
+    leaf), dividing by a number saves no tensor for backward, and the linear LM head that made
+    ``logits`` needs its inputs, not its output; were a backward to need the overwritten values,
+    autograd's version check would raise, never give a wrong gradient.
+    """
+    if temperature == 1.0:
+        return logits
+    return logits.div_(temperature)
 
 
 # --------------------------------------------------------------------------- KL estimators

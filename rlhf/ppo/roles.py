@@ -19,10 +19,10 @@ from torch import nn
 from rlhf.models import (
     Policy,
     RewardModel,
-    inference_dtype,
     load_policy,
     load_reward_model,
     load_value_model,
+    resolve_dtype,
 )
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
@@ -39,10 +39,14 @@ def _device(gpus: float) -> torch.device:
 
 
 def _frozen_policy(cfg: PPOConfig, threads: int) -> tuple[Policy, torch.device]:
-    """The initial policy in eval mode on this actor's device (generation and reference)."""
+    """The initial policy in eval mode on this actor's device (generation and reference).
+
+    Every PPO role loads without dropout (``rlhf.models.dropout``): pi/pi_old must be exactly 1
+    before an update, whichever role computed which side.
+    """
     torch.set_num_threads(threads)
     device = _device(cfg.roles.gpus_per_actor)
-    policy = load_policy(cfg.policy, dtype=inference_dtype(device))
+    policy = load_policy(cfg.policy, dtype=resolve_dtype(cfg.roles.dtype, device), dropout=False)
     policy.model.to(device).eval()
     return policy, device
 
@@ -108,7 +112,8 @@ class RewardScorer:
         self.model: RewardModel | None = None
         if cfg.reward.model is not None:
             device = _device(cfg.roles.gpus_per_actor)
-            self.model = load_reward_model(cfg.reward.model, dtype=inference_dtype(device))
+            dtype = resolve_dtype(cfg.roles.dtype, device)
+            self.model = load_reward_model(cfg.reward.model, dtype=dtype, dropout=False)
             self.model.to(device).eval()
         self.fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
 
@@ -193,13 +198,16 @@ class Learner:
         gpu = cfg.roles.gpus_per_actor > 0
         init_process_group(rank, world_size, address, port or free_port(), gpu)
         self.zero_stage = cfg.roles.deepspeed.zero_stage
+        dtype = resolve_dtype(cfg.roles.dtype, torch.device("cuda" if gpu else "cpu"))
         ds_config = ds.deepspeed_config(
             cfg.roles.deepspeed, micro_batch_size=max(1, cfg.ppo.minibatch_size // world_size),
-            lr=cfg.ppo.lr, max_grad_norm=cfg.ppo.max_grad_norm, bf16=gpu,
+            lr=cfg.ppo.lr, max_grad_norm=cfg.ppo.max_grad_norm, bf16=dtype == torch.bfloat16,
         )
         with ds.zero3_init_context(ds_config):
-            self.policy: Policy = load_policy(cfg.policy)
-            value = load_value_model(cfg.value or cfg.policy)
+            # Train mode (gradient checkpointing needs it) with dropout off: see _frozen_policy.
+            # Loaded in roles.dtype like the frozen copies, whatever dtype the checkpoint was saved in.
+            self.policy: Policy = load_policy(cfg.policy, dtype=dtype, dropout=False)
+            value = load_value_model(cfg.value or cfg.policy, dtype=dtype, dropout=False)
         self.engine, _ = ds.initialize(ActorCritic(self.policy.model, value), ds_config)
         self.value = value
         self.device = self.engine.device
@@ -230,10 +238,14 @@ class Learner:
         return LearnStats.mean(rows)
 
     def _update(self, mb: PPOBatch) -> dict[str, float]:
-        """One optimizer step on a minibatch: clipped policy loss + clipped value loss - entropy."""
+        """One optimizer step on a minibatch: clipped policy loss + clipped value loss - entropy.
+
+        With ``entropy_coef == 0`` the entropy is only reported, so it is built without a graph.
+        """
         algo = self.cfg.ppo
         logprobs, entropy = response_logprobs(
-            self.policy.model, self.policy, mb.rollout, algo.temperature, with_entropy=True
+            self.policy.model, self.policy, mb.rollout, algo.temperature, with_entropy=True,
+            entropy_grad=algo.entropy_coef > 0,
         )
         values = response_values(self.value, mb.rollout, self.policy)
         pg_loss, clip_fraction, approx_kl = F.policy_loss(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, ModelConfig, StoreConfig
+from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig, StoreConfig
 from rlhf.data import sample_source
 from rlhf.data.augment import CorruptionKind
 
@@ -23,9 +23,12 @@ class TrainConfig:
     """Ray Train + DeepSpeed settings of a supervised run (SFT, reward model)."""
 
     num_workers: int = option(1, "Ray Train workers (data-parallel ranks).", gt=0)
-    use_gpu: bool = option(False, "One GPU per worker (bf16); false trains on CPU in fp32.")
+    use_gpu: bool = option(False, "One GPU per worker; false trains on CPU (see dtype).")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker.", gt=0)
     deepspeed: DeepSpeedConfig = option(factory=DeepSpeedConfig, help="ZeRO stage and CPU offload.")
+    dtype: DType = option(
+        "auto", "Training precision (DeepSpeed bf16): auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."
+    )
     batch_size: int = option(8, "Micro-batch size per worker.", gt=0)
     grad_accum_steps: int = option(1, "Micro-batches per optimizer step.", gt=0)
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)

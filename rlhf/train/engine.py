@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rlhf.config.sections import DeepSpeedConfig
+from rlhf.models.policy import resolve_dtype
 from rlhf.train.config import TrainConfig
 
 
@@ -53,10 +54,12 @@ def deepspeed_config(
 
 
 def training_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a supervised run; bf16 on GPU only (CPU bf16 is slow and lossy here)."""
+    """The DeepSpeed config of a supervised run; bf16 as ``train.dtype`` resolves (auto: GPU only)."""
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
     return deepspeed_config(
         cfg.deepspeed, micro_batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
-        bf16=cfg.use_gpu, grad_accum_steps=cfg.grad_accum_steps, weight_decay=cfg.weight_decay,
+        bf16=resolve_dtype(cfg.dtype, device) == torch.bfloat16, grad_accum_steps=cfg.grad_accum_steps,
+        weight_decay=cfg.weight_decay,
     )
 
 
@@ -110,7 +113,23 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], lr_factor: Callable[
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor or (lambda _: 1.0)),
     )
+    if ds_config["bf16"]["enabled"]:
+        cast_state_buffers(model, torch.bfloat16)
     return engine, scheduler
+
+
+def cast_state_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers saved in the state dict (BART/LED ``final_logits_bias``) to ``dtype``.
+
+    DeepSpeed's bf16 casts parameters only, so without this the learner's state dict mixes
+    dtypes and neither matches a bf16 rollout copy (weight sync) nor saves as one dtype.
+    Non-persistent buffers (rotary ``inv_freq``) keep their precision.
+    """
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
+                    and name not in module._non_persistent_buffers_set):
+                module._buffers[name] = buffer.to(dtype)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,120 @@
+"""roles.dtype / train.dtype, and the learners they make: one-rank DeepSpeed (gloo) in this process.
+
+This CPU runs bf16, so the bf16 paths a GPU run takes (DeepSpeed bf16, ZeRO-3, bf16 frozen roles)
+are built here for real; a Ray Train run is not needed to reach ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config.core import ConfigError, load_config
+from rlhf.config.sections import DeepSpeedConfig, ModelConfig
+from rlhf.models import load_reward_model, resolve_dtype
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.roles import Learner, LocalRoles, ReferenceScorer, RewardScorer, free_port, init_process_group
+from rlhf.ppo.trainer import PPOTrainer, PromptStream
+from rlhf.train import engine as ds
+from rlhf.train.config import RewardConfig
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_group() -> None:
+    """DeepSpeed needs a default process group; one gloo rank, as a PPO Learner opens it."""
+    init_process_group(0, 1, "127.0.0.1", free_port(), False)
+    ds.disable_shm_comm_op()  # zero.Init (ZeRO-3 model build) runs before ds.initialize would
+
+
+def test_dtype_choices_resolve_per_device() -> None:
+    assert resolve_dtype("auto", CUDA) is torch.bfloat16
+    assert resolve_dtype("auto", CPU) is torch.float32
+    for device in (CPU, CUDA):
+        assert resolve_dtype("bf16", device) is torch.bfloat16
+        assert resolve_dtype("fp32", device) is torch.float32
+
+
+def test_train_dtype_sets_the_deepspeed_bf16_flag() -> None:
+    def bf16(*overrides: str) -> bool:
+        cfg = load_config(RewardConfig, None, list(overrides))
+        return ds.training_config(cfg.train)["bf16"]["enabled"]
+
+    assert not bf16()  # auto on CPU
+    assert bf16("train.use_gpu=true")
+    assert bf16("train.dtype=bf16")
+    assert not bf16("train.use_gpu=true", "train.dtype=fp32")
+    with pytest.raises(ConfigError, match="train.dtype"):
+        load_config(RewardConfig, None, ["train.dtype=fp16"])
+
+
+def _ppo(tmp_path: Path, *overrides: str) -> PPOConfig:
+    return load_config(PPOConfig, None, [
+        f"output_dir={tmp_path}", "policy.max_source_length=64", "ppo.rollout_batch_size=2",
+        "ppo.minibatch_size=2", *overrides,
+    ])
+
+
+def test_roles_dtype_reaches_frozen_roles_and_the_learner(tmp_path: Path) -> None:
+    cfg = _ppo(tmp_path, "roles.dtype=bf16", "reward.model.name_or_path=tiny-gpt2",
+               "roles.deepspeed.zero_stage=3")
+    reference = ReferenceScorer(cfg)
+    assert {p.dtype for p in reference.policy.model.parameters()} == {torch.bfloat16}
+    scorer = RewardScorer(cfg)
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
+    assert scorer.score(["a document"], ["a summary"])[0].dtype == torch.float32
+    # ZeRO-3 + bf16: the value head is built with the partitioned bf16 backbone (it crashed here).
+    learner = Learner(cfg)
+    assert learner.engine.bfloat16_enabled()
+    assert learner.value.head.weight.dtype == torch.bfloat16 and hasattr(learner.value.head.weight, "ds_id")
+    fp32 = _ppo(tmp_path, "roles.dtype=fp32", "reward.model.name_or_path=tiny-gpt2")
+    assert {p.dtype for p in RewardScorer(fp32).model.parameters()} == {torch.float32}
+
+
+def test_one_bf16_ppo_iteration_with_a_bart_policy(tmp_path: Path) -> None:
+    """Every role in bf16 on CPU (ZeRO-2): the learner's buffers follow, so all copies match."""
+    cfg = _ppo(tmp_path, "roles.dtype=bf16", "policy.name_or_path=tiny-bart", "roles.deepspeed.zero_stage=2",
+               "ppo.iterations=1", "ppo.epochs=1", "ppo.max_new_tokens=8", "ppo.checkpoint_every=100",
+               "ppo.publish_every=100")
+    roles = LocalRoles(cfg)
+    for model in (roles.learner.policy.model, roles.generator.policy.model, roles.reference.policy.model):
+        assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
+    documents = ["my landlord kept the deposit", "the flat had mould"]
+    [metrics] = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(documents)), log=lambda m: None).run()
+    assert math.isfinite(metrics.policy_loss) and math.isfinite(metrics.kl_mean)
+
+
+@pytest.mark.parametrize(("dtype", "saved"), [(torch.bfloat16, False), (torch.bfloat16, True),
+                                             (torch.float32, False)],
+                         ids=["bf16-fresh-head", "bf16-saved-head", "fp32-fresh-head"])
+def test_reward_model_under_zero3_initializes_and_trains(tmp_path: Path, dtype: torch.dtype,
+                                                         saved: bool) -> None:
+    """ZeRO-3 without parameter offload: the head is partitioned in the backbone's dtype."""
+    model_cfg = ModelConfig(name_or_path="tiny-gpt2", max_source_length=64)
+    if saved:
+        plain = load_reward_model(model_cfg)
+        with torch.no_grad():
+            plain.head.bias.fill_(0.5)
+        plain.save(tmp_path / "reward")
+        model_cfg = ModelConfig(name_or_path=str(tmp_path / "reward"), max_source_length=64)
+    config = ds.deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=2, lr=1e-3,
+                                 max_grad_norm=1.0, bf16=dtype == torch.bfloat16)
+    with ds.zero3_init_context(config):
+        model = load_reward_model(model_cfg)
+    engine, _ = ds.initialize(model, config)
+    head = engine.module.head
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert head.weight.ds_tensor.numel() > 0
+    with ds.gathered_params(head, 3):
+        assert head.weight.shape == (1, model.backbone.config.hidden_size)
+        assert head.weight.float().abs().sum() > 0  # the seeded random init reached the shard
+        assert head.bias.item() == (0.5 if saved else 0.0)
+    batch = model.encode_pairs(["one document", "another document"], ["a summary", "b"])
+    loss = engine(**batch).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss)
