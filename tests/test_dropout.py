@@ -116,6 +116,20 @@ def test_policy_loader_turns_dropout_off_only_when_asked(saved: dict[str, ModelC
     assert not _train_mode_outputs_equal(sft.model, sft.encode_pairs(DOCS, SUMMARIES))
 
 
+def test_a_policy_saved_from_an_rl_role_keeps_the_checkpoints_dropout(
+    saved: dict[str, ModelConfig], tmp_path: Path
+) -> None:
+    """A published PPO version is the same model for a later SFT run; the RL copy stays at 0."""
+    rl = load_policy(saved["tiny-bart"], dropout=False)
+    rl.save(tmp_path / "published")
+    fields = FAMILY_FIELDS[PRESET_FIELDS["tiny-bart"]][1]
+    republished = load_policy(ModelConfig(name_or_path=str(tmp_path / "published")))
+    assert {k: v for k, v in dropout_fields(republished.model.config).items() if k in fields} == \
+        dict.fromkeys(fields, P)
+    assert _dropout_left(rl.model) == {}  # saving did not turn it back on in the running copy
+    assert _train_mode_outputs_equal(rl.model, rl.encode_pairs(DOCS, SUMMARIES))
+
+
 @pytest.mark.parametrize("preset", ["tiny-t5", "tiny-gpt2"])
 def test_scalar_head_loaders_turn_dropout_off_only_when_asked(
     saved: dict[str, ModelConfig], preset: str

@@ -16,7 +16,9 @@ composite model's ``text_config`` ...) are walked too.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -65,3 +67,24 @@ def disable_dropout_modules(model: nn.Module) -> nn.Module:
         if isinstance(module, DROPOUT_MODULES):
             module.p = 0.0
     return model
+
+
+def _set_fields(config: PretrainedConfig, values: dict[str, float]) -> None:
+    for dotted, value in values.items():
+        *parents, name = dotted.split(".")
+        target = config
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
+
+
+@contextlib.contextmanager
+def checkpoint_dropout_restored(config: PretrainedConfig, checkpoint: dict[str, float]) -> Iterator[None]:
+    """While open, ``config`` carries the checkpoint's dropout (``dropout_fields`` of it before
+    ``without_dropout``), so a model saved from an RL role keeps it for a later SFT run; the
+    built modules are not touched, and the zeros come back on exit."""
+    _set_fields(config, checkpoint)
+    try:
+        yield
+    finally:
+        _set_fields(config, dict.fromkeys(checkpoint, 0.0))

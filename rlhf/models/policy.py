@@ -17,7 +17,12 @@ from transformers import (
 )
 
 from rlhf.config.sections import DType, ModelConfig
-from rlhf.models.dropout import disable_dropout_modules, without_dropout
+from rlhf.models.dropout import (
+    checkpoint_dropout_restored,
+    disable_dropout_modules,
+    dropout_fields,
+    without_dropout,
+)
 from rlhf.models.encoding import (
     Limits,
     encode_causal_pairs,
@@ -48,8 +53,12 @@ class Policy:
         tokenizer: PreTrainedTokenizerBase,
         max_source_length: int,
         max_target_length: int,
+        checkpoint_dropout: dict[str, float] | None = None,
     ) -> None:
         self.model = model
+        # The dropout the checkpoint has when this copy was built without it (RL roles): saved
+        # back into its config, so the published folder is the same model for a later SFT run.
+        self.checkpoint_dropout = checkpoint_dropout or {}
         self.tokenizer = tokenizer
         self.is_encoder_decoder: bool = bool(model.config.is_encoder_decoder)
         self.max_source_length = max_source_length
@@ -107,29 +116,36 @@ class Policy:
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
     def save(self, path: str | Path) -> None:
-        """Hugging Face layout (config, safetensors, generation config, tokenizer)."""
-        self.model.save_pretrained(str(path))
+        """Hugging Face layout (config, safetensors, generation config, tokenizer); the config
+        records the checkpoint's dropout even when this copy runs without it (RL roles)."""
+        with checkpoint_dropout_restored(self.model.config, self.checkpoint_dropout):
+            self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
 
 
-def _load_model(name_or_path: str, dtype: torch.dtype | None, dropout: bool = True) -> PreTrainedModel:
-    """Preset, folder or hub name; seq2seq vs causal is read from the config, never guessed.
+def _load_model(
+    name_or_path: str, dtype: torch.dtype | None, dropout: bool = True
+) -> tuple[PreTrainedModel, dict[str, float]]:
+    """(model, the checkpoint's dropout probabilities that were zeroed: empty with ``dropout``).
 
+    Preset, folder or hub name; seq2seq vs causal is read from the config, never guessed.
     ``use_safetensors=True`` refuses pickled ``.bin`` weights, which could run code on load.
     ``dropout`` False zeroes every dropout probability before the model is built (RL roles).
     """
+    zeroed: dict[str, float] = {}
     if is_tiny_preset(name_or_path):
         model = build_tiny_lm(name_or_path, dropout=dropout)
         model = model if dtype is None else model.to(dtype)
     else:
         config = AutoConfig.from_pretrained(name_or_path)
         if not dropout:
+            zeroed = dropout_fields(config)
             without_dropout(config)
         auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto_class.from_pretrained(name_or_path, config=config, dtype=dtype, use_safetensors=True)
     if not dropout:
         disable_dropout_modules(model)
-    return model
+    return model, zeroed
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -162,8 +178,8 @@ def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: boo
     ``rlhf.models.dropout``.
     """
     name = resolve_name_or_path(cfg.name_or_path)
-    model = _load_model(name, dtype, dropout)
+    model, zeroed = _load_model(name, dtype, dropout)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     tokenizer = load_tokenizer(name)
-    return Policy(model, tokenizer, cfg.max_source_length, cfg.max_target_length)
+    return Policy(model, tokenizer, cfg.max_source_length, cfg.max_target_length, zeroed)
