@@ -58,7 +58,7 @@ LED_SIZES = {name: size for name, size in ALL_LED_SIZES.items() if name.startswi
 
 @dataclass(frozen=True)
 class ZeroSetup:
-    """One DeepSpeed ZeRO configuration, as ``roles.zero_stage``/``offload_*`` would set it."""
+    """One DeepSpeed ZeRO configuration, as ``roles.deepspeed.*`` would set it."""
 
     label: str
     stage: int
