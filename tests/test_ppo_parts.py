@@ -1,4 +1,5 @@
-"""PPO pieces around the math: prompt cursor, EOS penalty, reward functions, policy registry."""
+"""PPO pieces around the math: prompt cursor, EOS penalty, reward functions, policy registry,
+the roles' chunked forward passes (``roles.forward_batch_size``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.config.core import ConfigError, load_config
 from rlhf.errors import InputError
 from rlhf.metrics import IterationMetrics
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.experience import response_mask
 from rlhf.ppo.rewards import brevity, document_overlap, load_reward_fn
+from rlhf.ppo.roles import LocalRoles, forward_chunks
 from rlhf.ppo.trainer import PromptStream, apply_no_eos_penalty
 from rlhf.registry import PolicyRegistry
 
@@ -94,3 +99,72 @@ def test_iteration_metrics_round_trip_through_a_record_with_exactly_the_document
     assert IterationMetrics.from_record(record) == metrics
     with pytest.raises(TypeError):  # a key lost or renamed is an error, not a default
         IterationMetrics.from_record({k: v for k, v in record.items() if k != "kl_mean"})
+
+
+CHUNK_DOCS = [f"post {i}: " + "my landlord kept the deposit " * (1 + i % 4) for i in range(8)]
+
+
+def test_forward_chunks_cover_the_rows_in_order() -> None:
+    assert forward_chunks(8, 3) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert forward_chunks(8, 0) == [slice(0, 8)]
+    assert forward_chunks(2, 5) == [slice(0, 2)]
+
+
+def test_negative_forward_batch_size_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"roles\.forward_batch_size"):
+        load_config(PPOConfig, None, ["roles.forward_batch_size=-1"])
+
+
+@pytest.fixture(scope="module", params=["tiny-t5", "tiny-gpt2"])
+def local_roles(request, tmp_path_factory) -> LocalRoles:
+    """Every role on ``request.param`` with a tiny-gpt2 reward model (one instance per policy)."""
+    cfg = load_config(PPOConfig, None, [
+        f"output_dir={tmp_path_factory.mktemp('run')}", f"policy.name_or_path={request.param}",
+        "policy.max_source_length=64", "ppo.max_new_tokens=10", "ppo.rollout_batch_size=8",
+        "reward.model.name_or_path=tiny-gpt2", "reward.model.max_source_length=96",
+    ])
+    torch.manual_seed(0)
+    return LocalRoles(cfg)
+
+
+def _set_chunk(roles: LocalRoles, size: int) -> None:
+    roles.generator.cfg.roles.forward_batch_size = size  # one RolesConfig shared by every role
+    assert roles.scorer.roles.forward_batch_size == roles.reference.cfg.roles.forward_batch_size == size
+
+
+def test_chunked_forwards_equal_one_pass(local_roles: LocalRoles) -> None:
+    """Reference and old log-probs, values and reward scores in chunks of 3 rows match one pass."""
+    _set_chunk(local_roles, 0)
+    rollout = local_roles.generate(CHUNK_DOCS, seed=1)
+    whole = (local_roles.ref_logprobs(rollout), *local_roles.evaluate(rollout))
+    scores = local_roles.score(rollout.documents, rollout.summaries)
+    _set_chunk(local_roles, 3)
+    try:
+        chunked = (local_roles.ref_logprobs(rollout), *local_roles.evaluate(rollout))
+        chunked_scores = local_roles.score(rollout.documents, rollout.summaries)
+    finally:
+        _set_chunk(local_roles, 0)
+    for one, parts in zip(whole, chunked):
+        assert parts.shape == one.shape == rollout.mask.shape
+        torch.testing.assert_close(parts * rollout.mask, one * rollout.mask, atol=1e-5, rtol=0)
+    for one, parts in zip(scores, chunked_scores):
+        assert parts.shape == (8,)
+        torch.testing.assert_close(parts, one, atol=1e-5, rtol=0)
+
+
+def test_chunked_generation_is_consistent_and_reproducible(local_roles: LocalRoles) -> None:
+    _set_chunk(local_roles, 3)
+    try:
+        first, again = (local_roles.generate(CHUNK_DOCS, seed=5) for _ in range(2))
+    finally:
+        _set_chunk(local_roles, 0)
+    tokenizer = local_roles.generator.policy.tokenizer
+    assert first.documents == CHUNK_DOCS
+    assert first.response_ids.shape[0] == first.mask.shape[0] == len(first.summaries) == 8
+    torch.testing.assert_close(first.mask, response_mask(first.response_ids, tokenizer.eos_token_id))
+    assert torch.equal(first.ended, (first.response_ids == tokenizer.eos_token_id).any(1))
+    assert first.summaries == tokenizer.batch_decode(first.response_ids, skip_special_tokens=True)
+    assert torch.equal(first.response_ids, again.response_ids) and first.summaries == again.summaries
+    assert torch.equal(first.mask, again.mask) and torch.equal(first.ended, again.ended)
+    for name, tensor in first.query.items():
+        assert torch.equal(tensor, again.query[name])

@@ -126,6 +126,12 @@ class RolesConfig:
         "auto", "Weights of every role, frozen and learner (DeepSpeed bf16): auto (bf16 on GPU, fp32 on "
         "CPU), bf16 or fp32."
     )
+    forward_batch_size: int = option(
+        0, "Rows per forward pass of generation, reward scoring, reference and old log-probs/values "
+        "(each actor's shard is split into chunks of at most this many; results are joined as one "
+        "pass would give): bounds activation memory for long documents. 0 = the whole shard in one "
+        "pass. Not the PPO update's minibatch (ppo.minibatch_size).", ge=0
+    )
     max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
     weight_sync: WeightSync = option(
         "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "

@@ -51,6 +51,16 @@ def _frozen_policy(cfg: PPOConfig, threads: int) -> tuple[Policy, torch.device]:
     return policy, device
 
 
+def forward_chunks(rows: int, size: int) -> list[slice]:
+    """Row slices of at most ``size`` rows (0: one slice of all), in order: ``roles.forward_batch_size``.
+
+    Forward passes over a whole shard of long documents can exceed device memory; each role runs
+    one pass per slice and joins the results, which equal a single pass's.
+    """
+    step = size if size > 0 else max(rows, 1)
+    return [slice(start, min(start + step, rows)) for start in range(0, max(rows, 1), step)]
+
+
 class StaleWeightsError(RuntimeError):
     """A generator holds older weights than the learner's last sync (e.g. after a restart)."""
 
@@ -69,16 +79,23 @@ class Generator:
         self.weights: WeightGroup | None = None  # set by join_weight_group (collective sync)
 
     def generate(self, documents: list[str], seed: int, version: int) -> Rollout:
-        """Sampled summaries of ``documents``; ``seed`` makes a retried batch identical."""
+        """Sampled summaries of ``documents``; ``seed`` makes a retried batch identical.
+
+        Chunks of ``roles.forward_batch_size`` are generated in order after one seeding, so a batch
+        is still reproducible from its seed; ``Rollout.concat`` re-pads them to common widths.
+        """
         if version != self.version:
             raise StaleWeightsError(f"generator has weights v{self.version}, the learner is at v{version}")
         torch.manual_seed(seed)
         algo = self.cfg.ppo
-        rollout = generate_rollout(
-            self.policy, documents, temperature=algo.temperature, top_p=algo.top_p,
-            max_new_tokens=algo.max_new_tokens, stop_at_eos=algo.stop_at_eos,
-        )
-        return rollout.to("cpu")
+        parts = [
+            generate_rollout(
+                self.policy, documents[rows], temperature=algo.temperature, top_p=algo.top_p,
+                max_new_tokens=algo.max_new_tokens, stop_at_eos=algo.stop_at_eos,
+            ).to("cpu")
+            for rows in forward_chunks(len(documents), self.cfg.roles.forward_batch_size)
+        ]
+        return Rollout.concat(parts)
 
     def load_weights(self, weights: StateDict, version: int) -> None:
         """Copy in the tensors that changed since the last sync (a subset of the state dict)."""
@@ -109,6 +126,7 @@ class RewardScorer:
     def __init__(self, cfg: PPOConfig, threads: int = 1):
         torch.set_num_threads(threads)
         self.cfg = cfg.reward
+        self.roles = cfg.roles  # forward_batch_size
         self.model: RewardModel | None = None
         if cfg.reward.model is not None:
             device = _device(cfg.roles.gpus_per_actor)
@@ -122,7 +140,8 @@ class RewardScorer:
         if self.fn is not None:
             raw = torch.tensor(self.fn(documents, summaries), dtype=torch.float32)
             return raw, raw.clone()
-        raw = self.model.score(documents, summaries)
+        chunks = forward_chunks(len(documents), self.roles.forward_batch_size)
+        raw = torch.cat([self.model.score(documents[rows], summaries[rows]).cpu() for rows in chunks])
         return raw, self.model.normalize(raw) if self.cfg.normalize else raw.clone()
 
 
@@ -135,11 +154,14 @@ class ReferenceScorer:
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """(B, T) log pi_ref of the sampled tokens."""
-        logprobs, _ = response_logprobs(
-            self.policy.model, self.policy, rollout.to(self.device), self.cfg.ppo.temperature
-        )
-        return logprobs.cpu()
+        """(B, T) log pi_ref of the sampled tokens, one forward per ``roles.forward_batch_size`` rows."""
+        chunks = forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size)
+        return torch.cat([
+            response_logprobs(
+                self.policy.model, self.policy, rollout.select(rows).to(self.device), self.cfg.ppo.temperature
+            )[0].cpu()
+            for rows in chunks
+        ])
 
 
 class ActorCritic(nn.Module):
@@ -218,12 +240,20 @@ class Learner:
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log pi_old, V_old), each (B, T), for the rollout as sampled."""
+        """(log pi_old, V_old), each (B, T), for the rollout as sampled.
+
+        One forward per ``roles.forward_batch_size`` rows; ``select`` keeps the widths, so the
+        chunks concatenate into what a single pass gives.
+        """
         self.engine.eval()
-        rollout = rollout.to(self.device)
-        logprobs, _ = response_logprobs(self.policy.model, self.policy, rollout, self.cfg.ppo.temperature)
-        values = response_values(self.value, rollout, self.policy)
-        return logprobs.cpu(), values.float().cpu()
+        logprobs, values = [], []
+        temperature = self.cfg.ppo.temperature
+        for rows in forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size):
+            chunk = rollout.select(rows).to(self.device)
+            chunk_logprobs, _ = response_logprobs(self.policy.model, self.policy, chunk, temperature)
+            logprobs.append(chunk_logprobs.cpu())
+            values.append(response_values(self.value, chunk, self.policy).float().cpu())
+        return torch.cat(logprobs), torch.cat(values)
 
     def train(self, batch: PPOBatch) -> LearnStats:
         """PPO epochs over minibatches of this rank's shard of the batch."""
