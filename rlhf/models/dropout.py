@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator
 
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 DROPOUT_FIELD = re.compile(r"dropout|pdrop$|layerdrop")
 DROPOUT_MODULES = (
@@ -59,6 +59,16 @@ def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
         elif is_dropout_field(name, value):
             setattr(config, name, 0.0)
     return config
+
+
+def checkpoint_config(name_or_path: str, dropout: bool) -> tuple[PretrainedConfig, dict[str, float]]:
+    """(config, the dropout probabilities zeroed in it): the checkpoint's config as it is, or with
+    ``dropout`` False (RL roles) without its dropout, for ``from_pretrained(config=...)``."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if dropout:
+        return config, {}
+    zeroed = dropout_fields(config)
+    return without_dropout(config), zeroed
 
 
 def disable_dropout_modules(model: nn.Module) -> nn.Module:

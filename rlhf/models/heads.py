@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config.sections import ModelConfig
-from rlhf.models.dropout import disable_dropout_modules, without_dropout
+from rlhf.models.dropout import checkpoint_config, disable_dropout_modules
 from rlhf.models.encoding import (
     ModelKind,
     encode_causal_pairs,
@@ -200,8 +200,7 @@ def _load_backbone(name: str, dtype: torch.dtype | None, dropout: bool = True) -
         backbone = build_tiny_backbone(name, dropout=dropout)
         backbone = backbone if dtype is None else backbone.to(dtype)
     else:
-        config = AutoConfig.from_pretrained(name)
-        config = config if dropout else without_dropout(config)
+        config, _ = checkpoint_config(name, dropout)
         backbone = AutoModel.from_pretrained(name, config=config, dtype=dtype, use_safetensors=True)
     return backbone if dropout else disable_dropout_modules(backbone)
 

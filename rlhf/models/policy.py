@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BatchEncoding,
@@ -18,10 +17,9 @@ from transformers import (
 
 from rlhf.config.sections import DType, ModelConfig
 from rlhf.models.dropout import (
+    checkpoint_config,
     checkpoint_dropout_restored,
     disable_dropout_modules,
-    dropout_fields,
-    without_dropout,
 )
 from rlhf.models.encoding import (
     Limits,
@@ -137,10 +135,7 @@ def _load_model(
         model = build_tiny_lm(name_or_path, dropout=dropout)
         model = model if dtype is None else model.to(dtype)
     else:
-        config = AutoConfig.from_pretrained(name_or_path)
-        if not dropout:
-            zeroed = dropout_fields(config)
-            without_dropout(config)
+        config, zeroed = checkpoint_config(name_or_path, dropout)
         auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto_class.from_pretrained(name_or_path, config=config, dtype=dtype, use_safetensors=True)
     if not dropout:
