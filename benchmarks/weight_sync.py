@@ -2,14 +2,15 @@
 
 Runs the product path: ``RayRoles`` on a private ``ray.init`` with the rule-based reward, then
 ``roles.sync()`` after every policy tensor of the learner was changed in place (what a full
-fine-tuning step does), and once with nothing changed (the cost of the change check alone).
+fine-tuning step does). A sync moves the trainable parameters (here all of them) with no
+change check: nothing is copied to compare against.
 On CPU the collective is gloo; on GPU (``--gpu``) it is NCCL with one GPU per actor.
 
 Models are random-weight GPT-2s from ``benchmarks/architectures.py``: ``tiny-gpt2`` (the PPO
 anchor's 2 layers, n_embd 128) and ``gpt2-125m`` (GPT-2 small's 12 layers, n_embd 768,
 vocabulary 50,257, 1,024 positions: 124M parameters, 0.5 GB in fp32). Times are medians over
-``--repeats`` syncs, taken on the driver (wall) and on learner rank 0 (the gather, change check
-and send, as the PPO metrics report it).
+``--repeats`` syncs, taken on the driver (wall) and on learner rank 0 (the gather and send, as
+the PPO metrics report it).
 
     python benchmarks/weight_sync.py --out benchmarks/results/weight_sync.json  # both sizes, 1 and 2 workers
 """
@@ -25,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import ray
 import torch
 from architectures import ARCHITECTURES, save_random
@@ -52,21 +54,18 @@ def measure(policy: Path, transport: str, workers: int, repeats: int, gpu: bool)
     ])
     roles = RayRoles(cfg)
     try:
-        changed_wall, changed_rank0, unchanged_wall = [], [], []
+        changed_wall, changed_rank0 = [], []
         for i in range(repeats):
             perturb(roles.learners[0], 1e-3 * (i + 1))
             start = time.perf_counter()
             changed_rank0.append(roles.sync())
             changed_wall.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            roles.sync()
-            unchanged_wall.append(time.perf_counter() - start)
+        rss = ray.get(roles.learners[0].__ray_call__.remote(lambda role: psutil.Process().memory_info().rss))
     finally:
         roles.shutdown()
-    return {"transport": transport, "workers": workers,
+    return {"transport": transport, "workers": workers, "learner_rss_mb": rss / 2**20,
             "changed_wall_s": statistics.median(changed_wall),
-            "changed_rank0_s": statistics.median(changed_rank0),
-            "unchanged_wall_s": statistics.median(unchanged_wall)}
+            "changed_rank0_s": statistics.median(changed_rank0)}
 
 
 def main() -> None:

@@ -151,6 +151,9 @@ CHAINED = {
                             "reward.model.name_or_path=tiny-t5"],
     "ppo_arxiv_led.yaml": ["policy.name_or_path=tiny-led", "value.name_or_path=tiny-led",
                            "reward.model.name_or_path=tiny-led"],
+    "reward_tldr_qwen.yaml": ["model.name_or_path=tiny-gpt2"],
+    "ppo_tldr_qwen.yaml": ["policy.name_or_path=tiny-gpt2", "value.name_or_path=tiny-gpt2",
+                           "reward.model.name_or_path=tiny-gpt2"],
 }
 
 

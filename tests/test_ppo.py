@@ -149,6 +149,27 @@ def _kill_and_wait_for_restart(actor) -> None:
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_zero3_learners_sync_and_save_the_policy_bucket_by_bucket(tmp_path: Path) -> None:
+    """Two ZeRO-3 ranks gather 20 KiB at a time: the rollout worker and the saved policy both get
+    the trained weights, first every tensor, then the trainable ones."""
+    cfg = _cfg(tmp_path, "ppo.iterations=1", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+               "ppo.epochs=1", "roles.learner_workers=2", "roles.deepspeed.zero_stage=3",
+               "roles.cpus_per_actor=0.4", "roles.weight_sync=collective", "roles.sync_bucket_mb=0.02")
+    roles = RayRoles(cfg)
+    try:
+        initial = _policy_state(roles.generators[0])
+        PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), lambda metrics: None).run()
+        roles.save_policy(str(tmp_path / "saved"))
+        synced = _policy_state(roles.generators[0])
+    finally:
+        roles.shutdown()
+    saved = load_policy(ModelConfig(name_or_path=str(tmp_path / "saved"))).model.state_dict()
+    assert any(not torch.equal(initial[k], synced[k]) for k in synced)  # the update reached it
+    assert set(saved) == set(synced)
+    assert all(torch.equal(saved[k], synced[k]) for k in synced)
+
+
+@pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("transport", ["object_store", "collective"])
 def test_killed_rollout_workers_are_restarted_and_brought_up_to_date(
     tmp_path: Path, caplog, transport: str

@@ -13,16 +13,24 @@ from rlhf.ppo.functional import (
     KL_KINDS,
     AdaptiveKLController,
     FixedKLController,
+    aggregate_loss,
     compute_gae,
+    discounted_returns,
+    dpo_loss,
     entropy_from_logits,
     explained_variance,
+    group_advantages,
+    group_baseline,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
     policy_loss,
+    reinforce_pp_advantages,
+    sequence_logprobs,
     shape_rewards,
+    spread_over_tokens,
     temper_logits_,
     value_loss,
 )
@@ -374,8 +382,14 @@ def all_results(rewards, values, old_values, logp, old_logp, ref_logp, mask):
         "adv": adv,
         "ret": ret,
         "policy": policy_loss(logp, old_logp, adv, mask, 0.2),
+        "policy_seq": policy_loss(logp, old_logp, adv, mask, 0.2, aggregation="sequence_mean"),
         "value": value_loss(values, old_values, ret, mask, 0.2),
         "ev": explained_variance(values, ret, mask),
+        "returns_to_go": discounted_returns(rewards, mask, 0.9),
+        "reinforce_pp": reinforce_pp_advantages(rewards, mask, 0.9),
+        "spread": spread_over_tokens(scores, mask),
+        "seq_mean": aggregate_loss(values, mask, "sequence_mean"),
+        "seq_logp": sequence_logprobs(logp, mask),
     }
 
 
@@ -501,3 +515,202 @@ def test_kl_horizon_help_states_it_in_iterations() -> None:
     help_text = field.metadata["help"]
     assert "kl_horizon / rollout_batch_size iterations" in help_text
     assert "320 / 16 = 20" in help_text
+
+
+# --------------------------------------------------------------------------- critic-free advantages
+
+GROUP_SCORES = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two groups of k = 3
+
+
+def test_grpo_advantages_hand_example() -> None:
+    # Group [1, 2, 6]: mean 3, centered [-2, -1, 3], unbiased var (4 + 1 + 9) / 2 = 7, std 2.6457513
+    #   -> [-0.7559289, -0.3779645, 1.1338934] (a biased std 2.1602 would give -0.9258 first).
+    # Group [0, 0, 3]: mean 1, centered [-1, -1, 2], var (1 + 1 + 4) / 2 = 3, std 1.7320508
+    #   -> [-0.5773503, -0.5773503, 1.1547005]
+    out = group_advantages(GROUP_SCORES, 3)
+    close(out, [-0.7559289, -0.3779645, 1.1338934, -0.5773503, -0.5773503, 1.1547005], atol=1e-5)
+    # scores [1, 2, 3, 6], k = 2: means 1.5, 4.5; stds 0.7071068, 2.1213203 -> +-0.5 / 0.7071068
+    # and +-1.5 / 2.1213203, both 0.7071068 in size.
+    close(group_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 2),
+          [-0.7071068, 0.7071068, -0.7071068, 0.7071068], atol=1e-5)
+
+
+def test_grpo_without_std_scaling_and_group_baseline_are_the_centered_scores() -> None:
+    # Dr. GRPO: r - group mean only: [1, 2, 6] - 3 and [0, 0, 3] - 1.
+    expected = [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]
+    close(group_advantages(GROUP_SCORES, 3, scale_by_std=False), expected)
+    close(group_baseline(GROUP_SCORES, 3), expected)
+
+
+def test_rloo_advantages_subtract_the_mean_of_the_others() -> None:
+    # r=1: others 2, 6 -> 1 - 4 = -3;  r=2: others 1, 6 -> 2 - 3.5 = -1.5;  r=6: 6 - 1.5 = 4.5
+    # r=0: others 0, 3 -> -1.5 (twice);  r=3: others 0, 0 -> 3   (= 3/2 * centered scores)
+    close(group_advantages(GROUP_SCORES, 3, "rloo"), [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+
+
+def test_group_of_equal_scores_gives_zero_not_nan() -> None:
+    scores = torch.tensor([5.0, 5.0, 5.0, 1.0, 2.0, 3.0])
+    for kind in ("grpo", "rloo"):
+        out = group_advantages(scores, 3, kind)
+        assert torch.isfinite(out).all(), kind
+        close(out[:3], [0.0, 0.0, 0.0])
+    close(group_advantages(scores, 3)[3:], [-1.0, 0.0, 1.0], atol=1e-5)  # std of [1, 2, 3] is 1
+
+
+def test_group_advantages_reject_bad_group_sizes_and_kinds() -> None:
+    with pytest.raises(ValueError, match=r"B=5.*group_size=2"):
+        group_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match=r"B=5.*group_size=2"):
+        group_baseline(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        group_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        group_advantages(torch.zeros(4), 1, "rloo")
+    with pytest.raises(ValueError, match=r"'ppo'.*grpo, rloo"):
+        group_advantages(torch.zeros(4), 2, "ppo")
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 2), 2)
+
+
+def test_spread_over_tokens_puts_each_row_advantage_on_its_response() -> None:
+    mask = lengths_to_mask([3, 1], 3)
+    close(spread_over_tokens(torch.tensor([0.5, -2.0]), mask), [[0.5, 0.5, 0.5], [-2.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="one value per row"):
+        spread_over_tokens(torch.zeros(3), mask)
+
+
+def returns_example() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards with a nan in the padding of row 1, and their mask (lengths 3, 2)."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [3.0, 4.0, float("nan")]])
+    return rewards, lengths_to_mask([3, 2], 3)
+
+
+def test_discounted_returns_with_gamma_below_one_and_padding() -> None:
+    rewards, mask = returns_example()
+    # gamma 0.5. Row 0: G2 = 2, G1 = 0 + 0.5*2 = 1, G0 = 1 + 0.5*1 = 1.5.
+    # Row 1 (ends at t=1; the nan is padding): G1 = 4, G0 = 3 + 0.5*4 = 5, pad -> 0.
+    out = discounted_returns(rewards, mask, 0.5)
+    close(out, [[1.5, 1.0, 2.0], [5.0, 4.0, 0.0]])
+    close(discounted_returns(rewards, mask, 1.0), [[3.0, 2.0, 2.0], [7.0, 4.0, 0.0]])
+    assert not discounted_returns(rewards.requires_grad_(True), mask, 0.5).requires_grad
+
+
+def test_reinforce_pp_whitening_ignores_padded_tokens() -> None:
+    rewards, mask = returns_example()
+    # Valid returns (gamma 0.5) [1.5, 1, 2 | 5, 4]: mean 13.5 / 5 = 2.7 (counting the pad 0 would
+    # give 2.25); deviations [-1.2, -1.7, -0.7, 2.3, 1.3], squares sum 11.8, unbiased var 2.95,
+    # std 1.7175564 -> [-0.6986672, -0.9897785, -0.4075558, 1.3391222, 0.7568998], pad 0.
+    out = reinforce_pp_advantages(rewards, mask, gamma=0.5)
+    close(out, [[-0.6986672, -0.9897785, -0.4075558], [1.3391222, 0.7568998, 0.0]], atol=1e-5)
+
+
+def test_reinforce_pp_composes_group_baseline_shape_rewards_and_whitening() -> None:
+    # Scores [1, 3] in one group of 2 -> baseline [-1, 1]; no KL (logp == ref); lengths [2, 1].
+    # Shaped rewards [[0, -1], [1, pad]] -> returns-to-go (gamma 1) [[-1, -1], [1, pad]];
+    # valid [-1, -1, 1]: mean -1/3, deviations [-2/3, -2/3, 4/3], var (4 + 4 + 16) / 9 / 2 = 4/3,
+    # std 1.1547005 -> [-0.5773503, -0.5773503, 1.1547005].
+    mask = lengths_to_mask([2, 1], 2)
+    logp = torch.full((2, 2), -1.0)
+    rewards = shape_rewards(group_baseline(torch.tensor([1.0, 3.0]), 2), logp, logp, mask, 0.1)
+    close(rewards, [[0.0, -1.0], [1.0, 0.0]])
+    out = reinforce_pp_advantages(rewards, mask)
+    close(out, [[-0.5773503, -0.5773503], [1.1547005, 0.0]], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+
+def test_aggregate_loss_token_vs_sequence_mean_on_rows_of_different_lengths() -> None:
+    loss = torch.tensor([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0], [7.0, 7.0, 7.0]], requires_grad=True)
+    mask = lengths_to_mask([3, 1, 0], 3)  # the third row is empty
+    # token mean: (1 + 2 + 3 + 10) / 4 = 4
+    close(aggregate_loss(loss, mask, "token_mean"), 4.0)
+    close(aggregate_loss(loss, mask), 4.0)  # the default
+    # sequence mean: row means 2 and 10; the empty row is not counted -> (2 + 10) / 2 = 6
+    seq = aggregate_loss(loss, mask, "sequence_mean")
+    close(seq, 6.0)
+    # gradient: 1 / (2 rows * 3 tokens) on row 0, 1 / (2 * 1) on row 1's token, 0 elsewhere
+    seq.backward()
+    close(loss.grad, [[1 / 6, 1 / 6, 1 / 6], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    close(aggregate_loss(loss, torch.zeros(3, 3), "sequence_mean"), 0.0)  # all empty -> 0
+    with pytest.raises(ValueError, match=r"'sum'.*token_mean, sequence_mean"):
+        aggregate_loss(loss, mask, "sum")
+
+
+def test_policy_loss_sequence_mean_aggregation() -> None:
+    # policy_example: row 0 token losses [-1.2, 0.8, -0.5] -> mean -0.3; row 1 [3.0, -2.2] -> 0.4;
+    # sequence mean (-0.3 + 0.4) / 2 = 0.05 (the token mean is -0.02); metrics stay token means.
+    logp, old, adv, mask = policy_example()
+    loss, clip_fraction, _ = policy_loss(logp, old, adv, mask, 0.2, aggregation="sequence_mean")
+    close(loss, 0.05, atol=1e-6)
+    close(clip_fraction, 0.4)
+    close(policy_loss(logp, old, adv, mask, 0.2, aggregation="token_mean")[0], -0.02, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- preference optimisation
+
+
+def test_sequence_logprobs_is_the_masked_sum() -> None:
+    token_logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, float("nan"), 7.0]])
+    close(sequence_logprobs(token_logp, lengths_to_mask([3, 1], 3)), [-6.0, -0.5])
+    close(sequence_logprobs(token_logp, lengths_to_mask([0, 1], 3).bool()), [0.0, -0.5])
+
+
+def dpo_example() -> tuple[torch.Tensor, ...]:
+    """Two pairs, beta 0.5: policy - ref for chosen [1, 0] and rejected [-0.5, 1], so
+    h = [1.5, -1] and beta * h = [0.75, -0.5]."""
+    policy_chosen = torch.tensor([-1.0, -2.0], requires_grad=True)
+    policy_rejected = torch.tensor([-3.0, -1.0], requires_grad=True)
+    ref_chosen = torch.tensor([-2.0, -2.0], requires_grad=True)
+    ref_rejected = torch.tensor([-2.5, -2.0], requires_grad=True)
+    return policy_chosen, policy_rejected, ref_chosen, ref_rejected
+
+
+def test_dpo_sigmoid_loss_and_rewards() -> None:
+    # -logsigmoid(x) = log(1 + e^-x): x = 0.75 -> log(1.4723666) = 0.3868710;
+    # x = -0.5 -> log(1 + e^0.5) = log(2.6487213) = 0.9740770.
+    losses, chosen, rejected = dpo_loss(*dpo_example(), beta=0.5)
+    close(losses, [0.3868710, 0.9740770])
+    # rewards beta * (pi - ref): chosen 0.5 * [1, 0], rejected 0.5 * [-0.5, 1]
+    close(chosen, [0.5, 0.0])
+    close(rejected, [-0.25, 0.5])
+    assert not chosen.requires_grad and not rejected.requires_grad
+
+
+def test_dpo_sigmoid_with_label_smoothing() -> None:
+    # e = 0.1: 0.9 * -logsigmoid(bh) + 0.1 * -logsigmoid(-bh), and -logsigmoid(-x) = -logsigmoid(x) + x:
+    # pair 0: 0.9 * 0.3868710 + 0.1 * (0.3868710 + 0.75) = 0.4618710
+    # pair 1: 0.9 * 0.9740770 + 0.1 * (0.9740770 - 0.5) = 0.9240770
+    losses, _, _ = dpo_loss(*dpo_example(), beta=0.5, label_smoothing=0.1)
+    close(losses, [0.4618710, 0.9240770])
+
+
+def test_ipo_loss() -> None:
+    # (h - 1 / (2 beta))^2 with 1 / (2 * 0.5) = 1: (1.5 - 1)^2 = 0.25, (-1 - 1)^2 = 4
+    losses, chosen, rejected = dpo_loss(*dpo_example(), beta=0.5, kind="ipo")
+    close(losses, [0.25, 4.0])
+    close(chosen, [0.5, 0.0])
+    close(rejected, [-0.25, 0.5])
+
+
+def test_dpo_gradient_flows_to_policy_logps_only() -> None:
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = dpo_example()
+    losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.5)
+    losses.sum().backward()
+    # d/dpi_c -logsigmoid(beta h) = -beta * sigmoid(-beta h): -0.5 * sigmoid(-0.75) = -0.1604107,
+    # -0.5 * sigmoid(0.5) = -0.3112297; the rejected gradient is the negative.
+    close(policy_chosen.grad, [-0.1604107, -0.3112297])
+    close(policy_rejected.grad, [0.1604107, 0.3112297])
+    assert ref_chosen.grad is None and ref_rejected.grad is None
+
+
+def test_dpo_loss_rejects_bad_arguments() -> None:
+    for beta in (0.0, -1.0):
+        with pytest.raises(ValueError, match="beta"):
+            dpo_loss(*dpo_example(), beta=beta)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*dpo_example(), beta=0.5, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*dpo_example(), beta=0.5, kind="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"'hinge'.*sigmoid, ipo"):
+        dpo_loss(*dpo_example(), beta=0.5, kind="hinge")

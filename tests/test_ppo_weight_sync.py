@@ -1,8 +1,9 @@
-"""Weight sync from the learner to rollout workers: change tracking, tied tensors, and the
+"""Weight sync from the learner to rollout workers: what moves, tied tensors, buckets, and the
 collective transport on a real gloo group (ranks as threads here, as Ray actors in test_ppo)."""
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +15,14 @@ from rlhf.errors import InputError
 from rlhf.models import load_policy, resolve_dtype
 from rlhf.ppo import weight_sync
 from rlhf.ppo.roles import free_port, init_process_group
-from rlhf.ppo.weight_sync import ChangeTracker, WeightGroup, resolve_transport, unique_tensors
+from rlhf.ppo.weight_sync import (
+    SyncPlan,
+    WeightGroup,
+    cpu_copies,
+    gathered_buckets,
+    resolve_transport,
+    unique_tensors,
+)
 from rlhf.train import engine as ds
 
 CPU = torch.device("cpu")
@@ -36,26 +44,49 @@ def test_tied_tensors_are_listed_once_under_their_first_name() -> None:
     assert len(unique) < len(names)
 
 
-def test_change_tracker_reports_only_changed_tensors_and_forgets_on_reset() -> None:
+def test_sync_plan_moves_everything_first_then_only_trainable_parameters() -> None:
     model = _model(0)
-    tracker = ChangeTracker()
+    model.encoder.final_layer_norm.weight.requires_grad_(False)  # frozen: never changes
+    plan = SyncPlan()
     tensors = unique_tensors(model)
-    assert tracker.changed(tensors) == list(tensors)
-    assert tracker.changed(tensors) == []
-    with torch.no_grad():
-        model.shared.weight[0, 0] += 1.0
-    assert tracker.changed(unique_tensors(model)) == ["shared.weight"]
-    assert torch.equal(tracker.last["shared.weight"], model.shared.weight)
-    tracker.reset()
-    assert len(tracker.changed(tensors)) == len(tensors)
+    assert plan.names(tensors) == list(tensors)
+    later = plan.names(tensors)
+    assert "encoder.final_layer_norm.weight" not in later
+    assert later == [n for n, t in tensors.items() if n != "encoder.final_layer_norm.weight"]
+    buffers = {"final_logits_bias": torch.zeros(1, 4)}  # a buffer (BART/LED) moves the first time only
+    assert SyncPlan().names(buffers) == ["final_logits_bias"]
+    plan.reset()
+    assert plan.names(tensors) == list(tensors)
 
 
-def test_buckets_split_by_dtype_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(weight_sync, "BUCKET_BYTES", 40)
+def test_buckets_split_by_dtype_and_size() -> None:
     f32 = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(20)]  # 16 bytes each, then 80
     half = [torch.zeros(2, dtype=torch.bfloat16)]
-    sizes = [[t.numel() for t in b] for b in weight_sync._buckets(f32 + half + f32[:1])]
-    assert sizes == [[4, 4], [4], [20], [2], [4]]
+    sizes = [[i for i in b] for b in weight_sync._buckets(f32 + half + f32[:1], 40)]
+    assert sizes == [[0, 1], [2], [3], [4], [5]]
+
+
+def test_each_bucket_is_gathered_alone_and_every_tensor_once() -> None:
+    """A ZeRO-3 learner holds one bucket of full values at a time, never the model."""
+    model = _model(0)
+    tensors = unique_tensors(model)
+    held: list[int] = []
+    peak = [0]
+
+    @contextlib.contextmanager
+    def gather(bucket: list[torch.Tensor]):
+        held.append(sum(t.numel() * t.element_size() for t in bucket))
+        peak[0] = max(peak[0], sum(held))
+        yield
+        held.pop()
+
+    bucket_mb = 64 * 1024 / 2**20  # 64 KiB
+    seen = [name for bucket in gathered_buckets(tensors, list(tensors), gather, bucket_mb) for name in bucket]
+    assert seen == list(tensors)
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    assert 0 < peak[0] <= max(64 * 1024, max(sizes)) < sum(sizes)
+    copies = cpu_copies(tensors, list(tensors), gather, bucket_mb)
+    assert all(torch.equal(copies[n], t) and copies[n].data_ptr() != t.data_ptr() for n, t in tensors.items())
 
 
 def test_transport_rule() -> None:
@@ -72,7 +103,7 @@ def _group_run(models: list[torch.nn.Module], changed: list[str] | None, check: 
     store, port = WeightGroup.host(len(models))
 
     def member(rank: int):
-        group = WeightGroup("127.0.0.1", port, rank, len(models), torch.device("cpu"))
+        group = WeightGroup("127.0.0.1", port, rank, len(models), CPU, bucket_mb=16 / 1024)  # many buckets
         tensors = unique_tensors(models[rank])
         if check:
             group.check_layout(tensors)
@@ -87,8 +118,7 @@ def _group_run(models: list[torch.nn.Module], changed: list[str] | None, check: 
 
 def test_collective_broadcast_moves_changed_tensors_into_every_worker() -> None:
     learner, workers = _model(1), [_model(2), _model(3)]
-    tracker = ChangeTracker()
-    moved = _group_run([learner, *workers], tracker.changed(unique_tensors(learner)))
+    moved = _group_run([learner, *workers], list(unique_tensors(learner)))
     total = sum(t.numel() * t.element_size() for t in unique_tensors(learner).values())
     assert moved == [total] * 3
     for worker in workers:
@@ -99,8 +129,7 @@ def test_collective_broadcast_moves_changed_tensors_into_every_worker() -> None:
     with torch.no_grad():
         learner.shared.weight.mul_(0.5)
         learner.decoder.final_layer_norm.weight.add_(1.0)
-    changed = tracker.changed(unique_tensors(learner))
-    assert changed == ["shared.weight", "decoder.final_layer_norm.weight"]
+    changed = ["shared.weight", "decoder.final_layer_norm.weight"]
     moved = _group_run([learner, *workers], changed, check=False)
     assert moved[0] == learner.shared.weight.numel() * 4 + learner.decoder.final_layer_norm.weight.numel() * 4
     for worker in workers:
@@ -130,7 +159,7 @@ def test_a_bf16_deepspeed_learner_syncs_buffers_too(preset: str) -> None:
     assert tensors["final_logits_bias"].dtype == torch.bfloat16
     with torch.no_grad():
         learner.final_logits_bias.add_(0.25)
-    moved = _group_run([learner, generator], ChangeTracker().changed(tensors))
+    moved = _group_run([learner, generator], SyncPlan().names(tensors))
     assert moved == [sum(t.numel() * 2 for t in tensors.values())] * 2, moved
     for name, tensor in learner.state_dict().items():
         assert torch.equal(generator.state_dict()[name], tensor), name

@@ -14,6 +14,12 @@ from rlhf.config.core import ConfigError, option
 SourceFormat = Literal["auto", "jsonl", "json", "parquet", "csv", "hub"]
 ZeroStage = Literal[0, 1, 2, 3]
 DType = Literal["auto", "bf16", "fp32"]  # roles.dtype, train.dtype; see rlhf.models.policy.resolve_dtype
+# Reward-model heads (rlhf.models.heads): one score, or ODIN's quality + length heads on one backbone.
+RewardHeads = Literal["single", "disentangled"]
+# A reward model's scores: total = quality + length; a single-head model's one score serves as
+# total and quality, and it has no length score (see rlhf.models.heads.RewardModel.select).
+RewardScore = Literal["total", "quality", "length"]
+RewardHead = Literal["quality", "total"]  # what RL optimises (reward.head) and eval judges
 
 
 @dataclass

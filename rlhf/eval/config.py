@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, ModelConfig
+from rlhf.config.sections import DataSourceConfig, ModelConfig, RewardHead
 
 
 @dataclass
@@ -18,6 +18,11 @@ class EvalConfig:
         None, "Reward checkpoint to evaluate on `comparisons`, and to score the policy's summaries."
     )
     comparisons: DataSourceConfig | None = option(None, "Preference pairs for reward-model accuracy.")
+    reward_head: RewardHead = option(
+        "quality", "The score the accuracies and the policy's reward use: quality or total (a "
+        "disentangled model's length-free head, or quality + length; a single-head model's one "
+        "score is both). Length correlations are reported per head either way."
+    )
     policy: ModelConfig | None = option(None, "Policy checkpoint to evaluate on `references`.")
     references: DataSourceConfig | None = option(None, "SFT pairs: documents and reference summaries.")
     batch_size: int = option(16, "Rows per forward pass.", gt=0)

@@ -19,7 +19,7 @@ def format_table(results: dict[str, dict]) -> str:
     for section, metrics in results.items():
         for name, value in metrics.items():
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"{section:<8} {name:<34} {shown:>10}")
+            lines.append(f"{section:<8} {name:<36} {shown:>10}")
     return "\n".join(lines)
 
 
@@ -29,11 +29,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     results: dict[str, dict] = {}
     if cfg.comparisons is not None:
         comparisons = load_source(cfg.comparisons, Schema.PREFERENCE).table
-        results["reward"] = evaluate_reward_model(reward_model, comparisons, cfg.batch_size)
+        results["reward"] = evaluate_reward_model(reward_model, comparisons, cfg.batch_size, cfg.reward_head)
     if cfg.references is not None:
         pairs = load_source(cfg.references, Schema.SFT).table
         policy = load_policy(cfg.policy)
-        results["policy"] = evaluate_policy(policy, pairs, cfg.batch_size, reward_model)
+        results["policy"] = evaluate_policy(policy, pairs, cfg.batch_size, reward_model, cfg.reward_head)
     emit(format_table(results))
     report = {**results.get("reward", {}), **({"policy": results["policy"]} if "policy" in results else {})}
     path = Path(cfg.output_dir) / "eval.json"

@@ -8,11 +8,14 @@ from collections.abc import Iterator
 import pyarrow as pa
 import torch
 
+from rlhf.config.sections import RewardHead
+from rlhf.eval.correlation import pearson
 from rlhf.eval.rouge import rouge
 from rlhf.metrics import emit
 from rlhf.models import Policy, RewardModel
 
 SIMILAR_LENGTH = 0.2  # pairs whose lengths differ by less than this share are "similar length"
+SIMILAR_LENGTHS = (0.1, 0.2)  # the shares reported as similar_length_10_*, similar_length_20_*
 
 
 def _batches(table: pa.Table, size: int, label: str) -> Iterator[dict[str, list]]:
@@ -33,41 +36,79 @@ def length_baseline(lengths_0: list[int], lengths_1: list[int], choices: list[in
     return credit / max(len(choices), 1)
 
 
-def is_similar_length(l0: int, l1: int) -> bool:
-    return abs(l0 - l1) < SIMILAR_LENGTH * max(l0, l1, 1)
+def is_similar_length(l0: int, l1: int, share: float = SIMILAR_LENGTH) -> bool:
+    """Lengths differ by less than ``share`` of the longer one."""
+    return abs(l0 - l1) < share * max(l0, l1, 1)
 
 
-def evaluate_reward_model(model: RewardModel, comparisons: pa.Table, batch_size: int) -> dict:
-    """Pairwise accuracy of ``model`` on canonical preference rows, beside the length baseline.
-
-    Lengths are in characters. ``similar_length_*`` restricts to pairs whose lengths differ by
-    less than 20%, where length cannot explain a preference.
-    """
-    correct: list[bool] = []
-    for rows in _batches(comparisons, batch_size, "reward eval"):
-        s0 = model.score(rows["original_text"], rows["summary_0"])  # (B,)
-        s1 = model.score(rows["original_text"], rows["summary_1"])  # (B,)
-        correct += [bool(c) == bool(b) for c, b in zip(rows["choice"], (s1 > s0).tolist())]
-    l0 = [len(s) for s in comparisons.column("summary_0").to_pylist()]
-    l1 = [len(s) for s in comparisons.column("summary_1").to_pylist()]
-    choices = comparisons.column("choice").to_pylist()
-    similar = [i for i in range(len(choices)) if is_similar_length(l0[i], l1[i])]
+def similar_length_metrics(
+    share: float, name: str, lengths_0: list[int], lengths_1: list[int], choices: list[int],
+    correct: list[bool],
+) -> dict[str, float]:
+    """``name``_rows, _accuracy (of the model) and _baseline_accuracy (the longer wins) on the pairs
+    within ``share`` of each other's length, where length can barely explain a preference."""
+    similar = [i for i in range(len(choices)) if is_similar_length(lengths_0[i], lengths_1[i], share)]
     return {
-        "rows": len(choices),
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "length_baseline_accuracy": length_baseline(l0, l1, choices),
-        "similar_length_rows": len(similar),
-        "similar_length_accuracy": sum(correct[i] for i in similar) / max(len(similar), 1),
-        "similar_length_baseline_accuracy": length_baseline(
-            [l0[i] for i in similar], [l1[i] for i in similar], [choices[i] for i in similar]
+        f"{name}_rows": len(similar),
+        f"{name}_accuracy": sum(correct[i] for i in similar) / max(len(similar), 1),
+        f"{name}_baseline_accuracy": length_baseline(
+            [lengths_0[i] for i in similar], [lengths_1[i] for i in similar], [choices[i] for i in similar]
         ),
     }
 
 
-def evaluate_policy(
-    policy: Policy, pairs: pa.Table, batch_size: int, reward_model: RewardModel | None = None
+def length_correlations(
+    model: RewardModel, per_head: torch.Tensor, lengths: list[int], score: RewardHead
+) -> dict[str, float]:
+    """Pearson correlation of scores with summary length over every scored summary:
+    ``length_correlation`` for ``score``, and per kind (quality, length, total) for two heads.
+
+    per_head: (N, n) raw scores of the N summaries whose lengths are ``lengths``.
+    """
+    length = torch.tensor(lengths, dtype=torch.float64)
+    rho = {"": pearson(model.select(per_head, score).double(), length).item()}
+    if model.heads == "disentangled":
+        for kind in ("quality", "length", "total"):
+            rho[f"_{kind}"] = pearson(model.select(per_head, kind).double(), length).item()
+    return {f"length_correlation{suffix}": value for suffix, value in rho.items()}
+
+
+def evaluate_reward_model(
+    model: RewardModel, comparisons: pa.Table, batch_size: int, score: RewardHead = "quality"
 ) -> dict:
-    """ROUGE against references, mean summary length, and mean reward under ``reward_model``.
+    """Pairwise accuracy of ``model``'s ``score`` on canonical preference rows, beside the length
+    baseline, on all pairs and on pairs of similar length; and how much the scores follow length.
+
+    Lengths are in characters. ``similar_length_*`` (kept for the tools that read it) equals
+    ``similar_length_20_*``: pairs whose lengths differ by less than 20%.
+    """
+    h0, h1 = [], []
+    for rows in _batches(comparisons, batch_size, "reward eval"):
+        h0.append(model.score(rows["original_text"], rows["summary_0"], None))  # (B, n)
+        h1.append(model.score(rows["original_text"], rows["summary_1"], None))  # (B, n)
+    per_head_0, per_head_1 = torch.cat(h0), torch.cat(h1)  # (N, n)
+    s0, s1 = model.select(per_head_0, score), model.select(per_head_1, score)  # (N,)
+    choices = comparisons.column("choice").to_pylist()
+    correct = [bool(c) == b for c, b in zip(choices, (s1 > s0).tolist())]
+    l0 = [len(s) for s in comparisons.column("summary_0").to_pylist()]
+    l1 = [len(s) for s in comparisons.column("summary_1").to_pylist()]
+    similar = {"similar_length": SIMILAR_LENGTH,
+               **{f"similar_length_{round(share * 100)}": share for share in SIMILAR_LENGTHS}}
+    return {
+        "rows": len(choices),
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "length_baseline_accuracy": length_baseline(l0, l1, choices),
+        **{key: value for name, share in similar.items()
+           for key, value in similar_length_metrics(share, name, l0, l1, choices, correct).items()},
+        **length_correlations(model, torch.cat([per_head_0, per_head_1]), l0 + l1, score),
+    }
+
+
+def evaluate_policy(
+    policy: Policy, pairs: pa.Table, batch_size: int, reward_model: RewardModel | None = None,
+    score: RewardHead = "quality",
+) -> dict:
+    """ROUGE against references, mean summary length, and mean reward (``score``) under ``reward_model``.
 
     Summaries are greedy decodes, so the numbers are reproducible run to run.
     """
@@ -77,7 +118,7 @@ def evaluate_policy(
         predictions += summaries
         references += rows["summary"]
         if reward_model is not None:
-            rewards += reward_model.score(rows["original_text"], summaries).tolist()
+            rewards += reward_model.score(rows["original_text"], summaries, score).tolist()
     result = {
         "rows": len(predictions),
         **rouge(predictions, references),
@@ -87,5 +128,5 @@ def evaluate_policy(
     if reward_model is not None:
         raw = torch.tensor(rewards)
         result["reward_mean"] = raw.mean().item()
-        result["reward_normalized_mean"] = reward_model.normalize(raw).mean().item()
+        result["reward_normalized_mean"] = reward_model.normalize(raw, score).mean().item()
     return result

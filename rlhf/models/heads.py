@@ -2,8 +2,9 @@
 (one value per token). Both are the same class pattern; only pooling and saved metadata differ.
 
 Saved layout (a folder): the backbone in Hugging Face layout (config + safetensors), the
-tokenizer, ``scalar_head.safetensors`` (the head's weight and bias) and ``scalar_head.json``
-(kind, role, and for the reward model the normalisation constants).
+tokenizer, ``scalar_head.safetensors`` (the head's weight (n, H) and bias (n,)) and
+``scalar_head.json`` (kind, role, and for the reward model its head layout and normalisation
+constants). A disentangled reward model (ODIN, Chen et al. 2024) has n = 2 rows: quality, length.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.config.sections import ModelConfig
+from rlhf.config.core import ConfigError
+from rlhf.config.sections import ModelConfig, RewardHeads, RewardScore
 from rlhf.models.dropout import checkpoint_config, disable_dropout_modules
 from rlhf.models.encoding import (
     ModelKind,
@@ -71,8 +74,8 @@ def _writable(head: nn.Module) -> Iterator[None]:
         yield
 
 
-def _new_head(backbone: PreTrainedModel, seed: int) -> nn.Linear:
-    """(H -> 1) in the backbone's dtype, and partitioned at init like it under ZeRO-3: DeepSpeed
+def _new_head(backbone: PreTrainedModel, seed: int, outputs: int = 1) -> nn.Linear:
+    """(H -> outputs) in the backbone's dtype, and partitioned at init like it under ZeRO-3: DeepSpeed
     casts only unpartitioned models, so an fp32 head beside a bf16 ZeRO-3 backbone fails in
     ``deepspeed.initialize`` (one flat buffer per dtype)."""
     hidden = backbone.config.hidden_size
@@ -87,7 +90,7 @@ def _new_head(backbone: PreTrainedModel, seed: int) -> nn.Linear:
                                         "bf16": {"enabled": dtype == torch.bfloat16}}
         init = deepspeed.zero.Init(config_dict_or_path=config)
     with init:
-        head = nn.Linear(hidden, 1, dtype=dtype)
+        head = nn.Linear(hidden, outputs, dtype=dtype)
     # Small random init (std 1/sqrt(H+1), as in Ziegler et al. 2019): a zero head would make
     # every fresh score equal and hide wiring mistakes; the seed keeps it reproducible.
     generator = torch.Generator().manual_seed(seed)
@@ -98,7 +101,8 @@ def _new_head(backbone: PreTrainedModel, seed: int) -> nn.Linear:
 
 
 class ScalarHeadModel(nn.Module):
-    """``backbone`` -> hidden states (B, T, H) -> ``head`` -> one scalar per token (B, T).
+    """``backbone`` -> hidden states (B, T, H) -> ``head`` -> one scalar per token (B, T), or
+    ``outputs`` scalars per token (B, T, outputs) when the head has several rows.
 
     For an encoder-decoder backbone the tokens are the decoder's: the document is read by the
     encoder and the summary by the decoder, so values line up with summary tokens as in PPO.
@@ -113,21 +117,23 @@ class ScalarHeadModel(nn.Module):
         max_source_length: int,
         max_target_length: int,
         seed: int = 0,
+        outputs: int = 1,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.kind = model_kind(backbone.config)
         self.limits = limits_for(backbone.config, max_source_length, max_target_length)
-        self.head = _new_head(backbone, seed)
+        self.head = _new_head(backbone, seed, outputs)
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Per-token values (B, T) for the inputs of ``encode_pairs`` (labels are ignored)."""
+        """Per-token values (B, T) (or (B, T, n)) for the inputs of ``encode_pairs`` (labels are ignored)."""
         inputs.pop("labels", None)
         if self.kind is ModelKind.DECODER and "position_ids" not in inputs:
             inputs["position_ids"] = positions_from_mask(inputs["attention_mask"])
         hidden = self.backbone(**inputs).last_hidden_state  # (B, T, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T)
+        values = self.head(hidden.to(self.head.weight.dtype))  # (B, T, n)
+        return values.squeeze(-1) if values.shape[-1] == 1 else values  # (B, T) or (B, T, n)
 
     def encode_pairs(self, documents: list[str], summaries: list[str]) -> dict[str, torch.Tensor]:
         """Inputs for ``forward``; only documents are cut to fit (see rlhf.models.encoding).
@@ -157,6 +163,11 @@ class ScalarHeadModel(nn.Module):
     def _kwargs_from_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def _head_state(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Saved head weights as this class's head takes them (see ValueModel)."""
+        return state
+
     def save(self, path: str | Path) -> None:
         """Backbone (HF layout, safetensors) + tokenizer + head weights + head metadata."""
         folder = Path(path)
@@ -168,23 +179,24 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def load(
-        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True
+        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True, **fresh: Any
     ) -> ScalarHeadModel:
         """From a preset's backbone, a plain HF folder / hub name (fresh head), or our folder.
 
         ``dropout`` False (PPO roles) zeroes the backbone's dropout, see ``rlhf.models.dropout``.
+        ``fresh``: constructor arguments for a new head; a saved folder's metadata overrides them.
         """
         name = resolve_name_or_path(cfg.name_or_path)
         saved = not is_tiny_preset(name) and (Path(name) / HEAD_META).is_file()
         metadata = json.loads((Path(name) / HEAD_META).read_text()) if saved else {}
         model = cls(
             _load_backbone(name, dtype, dropout), load_tokenizer(name), cfg.max_source_length,
-            cfg.max_target_length, **cls._kwargs_from_metadata(metadata),
+            cfg.max_target_length, **{**fresh, **cls._kwargs_from_metadata(metadata)},
         )
         if saved:
             _check_kind(metadata, model.kind, name)
             with _writable(model.head):
-                model.head.load_state_dict(load_file(str(Path(name) / HEAD_WEIGHTS)))
+                model.head.load_state_dict(cls._head_state(load_file(str(Path(name) / HEAD_WEIGHTS))))
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model.backbone)
         return model.eval()
@@ -210,49 +222,126 @@ def _check_kind(metadata: dict[str, Any], kind: ModelKind, name: str) -> None:
         raise ValueError(f"{name}: {HEAD_META} says kind {metadata['kind']!r}, backbone is {kind.value!r}")
 
 
+@dataclass
+class ScoreStats:
+    """Mean and std of one kind of raw score on reference data, for ``RewardModel.normalize``."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+
+# The head row of each score; total is their sum. A single head's one row is quality and total.
+_HEAD_ROWS: dict[RewardScore, int] = {"quality": 0, "length": 1}
+
+
+def head_count(heads: RewardHeads) -> int:
+    """Rows of the head: 1 for a single score, 2 (quality, length) when disentangled."""
+    return 2 if heads == "disentangled" else 1
+
+
 class RewardModel(ScalarHeadModel):
     """One score per (document, summary) pair; higher means humans would prefer it.
 
-    ``reward_mean``/``reward_std`` are the raw scores' statistics on reference data, saved with
-    the model so PPO can normalise rewards with the numbers the model was calibrated on.
+    With ``heads="disentangled"`` the head has two rows on the same pooled feature: a quality
+    score and a length score, trained so their sum (``total``) fits the preferences and only the
+    length row tracks summary length (``rlhf.train.disentangle``). RL optimises ``quality``.
+    ``stats`` holds each score kind's raw mean/std on the training data, saved with the model so
+    PPO normalises whichever score it uses with the numbers that score was calibrated on.
     """
 
     role: ClassVar[str] = "reward"
 
-    def __init__(self, *args: Any, reward_mean: float = 0.0, reward_std: float = 1.0, **kwargs: Any) -> None:
-        """``ScalarHeadModel``'s arguments plus the stored score statistics."""
-        super().__init__(*args, **kwargs)
-        self.reward_mean = float(reward_mean)
-        self.reward_std = float(reward_std)
+    def __init__(
+        self, *args: Any, heads: RewardHeads = "single", stats: dict[RewardScore, ScoreStats] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``ScalarHeadModel``'s arguments plus the head layout and the stored score statistics."""
+        super().__init__(*args, outputs=head_count(heads), **kwargs)
+        self.heads: RewardHeads = heads
+        self.stats: dict[RewardScore, ScoreStats] = {kind: ScoreStats() for kind in self.score_kinds()}
+        self.stats.update(stats or {})
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Raw scores (B,): the [CLS] value for encoders, else the value at the last real token."""
+    def score_kinds(self) -> tuple[RewardScore, ...]:
+        """The scores this model has statistics for: total, and per head when there are two."""
+        return ("total", "quality", "length") if self.heads == "disentangled" else ("total",)
+
+    def select(self, per_head: torch.Tensor, score: RewardScore) -> torch.Tensor:
+        """(B,) scores of kind ``score`` from per-head scores (B, n).
+
+        A single-head model's one score is both its total and its quality (so ``reward.head =
+        quality`` works for any model); only a disentangled model has a length score.
+        """
+        if score == "total":
+            return per_head.sum(-1)
+        if _HEAD_ROWS[score] >= per_head.shape[-1]:
+            raise ValueError(f"a {self.heads}-head reward model has no {score} score")
+        return per_head[:, _HEAD_ROWS[score]]
+
+    def forward(self, score: RewardScore | None = "total", **inputs: torch.Tensor) -> torch.Tensor:
+        """Raw scores (B,) of kind ``score``, or every head's (B, n) for ``score=None``: the [CLS]
+        value for encoders, else the value at the last real token."""
         if self.kind is ModelKind.ENCODER_DECODER:
             mask = inputs["decoder_attention_mask"]  # (B, L)
         else:
             mask = inputs["attention_mask"]  # (B, T)
-        values = super().forward(**inputs)  # (B, T)
+        values = super().forward(**inputs)  # (B, T) or (B, T, n)
+        values = values if values.dim() == 3 else values.unsqueeze(-1)  # (B, T, n)
         if self.kind is ModelKind.ENCODER:
-            return values[:, 0]
-        return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)  # (B,)
+            per_head = values[:, 0]  # (B, n)
+        else:
+            index = last_token_index(mask)[:, None, None].expand(-1, 1, values.shape[-1])
+            per_head = values.gather(1, index).squeeze(1)  # (B, n)
+        return per_head if score is None else self.select(per_head, score)
 
     @torch.no_grad()
-    def score(self, documents: list[str], summaries: list[str]) -> torch.Tensor:
-        """Raw scores (B,) for text pairs, on the CPU; see ``normalize`` for PPO's rewards."""
+    def score(
+        self, documents: list[str], summaries: list[str], score: RewardScore | None = "total"
+    ) -> torch.Tensor:
+        """Raw scores (B,) of kind ``score`` for text pairs, on the CPU (every head's (B, n) for
+        None); see ``normalize``."""
         device = next(self.parameters()).device
         batch = {k: v.to(device) for k, v in self.encode_pairs(documents, summaries).items()}
-        return self(**batch).float().cpu()
+        return self(score=score, **batch).float().cpu()
 
-    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
-        """(scores - reward_mean) / reward_std, same shape."""
-        return (scores - self.reward_mean) / self.reward_std
+    def normalize(self, scores: torch.Tensor, score: RewardScore = "total") -> torch.Tensor:
+        """(scores - mean) / std with the statistics of that score kind, same shape."""
+        stats = self.stats["total" if self.heads == "single" else score]
+        return (scores - stats.mean) / stats.std
+
+    @property
+    def reward_mean(self) -> float:
+        """The total score's mean (a single-head model's only score)."""
+        return self.stats["total"].mean
+
+    @reward_mean.setter
+    def reward_mean(self, value: float) -> None:
+        self.stats["total"].mean = float(value)
+
+    @property
+    def reward_std(self) -> float:
+        """The total score's std."""
+        return self.stats["total"].std
+
+    @reward_std.setter
+    def reward_std(self, value: float) -> None:
+        self.stats["total"].std = float(value)
 
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "reward_mean": self.reward_mean, "reward_std": self.reward_std}
+        """``reward_mean``/``reward_std`` are the total's (as in folders from before two heads);
+        a disentangled model adds ``quality_mean``, ``quality_std``, ``length_mean``, ``length_std``."""
+        stats = {f"{kind}_{name}": getattr(self.stats[kind], name)
+                 for kind in self.score_kinds() if kind != "total" for name in ("mean", "std")}
+        return {**super().metadata(), "heads": self.heads, "reward_mean": self.reward_mean,
+                "reward_std": self.reward_std, **stats}
 
     @classmethod
     def _kwargs_from_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        return {key: metadata[key] for key in ("reward_mean", "reward_std") if key in metadata}
+        if not metadata:
+            return {}
+        prefixes: dict[RewardScore, str] = {"total": "reward", "quality": "quality", "length": "length"}
+        stats = {kind: ScoreStats(metadata[f"{prefix}_mean"], metadata[f"{prefix}_std"])
+                 for kind, prefix in prefixes.items() if f"{prefix}_mean" in metadata}
+        return {"heads": metadata.get("heads", "single"), "stats": stats}
 
 
 class ValueModel(ScalarHeadModel):
@@ -264,15 +353,44 @@ class ValueModel(ScalarHeadModel):
 
     role: ClassVar[str] = "value"
 
+    @classmethod
+    def _head_state(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A disentangled reward head's rows summed: the critic starts from the total score."""
+        return {name: tensor.sum(0, keepdim=True) for name, tensor in state.items()}
+
+
+def saved_reward_heads(name_or_path: str) -> RewardHeads | None:
+    """The head layout a reward folder we saved records (folders from before two heads:
+    single), or None for a preset, a plain HF folder or a hub name."""
+    name = resolve_name_or_path(name_or_path)
+    meta = Path(name) / HEAD_META
+    if is_tiny_preset(name) or not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("heads", "single")
+
 
 def load_reward_model(
-    cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True
+    cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True,
+    heads: RewardHeads | None = None,
 ) -> RewardModel:
     """Reward model from a preset, an HF folder / hub name (fresh head), or a folder we saved;
-    ``dropout`` True keeps the checkpoint's (reward training), False for PPO scoring."""
-    model = RewardModel.load(cfg, dtype, dropout)
+    ``dropout`` True keeps the checkpoint's (reward training), False for PPO scoring.
+
+    ``heads`` (reward training's ``heads.layout``) is the layout of a fresh head and must match
+    a saved folder's; None takes the folder's (single for a fresh head).
+    """
+    check_reward_heads(cfg.name_or_path, heads)
+    model = RewardModel.load(cfg, dtype, dropout, **({"heads": heads} if heads else {}))
     assert isinstance(model, RewardModel)
     return model
+
+
+def check_reward_heads(name_or_path: str, heads: RewardHeads | None) -> None:
+    """ConfigError when a saved reward model's layout is not the requested ``heads``."""
+    saved = saved_reward_heads(name_or_path)
+    if heads is not None and saved is not None and saved != heads:
+        raise ConfigError("heads.layout", f"{name_or_path} is a {saved}-head reward model, not {heads}; "
+                          f"set heads.layout={saved} or start from a backbone")
 
 
 def load_value_model(cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True) -> ValueModel:

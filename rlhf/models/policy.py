@@ -113,11 +113,14 @@ class Policy:
             output = output[:, batch["input_ids"].shape[1]:]  # drop the left-padded prompt
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Hugging Face layout (config, safetensors, generation config, tokenizer); the config
-        records the checkpoint's dropout even when this copy runs without it (RL roles)."""
+        records the checkpoint's dropout even when this copy runs without it (RL roles).
+
+        ``state_dict`` replaces the model's own tensors (a ZeRO-3 learner's gathered copies).
+        """
         with checkpoint_dropout_restored(self.model.config, self.checkpoint_dropout):
-            self.model.save_pretrained(str(path))
+            self.model.save_pretrained(str(path), state_dict=state_dict)
         self.tokenizer.save_pretrained(str(path))
 
 

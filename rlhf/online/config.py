@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.config.core import option
-from rlhf.config.sections import StoreConfig
+from rlhf.config.sections import RewardHead, StoreConfig
 from rlhf.ppo.config import PPOAlgoConfig, PPOTrainingConfig
 from rlhf.train.config import RewardTrainingConfig, TrainConfig
 
@@ -59,6 +59,10 @@ class OnlineConfig:
         ),
         help="Each cycle's reward update, as jobs/reward.py trains: reward.model is the starting reward "
         "model while reward_registry is empty; later updates continue from the last kept version.",
+    )
+    reward_head: RewardHead = option(
+        "quality", "The reward-model score each cycle's PPO optimises and the held-out gate judges "
+        "(jobs/ppo.py's reward.head): quality or total; a single-head model's one score is both."
     )
     rl: PPOTrainingConfig = option(
         factory=lambda: PPOTrainingConfig(ppo=PPOAlgoConfig(iterations=4)),

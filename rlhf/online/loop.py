@@ -149,7 +149,8 @@ class OnlineLoop:
         if not window.holdout.num_rows:
             return None
         model = load_reward_model(self._reward_config(reward)).eval()
-        return round(evaluate_reward_model(model, window.holdout, EVAL_BATCH)["accuracy"], 4)
+        report = evaluate_reward_model(model, window.holdout, EVAL_BATCH, self.cfg.reward_head)
+        return round(report["accuracy"], 4)
 
     def _update_policy(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """M PPO iterations from the current policy on the stored documents with the reward model the
@@ -165,7 +166,8 @@ class OnlineLoop:
         )
         cfg = PPOConfig.for_run(
             training, output_dir=str(cycle_dir / "ppo"), seed=derive_seed(self.cfg.seed, cycle.cycle),
-            reward=PPORewardConfig(model=self._reward_config(cycle.record.reward_used), fn=""),
+            reward=PPORewardConfig(model=self._reward_config(cycle.record.reward_used), fn="",
+                                   head=self.cfg.reward_head),
             prompts=DataSourceConfig(path=str(documents)), registry=self.cfg.registry,
         )
         validate(cfg)

@@ -165,10 +165,22 @@ class RayRoles:
                          for a, s in zip(self.learners, shards)])
         return LearnStats.mean([vars(s) for s in stats])
 
+    def _send_through_object_store(self, generators: list, every: bool) -> float:
+        """Learner rank 0's outgoing tensors as one object to ``generators``; seconds on rank 0.
+
+        Every learner rank takes part (ZeRO-3 gathers), and the learners hold no copy after.
+        """
+        results = [a.outgoing_weights.options(num_returns=2).remote(every) for a in self.learners]
+        weights_ref, seconds_ref = results[0]
+        ray.get([g.load_weights.remote(weights_ref, self.version) for g in generators])
+        ray.get([ref for pair in results for ref in pair])  # every rank finished its gathers
+        return ray.get(seconds_ref)
+
     def _bring_up_to_date(self, generators: list) -> None:
-        """Every tensor last sent, through the object store, to generators that missed syncs."""
-        weights = self.learners[0].synced_weights.remote()
-        ray.get([g.load_weights.remote(weights, self.version) for g in generators])
+        """Every tensor of the learner's policy, through the object store, to generators that
+        missed syncs: between syncs (generation) it is what was last sent; at a sync it is the
+        newer policy the broadcast then completes."""
+        self._send_through_object_store(generators, every=True)
         self._regroup = self.transport == COLLECTIVE  # the old group lost a member
 
     def sync(self) -> float:
@@ -191,11 +203,7 @@ class RayRoles:
             seconds = [a.broadcast_weights.remote() for a in self.learners]
             ray.get([g.receive_weights.remote(self.version) for g in self.generators])
             return ray.get(seconds)[0]
-        results = [a.changed_weights.options(num_returns=2).remote() for a in self.learners]
-        weights_ref, seconds_ref = results[0]
-        ray.get([g.load_weights.remote(weights_ref, self.version) for g in self.generators])
-        ray.get([ref for pair in results for ref in pair])  # every rank finished its gather
-        return ray.get(seconds_ref)
+        return self._send_through_object_store(self.generators, every=False)
 
     def _open_weight_group(self) -> None:
         """Learner rank 0 and every generator join a fresh broadcast group (also after a restart)."""

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig
+from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig, RewardHead
 from rlhf.data import sample_source
 from rlhf.ppo.functional import KLKind
-from rlhf.ppo.weight_sync import WeightSync, resolve_transport
+from rlhf.ppo.weight_sync import BUCKET_MB, WeightSync, resolve_transport
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement strategies
 DEFAULT_REWARD_FN = "rlhf.ppo.rewards:brevity"
@@ -86,6 +86,11 @@ class PPORewardConfig:
         "reward.model is set."
     )
     normalize: bool = option(True, "Normalise reward-model scores with the stored mean/std.")
+    head: RewardHead = option(
+        "quality", "Which reward-model score RL optimises: quality (a disentangled model's length-free "
+        "head) or total (quality + length, what the preferences were fitted with). A single-head "
+        "model has one score, used for both."
+    )
 
     def with_given(self, given: frozenset[str]) -> PPORewardConfig:
         """A reward model the user names replaces the default function (it is one or the other)."""
@@ -137,6 +142,10 @@ class RolesConfig:
         "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "
         "(a broadcast group: NCCL on GPU, gloo on CPU; needs a whole GPU per actor) or auto "
         "(collective unless actors share a GPU)."
+    )
+    sync_bucket_mb: float = option(
+        BUCKET_MB, "Weight sync moves (and a ZeRO-3 learner gathers) the policy in buckets of at most "
+        "this many MiB: the extra memory a sync needs on any rank.", gt=0
     )
 
     @property

@@ -14,32 +14,60 @@ Conventions used by every function here:
 
 The tensor functions never call ``.item()`` or otherwise synchronise with the device, so they
 are safe inside a GPU training step (the KL controllers take a Python float once per step).
+
+Advantage estimators, all giving ``(B, T)`` advantages for :func:`policy_loss`:
+
+* PPO: :func:`compute_gae` on :func:`shape_rewards` with a value model, then :func:`masked_whiten`.
+* GRPO / RLOO (critic-free, one advantage per sequence): the ``k`` samples of one prompt are
+  ``k`` consecutive rows; ``spread_over_tokens(group_advantages(scores, k, kind), mask)`` gives
+  every response token of a row its sequence's advantage. The KL penalty, if any, goes into the
+  loss, not the reward.
+* REINFORCE++ (critic-free, per token, as in OpenRLHF): ``reinforce_pp_advantages(
+  shape_rewards(group_baseline(scores, k), ...), mask, gamma)``: returns-to-go of the shaped
+  rewards (score minus its group mean, plus the per-token KL penalty), whitened over the batch.
+  Without groups, pass the raw scores to :func:`shape_rewards`.
+
+How a per-token loss becomes a scalar is decided in one place, :func:`aggregate_loss`.
+:func:`dpo_loss` is the offline preference loss on :func:`sequence_logprobs` of chosen/rejected
+pairs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor
 
 __all__ = [
     "KL_KINDS",
     "AdaptiveKLController",
+    "DPOKind",
     "FixedKLController",
+    "GroupKind",
     "KLController",
     "KLKind",
+    "LossAggregation",
+    "aggregate_loss",
     "compute_gae",
+    "discounted_returns",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
+    "group_advantages",
+    "group_baseline",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "reinforce_pp_advantages",
+    "sequence_logprobs",
     "shape_rewards",
+    "spread_over_tokens",
     "value_loss",
 ]
 
@@ -57,6 +85,13 @@ def _fill_masked(x: Tensor, mask: Tensor) -> Tensor:
     (``nan * 0`` is ``nan``) into results or gradients.
     """
     return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _check_choice(value: str, choices: Any, name: str) -> None:
+    """ValueError naming ``name`` and the valid values unless value is one of the Literal ``choices``."""
+    valid = get_args(choices)
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
@@ -277,16 +312,143 @@ def compute_gae(
     return advantages, returns
 
 
+# --------------------------------------------------------------------------- critic-free advantages
+
+GroupKind = Literal["grpo", "rloo"]
+
+
+def _grouped(scores: Tensor, group_size: int) -> Tensor:
+    """scores (B,) as (B / k, k): row g holds the k consecutive samples of prompt g.
+
+    k >= 2 because a baseline from the group needs another sample (with k = 1 every advantage
+    would be 0, silently stopping learning).
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group baseline needs k >= 2), got {group_size}")
+    if scores.numel() % group_size:
+        raise ValueError(
+            f"batch size B={scores.numel()} is not divisible by group_size={group_size}"
+        )
+    grouped = scores.reshape(-1, group_size)
+    return grouped if grouped.is_floating_point() else grouped.float()
+
+
+def group_advantages(
+    scores: Tensor,
+    group_size: int,
+    kind: GroupKind = "grpo",
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """One advantage per sequence from the other samples of its prompt; no value model.
+
+    scores: (B,), each group's ``group_size`` (k) rows consecutive; returns (B,).
+    "grpo": ``(r - group mean) / (group std + eps)``, std unbiased (divide by k - 1);
+    ``scale_by_std=False`` drops the division (Dr. GRPO: no bias towards low-variance groups).
+    A group of equal scores gives 0, not nan.
+    "rloo": ``r - mean of the other k - 1 rewards`` = ``k / (k - 1) * (r - group mean)``: the
+    leave-one-out baseline does not depend on r, so the estimate stays unbiased.
+    ValueError if k < 2 or k does not divide B.
+    """
+    _check_choice(kind, GroupKind, "group advantage kind")
+    grouped = _grouped(scores, group_size)
+    centered = grouped - grouped.mean(dim=-1, keepdim=True)
+    if kind == "rloo":
+        advantages = centered * (group_size / (group_size - 1))
+    elif scale_by_std:
+        advantages = centered / (grouped.std(dim=-1, keepdim=True) + eps)
+    else:
+        advantages = centered
+    return advantages.reshape(-1)
+
+
+def group_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """``r - its group mean`` for each score. scores: (B,), groups consecutive -> (B,).
+
+    The REINFORCE++ baseline: subtracted from the score before :func:`shape_rewards`, it removes
+    the prompt's difficulty from the reward without a value model. Same errors as
+    :func:`group_advantages`.
+    """
+    return group_advantages(scores, group_size, "grpo", scale_by_std=False)
+
+
+def spread_over_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Each row's sequence advantage on every one of its response tokens, 0 on padding.
+
+    advantages: (B,); mask: (B, T) -> (B, T) (the token-level input :func:`policy_loss` takes).
+    """
+    batch = mask.shape[0]
+    if advantages.numel() != batch:
+        raise ValueError(
+            f"advantages must have one value per row: got {tuple(advantages.shape)}, B={batch}"
+        )
+    return _fill_masked(advantages.reshape(batch, 1).expand(mask.shape), mask)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Returns-to-go ``G_t = r_t + gamma * G_{t+1}`` of each row. rewards, mask: (B, T) -> (B, T).
+
+    :func:`compute_gae` with zero values and lam = 1 (then ``A_t`` is exactly ``G_t``), so the
+    episode ends at each row's last response token the same way; detached, 0 at padding.
+    """
+    returns, _ = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return returns
+
+
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ advantages: whitened returns-to-go of per-token rewards. (B, T) -> (B, T).
+
+    rewards: the output of :func:`shape_rewards` (scores optionally passed through
+    :func:`group_baseline` first). Whitening over all valid tokens of the batch stands in for
+    the value model as variance reduction; detached, 0 at padding.
+    """
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
 # --------------------------------------------------------------------------- losses and metrics
+
+LossAggregation = Literal["token_mean", "sequence_mean"]
+
+
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, how: LossAggregation = "token_mean") -> Tensor:
+    """The one place a per-token loss (B, T) becomes a scalar. mask: (B, T).
+
+    "token_mean": :func:`masked_mean` over every valid token of the batch; long responses
+    weigh more (each token counts once).
+    "sequence_mean": each row's token mean, then the mean over rows that have a valid token
+    (an empty row neither contributes nor counts; all rows empty -> 0); every response weighs
+    the same whatever its length (the GRPO paper's form).
+
+    Under data parallelism each rank aggregates its own shard and the gradients are averaged,
+    i.e. the result is the mean over ranks of the per-rank values. That equals the global
+    "sequence_mean" exactly when every rank holds the same number of non-empty rows (equal
+    shard sizes, no empty rows), and the global "token_mean" only when every rank holds the
+    same number of valid tokens; otherwise each rank weighs equally, so a token (or row) on a
+    rank with fewer of them weighs more. The same holds across gradient-accumulation steps.
+    """
+    _check_choice(how, LossAggregation, "loss aggregation")
+    if how == "token_mean":
+        return masked_mean(per_token_loss, mask)
+    row_means = masked_mean(per_token_loss, mask, dim=-1)  # (B,), 0 for an empty row
+    return masked_mean(row_means, (mask != 0).any(dim=-1))
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    aggregation: LossAggregation = "token_mean",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate loss. All inputs (B, T); returns three scalars.
 
-    loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))), a token
-    mean over the whole batch, with ratio = exp(logprobs - old_logprobs).
+    loss = aggregate_loss(max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))), by
+    default a token mean over the whole batch, with ratio = exp(logprobs - old_logprobs);
+    ``aggregation="sequence_mean"`` averages each row first (see :func:`aggregate_loss`).
+    The metrics below are token means whatever the aggregation.
     clip_fraction = masked mean of (-A * clipped_ratio > -A * ratio): the share of tokens
     where the clipped branch is taken (those tokens give no gradient).
     approx_kl = masked mean of the "k2" estimator 1/2 (logp - old)^2 of KL(old || new).
@@ -299,7 +461,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(kl_penalty(logprobs.detach(), old_logprobs, "k2"), mask)
@@ -331,6 +493,64 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     is worse. nan or -inf when the returns have zero variance (undefined). Detached.
     """
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
+
+
+# --------------------------------------------------------------------------- preference optimisation
+
+DPOKind = Literal["sigmoid", "ipo"]
+
+
+def sequence_logprobs(token_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Log-probability of each row's whole response: the masked sum over its tokens.
+
+    token_logprobs, mask: (B, T) -> (B,); an empty row gives 0. A sum, not a mean: DPO's
+    implicit reward is the log-ratio of the sequence probabilities.
+    """
+    if not token_logprobs.is_floating_point():
+        token_logprobs = token_logprobs.float()
+    mask = mask.to(dtype=token_logprobs.dtype)
+    return _fill_masked(token_logprobs * mask, mask).sum(dim=-1)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    kind: DPOKind = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation loss per pair; no reward model, no sampling.
+
+    All inputs (B,): :func:`sequence_logprobs` of the chosen / rejected response under the
+    policy and the frozen reference. Returns ``(losses, chosen_rewards, rejected_rewards)``,
+    all (B,); the caller averages the losses. With ``h = (pi_c - pi_r) - (ref_c - ref_r)``:
+    "sigmoid" (Rafailov et al. 2023): ``-(1 - e) logsigmoid(beta h) - e logsigmoid(-beta h)``,
+    e = label_smoothing, the assumed share of flipped labels (cDPO), in [0, 0.5).
+    "ipo" (Azar et al. 2023): ``(h - 1 / (2 beta))^2``, which stops pushing once the margin is
+    reached, so it does not overfit deterministic preferences; label_smoothing must be 0.
+    Rewards are the implicit ``beta * (pi - ref)``, detached metrics; only the policy inputs
+    receive gradient.
+    """
+    _check_choice(kind, DPOKind, "DPO kind")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if kind == "ipo" and label_smoothing != 0.0:
+        raise ValueError("label_smoothing applies only to kind='sigmoid'; it must be 0 for 'ipo'")
+    # The reference is frozen: detached so no gradient reaches it even if it was built with one.
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()
+    h = chosen_ratio - rejected_ratio
+    if kind == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = -(1.0 - label_smoothing) * nnf.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * nnf.logsigmoid(-beta * h)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 # --------------------------------------------------------------------------- KL controllers

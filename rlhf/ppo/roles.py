@@ -29,7 +29,14 @@ from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
 from rlhf.ppo.rewards import load_reward_fn
-from rlhf.ppo.weight_sync import ChangeTracker, StateDict, WeightGroup, unique_tensors
+from rlhf.ppo.weight_sync import (
+    StateDict,
+    SyncPlan,
+    WeightGroup,
+    cpu_copies,
+    gathered_buckets,
+    unique_tensors,
+)
 from rlhf.runtime import derive_seed
 from rlhf.train import engine as ds
 
@@ -111,7 +118,7 @@ class Generator:
 
     def join_weight_group(self, address: str, port: int, rank: int, size: int) -> None:
         """Become rank ``rank`` of the learner's broadcast group (collective weight sync)."""
-        self.weights = WeightGroup(address, port, rank, size, self.device)
+        self.weights = WeightGroup(address, port, rank, size, self.device, self.cfg.roles.sync_bucket_mb)
         self.weights.check_layout(unique_tensors(self.policy.model))
 
     def receive_weights(self, version: int) -> None:
@@ -136,13 +143,15 @@ class RewardScorer:
         self.fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
 
     def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw, used) scores (B,): ``used`` is normalised with the model's stored mean/std."""
+        """(raw, used) scores (B,) of ``reward.head``'s score: ``used`` is normalised with that
+        score's stored mean/std."""
         if self.fn is not None:
             raw = torch.tensor(self.fn(documents, summaries), dtype=torch.float32)
             return raw, raw.clone()
         chunks = forward_chunks(len(documents), self.roles.forward_batch_size)
-        raw = torch.cat([self.model.score(documents[rows], summaries[rows]).cpu() for rows in chunks])
-        return raw, self.model.normalize(raw) if self.cfg.normalize else raw.clone()
+        head = self.cfg.head  # its own statistics normalise it
+        raw = torch.cat([self.model.score(documents[rows], summaries[rows], head).cpu() for rows in chunks])
+        return raw, self.model.normalize(raw, head) if self.cfg.normalize else raw.clone()
 
 
 class ReferenceScorer:
@@ -234,7 +243,9 @@ class Learner:
         self.value = value
         self.device = self.engine.device
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
-        self.sent = ChangeTracker()
+        self.plan = SyncPlan()
+        self.gather = ds.parameter_gather(self.zero_stage)  # ZeRO-3: one bucket of full values at a time
+        self.bucket_mb = cfg.roles.sync_bucket_mb
         self.weights: WeightGroup | None = None  # rank 0, collective sync only
         self._weight_store = None  # the group's rendezvous, hosted by rank 0
 
@@ -290,17 +301,25 @@ class Learner:
                 "entropy": mean_entropy.item(), "clip_fraction": clip_fraction.item(),
                 "approx_kl": approx_kl.item()}
 
-    def changed_weights(self) -> tuple[StateDict, float]:
-        """Policy tensors that changed since the last sync (all on the first), and seconds taken.
+    def outgoing_weights(self, every: bool = False) -> tuple[StateDict, float]:
+        """CPU copies of what this sync moves (see SyncPlan; ``every`` tensor for a restarted
+        worker, leaving the plan alone), and seconds taken.
 
-        Every rank must call it (ZeRO-3 gathers the shards); only rank 0 returns tensors.
+        Every rank must call it (ZeRO-3 gathers bucket by bucket); only rank 0 returns tensors.
         """
         start = time.perf_counter()
-        with ds.gathered_params(self.policy.model, self.zero_stage):
-            if self.rank != 0:
-                return {}, time.perf_counter() - start
-            changed = self.sent.changed(unique_tensors(self.policy.model))
-        return {name: self.sent.last[name] for name in changed}, time.perf_counter() - start
+        tensors = unique_tensors(self.policy.model)
+        names = list(tensors) if every else self.plan.names(tensors)
+        if self.rank != 0:
+            self._follow_gathers(tensors, names)
+            return {}, time.perf_counter() - start
+        copies = cpu_copies(tensors, names, self.gather, self.bucket_mb)
+        return copies, time.perf_counter() - start
+
+    def _follow_gathers(self, tensors: StateDict, names: list[str]) -> None:
+        """A rank other than 0 joins each bucket's ZeRO-3 gather while rank 0 uses the values."""
+        for _ in gathered_buckets(tensors, names, self.gather, self.bucket_mb):
+            pass
 
     def host_weight_group(self, size: int) -> int:
         """Rank 0: open the broadcast group's rendezvous here; returns its port."""
@@ -308,30 +327,32 @@ class Learner:
         return port
 
     def join_weight_group(self, address: str, port: int, size: int) -> None:
-        """Every rank calls it (ZeRO-3 gather); rank 0 joins the broadcast group as its source."""
-        with ds.gathered_params(self.policy.model, self.zero_stage):
-            if self.rank == 0:
-                self.weights = WeightGroup(address, port, 0, size, self.device)
-                self.weights.check_layout(unique_tensors(self.policy.model))
+        """Rank 0 joins the broadcast group as its source (the layout check needs no gather)."""
+        if self.rank == 0:
+            self.weights = WeightGroup(address, port, 0, size, self.device, self.bucket_mb)
+            self.weights.check_layout(unique_tensors(self.policy.model))
 
     def broadcast_weights(self) -> float:
-        """Every rank calls it (ZeRO-3 gather); rank 0 broadcasts the changed tensors. Seconds."""
+        """Every rank calls it (ZeRO-3 gathers bucket by bucket); rank 0 broadcasts. Seconds."""
         start = time.perf_counter()
-        with ds.gathered_params(self.policy.model, self.zero_stage):
-            if self.rank == 0:
-                tensors = unique_tensors(self.policy.model)
-                self.weights.broadcast(tensors, self.sent.changed(tensors))
+        tensors = unique_tensors(self.policy.model)
+        names = self.plan.names(tensors)
+        if self.rank == 0:
+            self.weights.broadcast(tensors, names, self.gather)
+        else:
+            self._follow_gathers(tensors, names)
         return time.perf_counter() - start
 
-    def synced_weights(self) -> StateDict:
-        """Every policy tensor as last sent to the generators, to bring a restarted one up to date."""
-        return dict(self.sent.last)
-
     def save_policy(self, path: str) -> None:
-        """The current policy in Hugging Face layout (all ranks call; rank 0 writes)."""
-        with ds.gathered_params(self.policy.model, self.zero_stage):
-            if self.rank == 0:
-                self.policy.save(path)
+        """The current policy in Hugging Face layout (all ranks call; rank 0 writes).
+
+        ZeRO-3 shards are gathered into host memory bucket by bucket, never all on a device.
+        """
+        tensors = unique_tensors(self.policy.model)
+        if self.rank != 0:
+            self._follow_gathers(tensors, list(tensors))
+            return
+        self.policy.save(path, state_dict=cpu_copies(tensors, list(tensors), self.gather, self.bucket_mb))
 
     def save_checkpoint(self, path: str) -> None:
         """Optimizer, weights and RNG for an exact resume (every rank writes its shard)."""
@@ -340,7 +361,7 @@ class Learner:
     def load_checkpoint(self, path: str) -> None:
         _, client = self.engine.load_checkpoint(path, tag="learner")
         self.rng.set_state(client["rng"])
-        self.sent.reset()
+        self.plan.reset()
 
 
 class LocalRoles:
@@ -370,7 +391,7 @@ class LocalRoles:
         return self.learner.train(batch)
 
     def sync(self) -> float:
-        weights, seconds = self.learner.changed_weights()
+        weights, seconds = self.learner.outgoing_weights()
         self.version += 1
         self.generator.load_weights(weights, self.version)
         return seconds

@@ -1,7 +1,11 @@
 """Moving the learner's updated policy weights into the rollout workers.
 
-One rule for both transports: only tensors that changed since the last sync move, and tied
-tensors (a shared embedding under several names) move once.
+One rule for both transports (:class:`SyncPlan`): the first sync moves every tensor, later ones
+only the tensors the optimizer can change (trainable parameters: all of a full fine-tune, the
+adapters alone when the rest is frozen); tied tensors (a shared embedding under several names)
+move once. Nothing is copied to find out what changed, and a ZeRO-3 learner gathers its shards
+one bucket at a time (:func:`gathered_buckets`), so neither the learner's host memory nor any
+rank's device memory ever holds a second full copy of the policy for a sync.
 
 - **Object store** (``roles.weight_sync: object_store``): learner rank 0 returns the changed
   tensors as a CPU dict; Ray ships that one object to every rollout worker.
@@ -19,9 +23,11 @@ store; see :func:`resolve_transport`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import torch
@@ -32,12 +38,13 @@ from rlhf.config.core import ConfigError
 from rlhf.errors import InputError
 
 StateDict = dict[str, torch.Tensor]
+Gather = Callable[[list[torch.Tensor]], AbstractContextManager[None]]  # full values inside (ZeRO-3 shards)
 
 WeightSync = Literal["auto", "object_store", "collective"]  # roles.weight_sync
 Transport = Literal["object_store", "collective"]  # what ``auto`` resolves to
 OBJECT_STORE: Transport = "object_store"
 COLLECTIVE: Transport = "collective"
-BUCKET_BYTES = 256 * 2**20  # large enough to keep the link busy, small enough to not double memory
+BUCKET_MB = 256.0  # roles.sync_bucket_mb: keeps the link busy without a second copy of the model
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 _STORE_PREFIX = "rlhf-weights"
 
@@ -55,59 +62,101 @@ def resolve_transport(setting: WeightSync, gpus_per_actor: float) -> Transport:
 
 
 def unique_tensors(model: nn.Module) -> StateDict:
-    """The model's state dict without the later names of tied tensors, in state-dict order.
+    """The model's live parameters and buffers by state-dict name, tied ones under their first name.
 
-    Both sides of a sync call it on the same architecture, so positions identify tensors.
+    Both sides of a sync call it on the same architecture, so positions identify tensors. Under
+    ZeRO-3 the parameters are partitioned (empty) outside a :data:`Gather`.
     """
     seen: set[int] = set()
     unique: StateDict = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
             unique[name] = tensor
     return unique
 
 
-class ChangeTracker:
-    """Which tensors differ from what was last sent, against CPU copies of the sent values."""
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The unpartitioned shape (a ZeRO-3 parameter is empty outside a gather)."""
+    return getattr(tensor, "ds_shape", tensor.shape)
+
+
+def full_bytes(tensor: torch.Tensor) -> int:
+    return full_shape(tensor).numel() * tensor.element_size()
+
+
+class SyncPlan:
+    """Which tensors a sync moves: every one the first time (and after :meth:`reset`), then the
+    trainable parameters only.
+
+    Buffers and frozen parameters cannot change while the learner trains, and after an optimizer
+    step every trainable tensor has, so this needs no copy of what was sent. Every learner rank
+    keeps one and calls it at each sync, so all ranks walk the same buckets.
+    """
 
     def __init__(self) -> None:
-        self.last: StateDict = {}
+        self.started = False
 
-    def changed(self, tensors: StateDict) -> list[str]:
-        """Names in ``tensors`` that changed (all on the first call); records them as sent."""
-        names = []
-        for name, tensor in tensors.items():
-            current = tensor.detach().cpu()  # no copy for a CPU tensor: copied below if it changed
-            previous = self.last.get(name)
-            if previous is None or not torch.equal(previous, current):
-                names.append(name)
-                self.last[name] = current.clone() if tensor.device.type == "cpu" else current
-        return names
+    def names(self, tensors: StateDict) -> list[str]:
+        """Names in ``tensors`` to move now (state-dict order); marks the first sync done."""
+        if not self.started:
+            self.started = True
+            return list(tensors)
+        return [name for name, tensor in tensors.items() if tensor.requires_grad]
 
     def reset(self) -> None:
-        self.last = {}
+        self.started = False
 
 
-def _buckets(tensors: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
-    """Runs of same-dtype tensors of at most BUCKET_BYTES each (a bigger tensor goes alone)."""
-    bucket: list[torch.Tensor] = []
+def no_gather(tensors: list[torch.Tensor]) -> AbstractContextManager[None]:
+    """The :data:`Gather` of an unpartitioned model."""
+    return contextlib.nullcontext()
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> Iterator[list[int]]:
+    """Positions of runs of same-dtype tensors of at most ``bucket_bytes`` (a bigger one goes alone)."""
+    bucket: list[int] = []
     size = 0
-    for tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and (tensor.dtype != bucket[0].dtype or size + nbytes > BUCKET_BYTES):
+    for position, tensor in enumerate(tensors):
+        nbytes = full_bytes(tensor)
+        if bucket and (tensor.dtype != tensors[bucket[0]].dtype or size + nbytes > bucket_bytes):
             yield bucket
             bucket, size = [], 0
-        bucket.append(tensor)
+        bucket.append(position)
         size += nbytes
     if bucket:
         yield bucket
 
 
+def gathered_buckets(
+    tensors: StateDict, names: list[str], gather: Gather = no_gather, bucket_mb: float = BUCKET_MB
+) -> Iterator[list[str]]:
+    """``names`` in buckets, each gathered to full values only while the caller handles it.
+
+    With ZeRO-3 every learner rank must walk the same buckets (the gather is a collective); the
+    peak extra memory is one bucket, not the model.
+    """
+    for bucket in _buckets([tensors[name] for name in names], int(bucket_mb * 2**20)):
+        bucket_names = [names[i] for i in bucket]
+        with gather([tensors[name] for name in bucket_names]):
+            yield bucket_names
+
+
+def cpu_copies(
+    tensors: StateDict, names: list[str], gather: Gather = no_gather, bucket_mb: float = BUCKET_MB
+) -> StateDict:
+    """Detached CPU copies of ``tensors[names]``, gathered bucket by bucket (see gathered_buckets)."""
+    copies: StateDict = {}
+    for bucket in gathered_buckets(tensors, names, gather, bucket_mb):
+        copies.update({name: tensors[name].detach().to("cpu", copy=True) for name in bucket})
+    return copies
+
+
 def _signature(tensors: StateDict) -> list[int]:
     """Count, elements and a checksum of names, shapes and dtypes: equal iff the layouts match."""
-    layout = ",".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in tensors.items())
-    return [len(tensors), sum(t.numel() for t in tensors.values()), zlib.crc32(layout.encode())]
+    layout = ",".join(f"{name}:{tuple(full_shape(t))}:{t.dtype}" for name, t in tensors.items())
+    numel = sum(full_shape(t).numel() for t in tensors.values())
+    return [len(tensors), numel, zlib.crc32(layout.encode())]
 
 
 class WeightGroup:
@@ -118,8 +167,9 @@ class WeightGroup:
     what moves, the others learn them from the first two broadcasts.
     """
 
-    def __init__(self, address: str, port: int, rank: int, size: int, device: torch.device):
-        self.rank, self.device = rank, device
+    def __init__(self, address: str, port: int, rank: int, size: int, device: torch.device,
+                 bucket_mb: float = BUCKET_MB):
+        self.rank, self.device, self.bucket_mb = rank, device, bucket_mb
         store = dist.TCPStore(address, port, size, is_master=False, timeout=GROUP_TIMEOUT)
         store = dist.PrefixStore(_STORE_PREFIX, store)
         if device.type == "cuda":
@@ -157,31 +207,36 @@ class WeightGroup:
             )
 
     @torch.no_grad()
-    def broadcast(self, tensors: StateDict, changed: list[str] | None = None) -> int:
-        """Rank 0 sends ``tensors[changed]``; the others receive into their ``tensors`` in place.
+    def broadcast(
+        self, tensors: StateDict, names: list[str] | None = None, gather: Gather = no_gather
+    ) -> int:
+        """Rank 0 sends ``tensors[names]``; the others receive into their ``tensors`` in place.
 
-        ``tensors`` is :func:`unique_tensors` of the local policy. Returns the bytes moved.
+        ``tensors`` is :func:`unique_tensors` of the local policy; rank 0's ``gather`` brings each
+        bucket's full values in (the other learner ranks walk :func:`gathered_buckets` beside it).
+        Returns the bytes moved.
         """
-        names = list(tensors)
-        count = torch.tensor([len(changed or ())], dtype=torch.int64, device=self.device)
-        count = self._broadcast(count)
+        positions = {name: i for i, name in enumerate(tensors)}
+        count = self._broadcast(torch.tensor([len(names or ())], dtype=torch.int64, device=self.device))
         if not count.item():
             return 0
         index = torch.empty(int(count), dtype=torch.int64, device=self.device)
         if self.rank == 0:
-            position = {name: i for i, name in enumerate(names)}
-            index.copy_(torch.tensor([position[n] for n in changed], dtype=torch.int64))
-        index = self._broadcast(index)
-        targets = [tensors[names[i]] for i in index.tolist()]
+            index.copy_(torch.tensor([positions[n] for n in names], dtype=torch.int64))
+        order = list(tensors)
+        names = [order[i] for i in self._broadcast(index).tolist()]
         moved = 0
-        for bucket in _buckets(targets):
+        gather = gather if self.rank == 0 else no_gather
+        for bucket in gathered_buckets(tensors, names, gather, self.bucket_mb):
+            targets = [tensors[name] for name in bucket]
             if self.rank == 0:
-                flat = torch.cat([t.detach().to(self.device).reshape(-1) for t in bucket])
+                flat = torch.cat([t.detach().to(self.device).reshape(-1) for t in targets])
             else:
-                flat = torch.empty(sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=self.device)
+                numel = sum(t.numel() for t in targets)
+                flat = torch.empty(numel, dtype=targets[0].dtype, device=self.device)
             self._broadcast(flat)
             moved += flat.numel() * flat.element_size()
             if self.rank:
-                for target, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                for target, part in zip(targets, flat.split([t.numel() for t in targets])):
                     target.copy_(part.view_as(target))
         return moved

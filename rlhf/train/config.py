@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig, StoreConfig
+from rlhf.config.sections import (
+    DataSourceConfig,
+    DeepSpeedConfig,
+    DType,
+    ModelConfig,
+    RewardHeads,
+    StoreConfig,
+)
 from rlhf.data import sample_source
 from rlhf.data.augment import CorruptionKind
 
@@ -84,6 +91,28 @@ class AugmentConfig:
 
 
 @dataclass
+class RewardHeadsConfig:
+    """The reward head layout and, for ODIN's two heads (Chen et al. 2024), its loss weights.
+
+    Disentangled: loss = Bradley-Terry on quality + length + length_correlation_weight *
+    (|rho(quality, L)| - rho(length, L)) + orthogonality_weight * |cos(w_quality, w_length)|, with
+    rho the Pearson correlation over the micro-batch's 2B summaries and L their length in
+    characters (see rlhf.train.disentangle).
+    """
+
+    layout: RewardHeads = option(
+        "single", "single: one score; disentangled: quality and length heads on one backbone, "
+        "trained so their sum fits the preferences and only the length head tracks summary length."
+    )
+    length_correlation_weight: float = option(
+        1.0, "Weight of |rho(quality, length)| - rho(length score, length) (disentangled only).", ge=0
+    )
+    orthogonality_weight: float = option(
+        1.0, "Weight of |cos| between the two heads' weight vectors (disentangled only).", ge=0
+    )
+
+
+@dataclass
 class RewardTrainingConfig:
     """A reward model and how it trains: shared by jobs/reward.py and the online loop's update."""
 
@@ -92,6 +121,18 @@ class RewardTrainingConfig:
         help="Backbone of the reward model, or a reward checkpoint to continue from.",
     )
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=5e-4), help="Ray Train settings.")
+    heads: RewardHeadsConfig = option(factory=RewardHeadsConfig, help="Head layout and its losses.")
+    balance_longer: bool = option(
+        False, "Reorder training pairs so each batch has as many pairs whose chosen summary is the "
+        "longer as pairs where it is not (the smaller group is repeated to match), so length alone "
+        "cannot fit a batch."
+    )
+
+    def validate(self) -> None:
+        if (self.heads.layout == "disentangled" and self.heads.orthogonality_weight > 0
+                and self.train.deepspeed.zero_stage == 3):
+            raise ConfigError("heads.orthogonality_weight", "needs the whole head, which ZeRO-3 "
+                              "partitions: set it to 0 or train.deepspeed.zero_stage <= 2")
 
 
 @dataclass
@@ -112,5 +153,6 @@ class RewardConfig(RewardTrainingConfig):
     augment: AugmentConfig = option(factory=AugmentConfig, help="Synthetic preference pairs.")
 
     def validate(self) -> None:
+        super().validate()
         if self.data is None and not self.from_store and self.augment.data is None:
             raise ConfigError("data", "no training data: set data.path, from_store=true or augment.data.path")

@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -132,15 +133,23 @@ def cast_state_buffers(model: nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[name] = buffer.to(dtype)
 
 
-@contextlib.contextmanager
-def gathered_params(module: nn.Module, zero_stage: int) -> Iterator[None]:
-    """Full (unpartitioned) weights of ``module`` on every rank for the block; no-op below ZeRO-3."""
+def parameter_gather(zero_stage: int) -> Callable[[list[torch.Tensor]], AbstractContextManager[None]]:
+    """A context factory giving the listed ZeRO-3 parameters their full values for its block.
+
+    Below stage 3 parameters are never partitioned and it does nothing; non-parameters in the
+    list (buffers) are left alone. Every rank must enter it with the same parameters.
+    """
     if zero_stage != 3:
-        yield
-        return
+        return lambda tensors: contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+    return lambda tensors: deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
+
+
+@contextlib.contextmanager
+def gathered_params(module: nn.Module, zero_stage: int) -> Iterator[None]:
+    """Full (unpartitioned) weights of all of ``module`` on every rank for the block."""
+    with parameter_gather(zero_stage)(list(module.parameters())):
         yield
 
 
