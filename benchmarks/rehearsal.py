@@ -47,8 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 GIB = 2**30
 MACHINE_BUDGET_GIB = 22.0  # of 24 GiB: the OS, page cache and Ray's own processes need the rest
+# MALLOC_MMAP_THRESHOLD_: glibc serves tensors of 4 MiB and more by mmap and unmaps them when freed;
+# otherwise an idle role keeps the heap of its last 16k-token forward (several GiB) while the
+# learner trains, and the machine runs out (on a GPU each role's memory is its device's).
 JOB_ENV = {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false",
+           "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
 TLDR_POSTS = "rlhf/data/samples/tldr_comparisons.jsonl"
 TLDR_SFT = "rlhf/data/samples/tldr_sft.jsonl"
 LOCAL_PROMPTS = [f"prompts.path={TLDR_POSTS}", "prompts.hub_config="]
@@ -99,8 +103,8 @@ CASES = (
                                    "reward.model.name_or_path": "google/flan-t5-large"},
          (*LOCAL_PROMPTS, *PPO_CUTS, TWO_RANKS, "ppo.rollout_batch_size=2", "ppo.minibatch_size=2")),
     Case("ppo_arxiv_led", "ppo", LED,
-         ("prompts.path={arxiv}", "prompts.hub_config=", *PPO_CUTS, TWO_RANKS,
-          "ppo.iterations=1", "ppo.rollout_batch_size=2", "ppo.minibatch_size=2", "ppo.epochs=1")),
+         ("prompts.path={arxiv}", "prompts.hub_config=", *PPO_CUTS, TWO_RANKS, "ppo.iterations=1",
+          "ppo.rollout_batch_size=2", "ppo.minibatch_size=2", "ppo.epochs=1", "roles.forward_batch_size=1")),
     Case("ppo_arxiv_led", "ppo", LED,
          ("prompts.path={arxiv}", "prompts.hub_config=", *PPO_CUTS, TWO_RANKS, "ppo.iterations=1",
           "ppo.rollout_batch_size=2", "ppo.minibatch_size=2", "ppo.epochs=1", "ppo.max_new_tokens=128",
@@ -322,7 +326,11 @@ def step_times(run_dir: Path) -> list[float]:
 
 
 def serve_probe(port: int, deadline: float) -> dict:
-    """Wait for the app, then one comparison and one choice; their latencies."""
+    """Wait for the app, then a summary, a comparison and a choice; latencies and statuses.
+
+    Random weights may write two empty (or equal) summaries, which the API refuses with a 503
+    by design; the probe records it and stops there.
+    """
     url = f"http://127.0.0.1:{port}"
     while time.time() < deadline:
         try:
@@ -331,15 +339,20 @@ def serve_probe(port: int, deadline: float) -> dict:
         except requests.RequestException:
             pass
         time.sleep(2)
-    post = (ROOT / TLDR_POSTS).read_text().splitlines()[0]
-    start = time.perf_counter()
-    compared = requests.post(url + "/v1/compare", json={"text": json.loads(post)["post"]}, timeout=600)
-    compare_s = time.perf_counter() - start
-    compared.raise_for_status()
-    choice = {"comparison_id": compared.json()["comparison_id"], "choice": 0}
-    stored = requests.post(url + "/v1/feedback", json=choice, timeout=60)
-    stored.raise_for_status()
-    return {"compare_s": round(compare_s, 2), "feedback_status": stored.status_code}
+    document = {"text": json.loads((ROOT / TLDR_POSTS).read_text().splitlines()[0])["post"]}
+    probe: dict = {}
+    for route in ("/v1/summarize", "/v1/compare"):
+        start = time.perf_counter()
+        answer = requests.post(url + route, json=document, timeout=900)
+        probe[route] = {"status": answer.status_code, "s": round(time.perf_counter() - start, 1)}
+    requests.post(url + "/v1/summarize", json=document, timeout=900).raise_for_status()
+    if probe["/v1/compare"]["status"] == 200:
+        choice = {"comparison_id": answer.json()["comparison_id"], "choice": 0}
+        stored = requests.post(url + "/v1/feedback", json=choice, timeout=60)
+        probe["/v1/feedback"] = {"status": stored.status_code}
+    else:
+        probe["/v1/compare"]["detail"] = answer.json().get("detail", "")[:120]
+    return probe
 
 
 def run_case(case: Case, workdir: Path, models: Path, arxiv: Path, timeout_s: float) -> dict:
@@ -378,7 +391,7 @@ def run_case(case: Case, workdir: Path, models: Path, arxiv: Path, timeout_s: fl
         lines = [line for line in (workdir / "job.log").read_text().splitlines() if line.strip()]
         row["reason"] = lines[-1][:300] if lines else "no output"
     if case.job == "serve" and row["rc"] in (-signal.SIGINT, 130, 1):  # stopped by us after the probe
-        row["rc"] = 0 if row.get("serve", {}).get("feedback_status") == 200 else row["rc"]
+        row["rc"] = 0 if row.get("serve", {}).get("/v1/summarize", {}).get("status") == 200 else row["rc"]
     return row
 
 
@@ -404,7 +417,9 @@ def markdown(rows: list[dict]) -> str:
         estimate = (f"ZeRO-{e['zero_stage']}: {e['ranks']} x {e['device_gib_per_rank']:.1f}"
                     + (f" + {e['host_gib']:.1f} offloaded" if e["offload"] else "") if e else "")
         steps = ", ".join(f"{s:.1f}" for s in r.get("step_s", []))
-        note = r.get("reason", "") or (f"compare {r['serve']['compare_s']} s" if "serve" in r else "")
+        calls = [f"{route} {v['status']} {v.get('s', '')} s {v.get('detail', '')}".strip()
+                 for route, v in r.get("serve", {}).items()]
+        note = r.get("reason", "") or "; ".join(calls)
         lines.append(f"| {r['name']} | {model} | {r['rc']} | {steps} | {r.get('wall_s', '')} | {peaks} | "
                      f"{estimate} | {note} |")
     return "\n".join(lines)

@@ -73,11 +73,12 @@ class IterationMetrics:
     kl_mean: float  # KL(policy || reference) per summary, summed over its tokens (k1 estimate)
     kl_coef: float  # KL penalty coefficient this iteration used (before the controller's update)
     policy_loss: float  # clipped PPO policy loss, mean over minibatch updates
-    value_loss: float  # clipped value loss, mean over minibatch updates
+    value_loss: float  # clipped value loss, mean over minibatch updates; 0 without a value model
     entropy: float  # policy entropy per token (nats), mean over minibatch updates
     clip_fraction: float  # fraction of tokens whose probability ratio was clipped
     approx_kl: float  # KL(old policy || updated policy) per token, mean over minibatch updates
     explained_variance: float  # 1 - Var(returns - values) / Var(returns); nan if returns are constant
+    # or without a value model (ppo.advantage other than gae): undefined, not "perfect" or "useless"
     response_length_mean: float  # summary length in tokens, EOS included
     eos_fraction: float  # fraction of summaries that ended with EOS
     generate_tokens_per_s: float  # sampled tokens per second of the generate role

@@ -21,6 +21,7 @@ from rlhf.config.core import (
     parse_cli,
     save_config,
 )
+from rlhf.dpo.config import DPOConfig
 from rlhf.eval.config import EvalConfig
 from rlhf.online.config import OnlineConfig
 from rlhf.ppo.config import PPOConfig
@@ -204,7 +205,7 @@ def test_serve_config_checks_replica_bounds_and_strategy() -> None:
 
 
 JOBS = {"sft.py": SFTConfig, "reward.py": RewardConfig, "eval.py": EvalConfig, "ppo.py": PPOConfig,
-        "serve.py": ServeConfig, "online.py": OnlineConfig}
+        "serve.py": ServeConfig, "online.py": OnlineConfig, "dpo.py": DPOConfig}
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -266,7 +267,8 @@ def test_a_reward_model_and_a_reward_fn_both_given_exit_2_naming_both() -> None:
         "set; keep one"]
 
 
-LEARNERS = {"sft.py": "train.", "reward.py": "train.", "ppo.py": "roles.", "online.py": "rl.roles."}
+LEARNERS = {"sft.py": "train.", "reward.py": "train.", "ppo.py": "roles.", "online.py": "rl.roles.",
+            "dpo.py": "train."}
 
 
 @pytest.mark.parametrize("job", sorted(LEARNERS))

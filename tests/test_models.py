@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import ByT5Tokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf.config.sections import ModelConfig
 from rlhf.models import (
@@ -85,6 +86,17 @@ def test_saved_tokenizer_reloads_as_byt5(tmp_path: Path) -> None:
     load_policy(_cfg("tiny-gpt2")).save(tmp_path)
     tokenizer = load_tokenizer(str(tmp_path))
     assert (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id) == (384, 0, 1)
+
+
+def test_a_byte_tokenizer_saved_beside_a_qwen2_config_reloads_as_itself(tmp_path: Path) -> None:
+    """transformers 5 would pick Qwen2Tokenizer for the config and, lacking its files, encode to []."""
+    config = Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    policy = load_policy(ModelConfig(name_or_path=str(tmp_path), max_source_length=32, max_target_length=8))
+    assert type(policy.tokenizer).__name__ == "ByT5Tokenizer"
+    assert policy.encode_documents(["a post"])["input_ids"].shape == (1, len("a post\nTL;DR:"))
 
 
 def test_led_global_attention_only_on_first_token() -> None:

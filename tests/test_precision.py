@@ -71,6 +71,9 @@ def test_roles_dtype_reaches_frozen_roles_and_the_learner(tmp_path: Path) -> Non
     learner = Learner(cfg)
     assert learner.engine.bfloat16_enabled()
     assert learner.value.head.weight.dtype == torch.bfloat16 and hasattr(learner.value.head.weight, "ds_id")
+    with ds.gathered_params(learner.policy.model, 3):  # the ZeRO-3 policy starts as the reference
+        frozen = reference.policy.model.state_dict()
+        assert all(torch.equal(t, frozen[n]) for n, t in learner.policy.model.state_dict().items())
     fp32 = _ppo(tmp_path, "roles.dtype=fp32", "reward.model.name_or_path=tiny-gpt2")
     assert {p.dtype for p in RewardScorer(fp32).model.parameters()} == {torch.float32}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.eval.config import EvalConfig
-from rlhf.eval.metrics import evaluate_policy, evaluate_reward_model
+from rlhf.eval.metrics import PairScorer, evaluate_policy, evaluate_reward_model
 from rlhf.metrics import emit
 from rlhf.models import load_policy, load_reward_model
 
@@ -23,13 +23,18 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json."""
+def run_eval(cfg: EvalConfig, implicit_reward: PairScorer | None = None) -> dict:
+    """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json.
+
+    ``implicit_reward`` scores the comparisons instead of a reward model: a DPO policy's, built by
+    ``rlhf.dpo.implicit.run_eval`` (its log-probs come from rlhf.ppo, which this package cannot import).
+    """
     reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model else None
     results: dict[str, dict] = {}
     if cfg.comparisons is not None:
         comparisons = load_source(cfg.comparisons, Schema.PREFERENCE).table
-        results["reward"] = evaluate_reward_model(reward_model, comparisons, cfg.batch_size, cfg.reward_head)
+        scorer = reward_model if reward_model is not None else implicit_reward
+        results["reward"] = evaluate_reward_model(scorer, comparisons, cfg.batch_size, cfg.reward_head)
     if cfg.references is not None:
         pairs = load_source(cfg.references, Schema.SFT).table
         policy = load_policy(cfg.policy)

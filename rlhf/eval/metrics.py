@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 import pyarrow as pa
 import torch
 
-from rlhf.config.sections import RewardHead
+from rlhf.config.sections import RewardHead, RewardHeads, RewardScore
 from rlhf.eval.correlation import pearson
 from rlhf.eval.rouge import rouge
 from rlhf.metrics import emit
@@ -16,6 +17,19 @@ from rlhf.models import Policy, RewardModel
 
 SIMILAR_LENGTH = 0.2  # pairs whose lengths differ by less than this share are "similar length"
 SIMILAR_LENGTHS = (0.1, 0.2)  # the shares reported as similar_length_10_*, similar_length_20_*
+
+
+class PairScorer(Protocol):
+    """What the comparison accuracy reads: a ``RewardModel``, or a DPO policy's implicit reward
+    (``rlhf.dpo.implicit.ImplicitReward``), so both are judged by the same bookkeeping."""
+
+    heads: RewardHeads
+
+    def score(self, documents: list[str], summaries: list[str], score: RewardScore | None) -> torch.Tensor:
+        """Raw scores on the CPU: (B,) of kind ``score``, or every head's (B, n) for None."""
+
+    def select(self, per_head: torch.Tensor, score: RewardScore) -> torch.Tensor:
+        """(B,) scores of kind ``score`` from per-head scores (B, n)."""
 
 
 def _batches(table: pa.Table, size: int, label: str) -> Iterator[dict[str, list]]:
@@ -58,7 +72,7 @@ def similar_length_metrics(
 
 
 def length_correlations(
-    model: RewardModel, per_head: torch.Tensor, lengths: list[int], score: RewardHead
+    model: PairScorer, per_head: torch.Tensor, lengths: list[int], score: RewardHead
 ) -> dict[str, float]:
     """Pearson correlation of scores with summary length over every scored summary:
     ``length_correlation`` for ``score``, and per kind (quality, length, total) for two heads.
@@ -74,7 +88,7 @@ def length_correlations(
 
 
 def evaluate_reward_model(
-    model: RewardModel, comparisons: pa.Table, batch_size: int, score: RewardHead = "quality"
+    model: PairScorer, comparisons: pa.Table, batch_size: int, score: RewardHead = "quality"
 ) -> dict:
     """Pairwise accuracy of ``model``'s ``score`` on canonical preference rows, beside the length
     baseline, on all pairs and on pairs of similar length; and how much the scores follow length.

@@ -134,8 +134,11 @@ def build_tiny_lm(name: str, seed: int = 0, dropout: bool = True) -> PreTrainedM
     preset = get_preset(name)
     config = _preset_config(name, dropout)
     torch.manual_seed(seed)
-    # _from_config, as AutoModel.from_config: under ZeRO-3 the weights are partitioned at init.
-    return preset.lm_class._from_config(config).eval()
+    # The constructor, not _from_config: under ZeRO-3, _from_config initialises inside
+    # deepspeed.zero.Init, which draws other random values than the frozen copies get from the same
+    # seed (the reference would differ from the policy before any update). DeepSpeed partitions the
+    # built model in deepspeed.initialize instead.
+    return preset.lm_class(config).eval()
 
 
 def build_tiny_backbone(name: str, seed: int = 0, dropout: bool = True) -> PreTrainedModel:

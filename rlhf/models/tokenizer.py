@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import transformers
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 from rlhf.models.tiny import is_tiny_preset
@@ -19,8 +23,21 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if is_tiny_preset(name_or_path):
         tokenizer = ByT5Tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = _faithful(AutoTokenizer.from_pretrained(name_or_path), name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _faithful(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> PreTrainedTokenizerBase:
+    """The class a folder's ``tokenizer_config.json`` names, where AutoTokenizer chose another.
+
+    transformers 5 prefers the model type's tokenizer (Qwen2Tokenizer for a Qwen2 config) over the
+    saved class; without its vocabulary files that tokenizer encodes every text to nothing.
+    """
+    config = Path(name_or_path) / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if not saved or saved.removesuffix("Fast") == type(tokenizer).__name__.removesuffix("Fast"):
+        return tokenizer
+    return getattr(transformers, saved).from_pretrained(name_or_path)

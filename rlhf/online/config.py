@@ -7,12 +7,20 @@ stored documents, the current reward model and policy).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
-from rlhf.config.core import option
+from rlhf.config.core import option, validate
 from rlhf.config.sections import RewardHead, StoreConfig
+from rlhf.dpo.config import DPOAlgoConfig
 from rlhf.ppo.config import PPOAlgoConfig, PPOTrainingConfig
 from rlhf.train.config import RewardTrainingConfig, TrainConfig
+
+# rm_ppo: reward-model update, then PPO; rm_grpo: the same with the GRPO estimator in the RL step;
+# dpo: a DPO update of the served policy on the choices, no reward model.
+OnlineMethod = Literal["rm_ppo", "dpo", "rm_grpo"]
+KL_FIELDS = ("kl_in", "kl_kind")  # rl.ppo fields whose defaults depend on ppo.advantage
 
 
 @dataclass
@@ -47,6 +55,12 @@ class OnlineConfig:
     """jobs/online.py: people's choices -> reward model update -> PPO -> a new served policy version."""
 
     output_dir: str = option("runs/online", "Per-cycle reward/PPO runs, cycles.jsonl, reward versions.")
+    method: OnlineMethod = option(
+        "rm_ppo", "rm_ppo: update the reward model, then PPO; rm_grpo: the same with rl.ppo.advantage="
+        "grpo (rl.ppo.samples_per_document summaries per document); dpo: a DPO update of the served "
+        "policy on the new (+ replayed) choices, with the cycle's starting policy as reference, kept "
+        "only if held-out implicit-reward accuracy holds."
+    )
     seed: int = option(0, "Seed for replay sampling, training and generation (derived per cycle).")
     cycles: int = option(0, "Stop after this many finished cycles in total (0 = run until stopped).", ge=0)
     store: StoreConfig = option(factory=StoreConfig, help="The feedback database the Serve app writes.")
@@ -69,3 +83,23 @@ class OnlineConfig:
         help="Each cycle's PPO, as jobs/ppo.py trains: rl.policy is the starting policy while the "
         "registry is empty (its lengths apply to every version); rl.ppo.iterations per cycle.",
     )
+    dpo: DPOAlgoConfig = option(
+        factory=DPOAlgoConfig, help="method=dpo: each cycle's DPO objective, as jobs/dpo.py's dpo section."
+    )
+    dpo_train: TrainConfig = option(
+        factory=lambda: TrainConfig(lr=5e-4, max_steps=20, eval_every=20, save_every=20),
+        help="method=dpo: each cycle's DPO training (jobs/dpo.py's train); rl.policy gives the lengths.",
+    )
+
+    def rl_training(self) -> PPOTrainingConfig:
+        """The RL step's settings: rl, with ppo.advantage=grpo for method=rm_grpo. A KL placement or
+        estimator left at its default moves to GRPO's default (rlhf.ppo.config.DEFAULT_KL_IN)."""
+        if self.method != "rm_grpo":
+            return self.rl
+        algo, default = dataclasses.replace(self.rl.ppo, advantage="grpo"), PPOAlgoConfig()
+        set_here = frozenset(name for name in KL_FIELDS if getattr(algo, name) != getattr(default, name))
+        return dataclasses.replace(self.rl, ppo=algo.with_given(set_here))
+
+    def validate(self) -> None:
+        if self.method == "rm_grpo":  # GRPO's own checks (k >= 2, no value model) before Ray starts
+            validate(self.rl_training(), "rl.")

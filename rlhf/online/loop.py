@@ -3,6 +3,12 @@
 wait for K new choices -> continue-train the reward model on them (+ replay) -> keep it only if
 held-out accuracy did not drop -> M PPO iterations on the stored documents -> publish to the
 registry Serve watches. The ledger in the feedback database (rlhf.store.cycles) makes it resumable.
+
+``method=rm_grpo`` runs the same cycle with the GRPO estimator. ``method=dpo`` has no reward model:
+DPO of the served policy on the same window (reference: the cycle's starting policy) -> keep it
+only if held-out implicit-reward accuracy did not drop -> publish. Its ledger uses the same
+stages and fields: the reward_* fields then describe the DPO update (whose implicit reward is
+what the gate judges) and ``reward_used`` is the trained policy folder.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import pyarrow as pa
 
 from rlhf.config.core import validate
 from rlhf.config.sections import DataSourceConfig, ModelConfig
+from rlhf.dpo.implicit import load_implicit_reward
+from rlhf.dpo.task import train_dpo_policy
 from rlhf.errors import InputError
 from rlhf.eval.metrics import evaluate_reward_model
 from rlhf.metrics import IterationMetrics, emit
@@ -99,14 +107,17 @@ class OnlineLoop:
 
     def _finish(self, cycle: Cycle) -> Cycle:
         cycle_dir = self.output_dir / "cycles" / f"c{cycle.cycle:04d}"
+        learn, publish = self._update_reward, self._update_policy
+        if self.cfg.method == "dpo":
+            learn, publish = self._update_dpo, self._publish_dpo
         if cycle.stage == "started":
-            cycle = self.ledger.advance(cycle.cycle, "reward_done", self._update_reward(cycle, cycle_dir))
+            cycle = self.ledger.advance(cycle.cycle, "reward_done", learn(cycle, cycle_dir))
         if self._current_policy() != cycle.record.policy_before:
             # Killed between publishing and recording it: the version is this cycle's.
             record = dataclasses.replace(cycle.record, policy_version=Path(self._current_policy()).name,
                                          ppo="published before a restart")
         else:
-            record = self._update_policy(cycle, cycle_dir)
+            record = publish(cycle, cycle_dir)
         cycle = self.ledger.advance(cycle.cycle, "done", record)
         with (self.output_dir / "cycles.jsonl").open("a") as log:
             log.write(json.dumps({"cycle": cycle.cycle, **record.to_record()}) + "\n")
@@ -115,13 +126,17 @@ class OnlineLoop:
              f"published policy {record.policy_version}")
         return cycle
 
+    def _window(self, cycle: Cycle) -> FeedbackWindow:
+        fb = self.cfg.feedback
+        return read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
+                           derive_seed(self.cfg.seed, cycle.cycle))
+
     def _update_reward(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """Continue-train from the last kept reward model; keep the result only if held-out accuracy
         did not fall by more than ``feedback.max_accuracy_drop`` (judged once ``feedback.min_holdout``
         held-out choices exist)."""
         fb = self.cfg.feedback
-        window = read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
-                             derive_seed(self.cfg.seed, cycle.cycle))
+        window = self._window(cycle)
         base = cycle.record.reward_before
         emit(f"online: cycle {cycle.cycle} reward update from {base}: {window.new.num_rows} new + "
              f"{window.replay.num_rows} replayed choices, {window.holdout.num_rows} held out")
@@ -159,7 +174,7 @@ class OnlineLoop:
 
         documents = cycle_dir / "documents.jsonl"
         n_documents = _write_documents(self.store.documents_table(), documents)
-        rl = self.cfg.rl
+        rl = self.cfg.rl_training()
         training = dataclasses.replace(
             rl, policy=dataclasses.replace(rl.policy, name_or_path=cycle.record.policy_before),
             ppo=dataclasses.replace(rl.ppo, publish_every=rl.ppo.iterations),
@@ -177,6 +192,50 @@ class OnlineLoop:
         return dataclasses.replace(cycle.record, documents=n_documents,
                                    policy_version=Path(self._current_policy()).name,
                                    ppo_first=_summary(history[0]), ppo_last=_summary(history[-1]))
+
+    def _update_dpo(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
+        """DPO of the cycle's starting policy (also its reference) on the new and replayed choices;
+        kept only if held-out implicit-reward accuracy did not fall by more than
+        ``feedback.max_accuracy_drop``, both policies judged against rl.policy, the loop's first."""
+        window, start = self._window(cycle), cycle.record.policy_before
+        emit(f"online: cycle {cycle.cycle} DPO update of {start}: {window.new.num_rows} new + "
+             f"{window.replay.num_rows} replayed choices, {window.holdout.num_rows} held out")
+        validation = window.holdout if window.holdout.num_rows else window.new
+        trained = train_dpo_policy(
+            self._policy_config(start), self.cfg.dpo_train, self.cfg.dpo, window.train, validation,
+            str(cycle_dir / "dpo"), derive_seed(self.cfg.seed, cycle.cycle),
+        ).model_dir
+        before, after = self._implicit_accuracy(start, window), self._implicit_accuracy(str(trained), window)
+        judged, kept = keep_reward_update(before, after, window.holdout.num_rows, self.cfg.feedback)
+        return dataclasses.replace(
+            cycle.record, new_ids=window.new_ids, replay_ids=window.replay_ids,
+            holdout_ids=window.holdout_ids, accuracy_before=before, accuracy_after=after,
+            reward_judged=judged, reward_kept=kept, reward_used=str(trained),
+        )
+
+    def _implicit_accuracy(self, policy: str, window: FeedbackWindow) -> float | None:
+        """Held-out accuracy of ``policy``'s implicit reward against rl.policy (None without held-out
+        rows): one fixed reference, so the policies before and after an update are comparable."""
+        if not window.holdout.num_rows:
+            return None
+        scorer = load_implicit_reward(self._policy_config(policy), self.cfg.rl.policy, self.cfg.dpo.beta)
+        return round(evaluate_reward_model(scorer, window.holdout, EVAL_BATCH)["accuracy"], 4)
+
+    def _publish_dpo(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
+        """Publish the kept DPO policy as the next version Serve loads; a rejected one is not."""
+        record = cycle.record
+        if not record.reward_kept:
+            return dataclasses.replace(record, ppo="the DPO update was rejected by the held-out gate")
+        metrics = {"cycle": cycle.cycle, "accuracy_before": record.accuracy_before,
+                   "accuracy_after": record.accuracy_after}
+
+        def copy(folder: Path) -> None:
+            shutil.copytree(record.reward_used, folder, dirs_exist_ok=True)
+
+        return dataclasses.replace(record, policy_version=self.policies.publish(copy, metrics).name)
+
+    def _policy_config(self, name_or_path: str) -> ModelConfig:
+        return dataclasses.replace(self.cfg.rl.policy, name_or_path=name_or_path)
 
     def _reward_config(self, name_or_path: str) -> ModelConfig:
         return dataclasses.replace(self.cfg.reward.model, name_or_path=name_or_path)

@@ -18,10 +18,11 @@ class PPOBatch:
     scores: torch.Tensor  # (B,) reward per summary, after normalisation and penalties
     logprobs: torch.Tensor  # (B, T) log pi_old(a_t | s_t) under the policy that sampled
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t | s_t) under the frozen initial policy
-    values: torch.Tensor  # (B, T) V_old(s_t) before each response token
-    rewards: torch.Tensor  # (B, T) -kl_coef * KL per token, score added at the last token
-    advantages: torch.Tensor  # (B, T) GAE, whitened over the batch when configured
-    returns: torch.Tensor  # (B, T) advantages + values (value targets)
+    values: torch.Tensor  # (B, T) V_old(s_t) before each response token; 0 without a value model
+    rewards: torch.Tensor  # (B, T) -kl_coef * KL per token (0 with ppo.kl_in=loss), score at the last token
+    advantages: torch.Tensor  # (B, T) by ppo.advantage: GAE (whitened when configured) or critic-free
+    returns: torch.Tensor  # (B, T) advantages + values (value targets); 0 without a value model
+    loss_kl_coef: float = 0.0  # weight of the KL term in the policy loss (ppo.kl_in=loss), else 0
 
     @property
     def mask(self) -> torch.Tensor:
@@ -32,9 +33,14 @@ class PPOBatch:
 
     def select(self, index: torch.Tensor) -> PPOBatch:
         """Rows ``index`` (a minibatch or a learner's shard)."""
-        tensors = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "rollout"}
+        tensors = {name: getattr(self, name)[index] for name in self._row_tensors()}
         return replace(self, rollout=self.rollout.select(index), **tensors)
 
     def to(self, device: torch.device | str) -> PPOBatch:
-        tensors = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "rollout"}
+        tensors = {name: getattr(self, name).to(device) for name in self._row_tensors()}
         return replace(self, rollout=self.rollout.to(device), **tensors)
+
+    @classmethod
+    def _row_tensors(cls) -> list[str]:
+        """The fields with one row per summary (all but the rollout and the loss's KL weight)."""
+        return [f.name for f in fields(cls) if f.name not in ("rollout", "loss_kl_coef")]

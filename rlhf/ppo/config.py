@@ -15,11 +15,23 @@ from typing import Literal
 from rlhf.config.core import ConfigError, option
 from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig, RewardHead
 from rlhf.data import sample_source
-from rlhf.ppo.functional import KLKind
+from rlhf.ppo.functional import KLKind, LossAggregation
 from rlhf.ppo.weight_sync import BUCKET_MB, WeightSync, resolve_transport
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement strategies
 DEFAULT_REWARD_FN = "rlhf.ppo.rewards:brevity"
+# gae: PPO with a value model; the others are critic-free (no value model), see docs/design.md.
+AdvantageKind = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+KLPlacement = Literal["reward", "loss"]
+GROUP_ESTIMATORS: tuple[AdvantageKind, ...] = ("grpo", "rloo")  # baseline from the k samples: need k >= 2
+# Where each estimator puts the KL unless ppo.kl_in is given: GRPO (Shao et al. 2024) in the loss;
+# RLOO (Ahmadian et al. 2024, TRL) and REINFORCE++ (OpenRLHF) in the reward, like PPO.
+DEFAULT_KL_IN: dict[AdvantageKind, KLPlacement] = {
+    "gae": "reward", "grpo": "loss", "rloo": "reward", "reinforce_pp": "reward",
+}
+# The estimator unless ppo.kl_kind is given: k1 in the reward (its sum over tokens is the unbiased
+# sequence KL); k3 in the loss (k1's gradient is zero in expectation, k3's pulls towards the reference).
+DEFAULT_KL_KIND: dict[KLPlacement, KLKind] = {"reward": "k1", "loss": "k3"}
 
 
 @dataclass
@@ -27,21 +39,47 @@ class PPOAlgoConfig:
     """The PPO algorithm: rollout sizes, losses, KL control and sampling."""
 
     iterations: int = option(12, "PPO iterations (generate -> score -> learn -> sync).", gt=0)
+    advantage: AdvantageKind = option(
+        "gae", "Advantage estimator: gae (PPO with a value model), or critic-free (no value model is "
+        "loaded): grpo ((r - group mean) / group std), rloo (r - mean of the other k - 1), reinforce_pp "
+        "(per-token returns-to-go, group mean subtracted when k >= 2, whitened over the batch). "
+        "grpo and rloo need samples_per_document >= 2."
+    )
+    samples_per_document: int = option(
+        1, "Summaries sampled per document (k, the group size); one document's rows are consecutive, "
+        "so an iteration has rollout_batch_size x k summaries.", gt=0
+    )
+    scale_by_std: bool = option(True, "grpo: divide by the group's std (false = Dr. GRPO, no bias "
+                                      "towards groups of similar scores).")
     rollout_batch_size: int = option(16, "Documents sampled per iteration.", gt=0)
-    minibatch_size: int = option(8, "Rows per optimizer step; divides rollout_batch_size.", gt=0)
+    minibatch_size: int = option(
+        8, "Summaries per optimizer step; divides rollout_batch_size x samples_per_document.", gt=0
+    )
     epochs: int = option(4, "Passes over each rollout batch.", gt=0)
     lr: float = option(
         1e-3, "Learning rate of policy and value model (tiny default; ~1e-5 for real models).", gt=0
     )
     max_grad_norm: float = option(1.0, "Clip the global gradient norm (0 = off).", ge=0)
     clip_eps: float = option(0.2, "Policy ratio clip range.", gt=0)
-    value_clip_eps: float = option(0.2, "Value clip range around the rollout's values.", gt=0)
-    vf_coef: float = option(0.1, "Weight of the value loss.", ge=0)
+    value_clip_eps: float = option(0.2, "Value clip range around the rollout's values (gae).", gt=0)
+    vf_coef: float = option(0.1, "Weight of the value loss (gae).", ge=0)
     entropy_coef: float = option(0.0, "Weight of the entropy bonus.", ge=0)
-    gamma: float = option(1.0, "Discount.", gt=0, le=1)
+    gamma: float = option(1.0, "Discount (gae, reinforce_pp; grpo and rloo score whole summaries).",
+                          gt=0, le=1)
     lam: float = option(0.95, "GAE lambda.", ge=0, le=1)
     kl_coef: float = option(0.02, "KL penalty coefficient (initial value when adaptive).", ge=0)
-    kl_kind: KLKind = option("k1", "Per-token KL estimator.")
+    kl_in: KLPlacement = option(
+        "reward", "Where the KL to the reference enters: reward (a per-token penalty in the reward; "
+        "grpo and rloo subtract each summary's summed penalty from its score before grouping) or "
+        "loss (kl_coef x the kl_kind estimate added to the policy loss; the reward is not KL-shaped). "
+        "Unless given: loss for grpo, reward for gae, rloo and reinforce_pp."
+    )
+    kl_kind: KLKind = option("k1", "Per-token KL estimator. Unless given: k1 with kl_in=reward, k3 "
+                                   "with kl_in=loss.")
+    loss_aggregation: LossAggregation = option(
+        "token_mean", "How the per-token policy loss becomes a scalar: token_mean (every token of the "
+        "minibatch counts once) or sequence_mean (each summary's token mean, then their mean)."
+    )
     kl_target: float | None = option(
         None, "Adaptive KL controller target (summed KL per sequence); null = fixed kl_coef.", gt=0
     )
@@ -51,7 +89,8 @@ class PPOAlgoConfig:
         "most 20% * rollout_batch_size / kl_horizon (1%: +22% after 20 iterations at KL >= 1.2 x "
         "target). Scale it with rollout_batch_size to keep the same number of iterations.", gt=0
     )
-    whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
+    whiten_advantages: bool = option(True, "Normalise GAE advantages over the rollout batch (gae; "
+                                           "reinforce_pp always whitens, grpo and rloo use their groups).")
     temperature: float = option(1.0, "Sampling temperature.", gt=0)
     top_p: float = option(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = option(32, "Longest summary in tokens.", gt=0)
@@ -64,11 +103,27 @@ class PPOAlgoConfig:
     checkpoint_every: int = option(5, "Checkpoint every N iterations (and at the end).", gt=0)
     publish_every: int = option(5, "Publish a policy version every N iterations (and at the end).", gt=0)
 
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the estimator needs a value model (only gae does)."""
+        return self.advantage == "gae"
+
+    @property
+    def summaries_per_iteration(self) -> int:
+        return self.rollout_batch_size * self.samples_per_document
+
+    def with_given(self, given: frozenset[str]) -> PPOAlgoConfig:
+        """The estimator's KL placement and the placement's estimator, where the user set neither."""
+        kl_in = self.kl_in if "kl_in" in given else DEFAULT_KL_IN[self.advantage]
+        kl_kind = self.kl_kind if "kl_kind" in given else DEFAULT_KL_KIND[kl_in]
+        return dataclasses.replace(self, kl_in=kl_in, kl_kind=kl_kind)
+
     def validate(self) -> None:
-        if self.rollout_batch_size % self.minibatch_size:
+        if self.summaries_per_iteration % self.minibatch_size:
             raise ConfigError(
                 "minibatch_size",
-                f"{self.minibatch_size} must divide rollout_batch_size ({self.rollout_batch_size})",
+                f"{self.minibatch_size} must divide rollout_batch_size ({self.rollout_batch_size}) x "
+                f"samples_per_document ({self.samples_per_document}), the summaries per iteration",
             )
 
 
@@ -171,6 +226,16 @@ class PPOTrainingConfig:
     roles: RolesConfig = option(factory=RolesConfig, help="Ray actors and placement.")
 
     def validate(self) -> None:
+        algo = self.ppo
+        if algo.advantage in GROUP_ESTIMATORS and algo.samples_per_document < 2:
+            raise ConfigError(
+                "ppo.samples_per_document",
+                f"ppo.advantage={algo.advantage} needs >= 2 summaries per document for its group "
+                f"baseline, got {algo.samples_per_document}; set ppo.samples_per_document=4, say",
+            )
+        if self.value is not None and not algo.uses_critic:
+            raise ConfigError("value", f"ppo.advantage={algo.advantage} is critic-free and loads no value "
+                                       "model; drop value or use ppo.advantage=gae")
         learners = self.roles.learner_workers
         if learners > 1 and self.ppo.minibatch_size % learners:
             raise ConfigError("roles.learner_workers",

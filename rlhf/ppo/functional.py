@@ -21,7 +21,7 @@ Advantage estimators, all giving ``(B, T)`` advantages for :func:`policy_loss`:
 * GRPO / RLOO (critic-free, one advantage per sequence): the ``k`` samples of one prompt are
   ``k`` consecutive rows; ``spread_over_tokens(group_advantages(scores, k, kind), mask)`` gives
   every response token of a row its sequence's advantage. The KL penalty, if any, goes into the
-  loss, not the reward.
+  loss, or summed over each row's tokens into its score before grouping (never per token).
 * REINFORCE++ (critic-free, per token, as in OpenRLHF): ``reinforce_pp_advantages(
   shape_rewards(group_baseline(scores, k), ...), mask, gamma)``: returns-to-go of the shaped
   rewards (score minus its group mean, plus the per-token KL penalty), whitened over the batch.

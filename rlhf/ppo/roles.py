@@ -182,6 +182,12 @@ class ActorCritic(nn.Module):
         self.value = value
 
 
+def trained_module(policy: nn.Module, value: nn.Module | None) -> nn.Module:
+    """What the learner's engine trains, saves and restores: policy + value, or the policy alone
+    for a critic-free estimator (no value model to load, step, sync or checkpoint)."""
+    return policy if value is None else ActorCritic(policy, value)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -219,7 +225,7 @@ class LearnStats:
 
 
 class Learner:
-    """One data-parallel rank training policy + value with PPO on DeepSpeed."""
+    """One data-parallel rank training the policy (+ the value model for gae) on DeepSpeed."""
 
     def __init__(self, cfg: PPOConfig, rank: int = 0, world_size: int = 1,
                  address: str = "127.0.0.1", port: int | None = None, threads: int = 1):
@@ -238,9 +244,9 @@ class Learner:
             # Train mode (gradient checkpointing needs it) with dropout off: see _frozen_policy.
             # Loaded in roles.dtype like the frozen copies, whatever dtype the checkpoint was saved in.
             self.policy: Policy = load_policy(cfg.policy, dtype=dtype, dropout=False)
-            value = load_value_model(cfg.value or cfg.policy, dtype=dtype, dropout=False)
-        self.engine, _ = ds.initialize(ActorCritic(self.policy.model, value), ds_config)
-        self.value = value
+            self.value = (load_value_model(cfg.value or cfg.policy, dtype=dtype, dropout=False)
+                          if cfg.ppo.uses_critic else None)
+        self.engine, _ = ds.initialize(trained_module(self.policy.model, self.value), ds_config)
         self.device = self.engine.device
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
         self.plan = SyncPlan()
@@ -251,7 +257,8 @@ class Learner:
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log pi_old, V_old), each (B, T), for the rollout as sampled.
+        """(log pi_old, V_old), each (B, T), for the rollout as sampled; V_old is 0 without a value
+        model (critic-free estimators).
 
         One forward per ``roles.forward_batch_size`` rows; ``select`` keeps the widths, so the
         chunks concatenate into what a single pass gives.
@@ -263,8 +270,10 @@ class Learner:
             chunk = rollout.select(rows).to(self.device)
             chunk_logprobs, _ = response_logprobs(self.policy.model, self.policy, chunk, temperature)
             logprobs.append(chunk_logprobs.cpu())
-            values.append(response_values(self.value, chunk, self.policy).float().cpu())
-        return torch.cat(logprobs), torch.cat(values)
+            if self.value is not None:
+                values.append(response_values(self.value, chunk, self.policy).float().cpu())
+        logprobs = torch.cat(logprobs)
+        return logprobs, torch.cat(values) if values else torch.zeros_like(logprobs)
 
     def train(self, batch: PPOBatch) -> LearnStats:
         """PPO epochs over minibatches of this rank's shard of the batch."""
@@ -279,7 +288,8 @@ class Learner:
         return LearnStats.mean(rows)
 
     def _update(self, mb: PPOBatch) -> dict[str, float]:
-        """One optimizer step on a minibatch: clipped policy loss + clipped value loss - entropy.
+        """One optimizer step on a minibatch: clipped policy loss + clipped value loss (gae; 0
+        without a value model) - entropy (+ the KL to the reference with ``ppo.kl_in=loss``).
 
         With ``entropy_coef == 0`` the entropy is only reported, so it is built without a graph.
         """
@@ -288,13 +298,18 @@ class Learner:
             self.policy.model, self.policy, mb.rollout, algo.temperature, with_entropy=True,
             entropy_grad=algo.entropy_coef > 0,
         )
-        values = response_values(self.value, mb.rollout, self.policy)
         pg_loss, clip_fraction, approx_kl = F.policy_loss(
-            logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip_eps
+            logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip_eps, algo.loss_aggregation
         )
-        v_loss = F.value_loss(values, mb.values, mb.returns, mb.mask, algo.value_clip_eps)
+        v_loss = torch.zeros((), device=pg_loss.device)
+        if self.value is not None:
+            values = response_values(self.value, mb.rollout, self.policy)
+            v_loss = F.value_loss(values, mb.values, mb.returns, mb.mask, algo.value_clip_eps)
         mean_entropy = F.masked_mean(entropy, mb.mask)
         loss = pg_loss + algo.vf_coef * v_loss - algo.entropy_coef * mean_entropy
+        if algo.kl_in == "loss":
+            kl = F.kl_penalty(logprobs, mb.ref_logprobs, algo.kl_kind)  # (B, T), differentiable
+            loss = loss + mb.loss_kl_coef * F.aggregate_loss(kl, mb.mask, algo.loss_aggregation)
         self.engine.backward(loss)
         self.engine.step()
         return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),

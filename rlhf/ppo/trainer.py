@@ -1,8 +1,8 @@
 """The PPO driver loop as a plain class: Ray-free, so a test can drive it with local roles.
 
 An iteration is a dozen named steps: sample documents, generate, score, reference log-probs,
-old log-probs and values, shape rewards, GAE, PPO epochs, weight sync, KL control, logging,
-checkpoint and publish. The roles behind it are local objects or Ray actor groups.
+old log-probs and values, rewards and advantages (GAE or critic-free), PPO epochs, weight sync,
+KL control, logging, checkpoint and publish. The roles behind it are local objects or Ray actor groups.
 """
 
 from __future__ import annotations
@@ -87,13 +87,41 @@ def apply_no_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: flo
 
 def build_batch(rollout: Rollout, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 values: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig) -> PPOBatch:
-    """KL-shaped rewards, GAE advantages and returns for a scored rollout (all (B, T))."""
+    """Rewards, advantages and returns (all (B, T)) for a scored rollout, by ``ppo.advantage``.
+
+    ``kl_coef`` weighs the KL where ``ppo.kl_in`` puts it: the per-token reward or the loss.
+    """
     mask = rollout.mask
-    rewards = F.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, algo.kl_kind)
+    reward_kl, loss_kl = (kl_coef, 0.0) if algo.kl_in == "reward" else (0.0, kl_coef)
+    if not algo.uses_critic:
+        rewards, advantages = critic_free_advantages(scores, logprobs, ref_logprobs, mask, reward_kl, algo)
+        return PPOBatch(rollout, scores, logprobs, ref_logprobs, values, rewards, advantages,
+                        torch.zeros_like(advantages), loss_kl)
+    rewards = F.shape_rewards(scores, logprobs, ref_logprobs, mask, reward_kl, algo.kl_kind)
     advantages, returns = F.compute_gae(rewards, values, mask, algo.gamma, algo.lam)
     if algo.whiten_advantages:
         advantages = F.masked_whiten(advantages, mask)
-    return PPOBatch(rollout, scores, logprobs, ref_logprobs, values, rewards, advantages, returns)
+    return PPOBatch(rollout, scores, logprobs, ref_logprobs, values, rewards, advantages, returns, loss_kl)
+
+
+def critic_free_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                           mask: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, advantages), both (B, T), with no value model; groups are k consecutive rows.
+
+    reinforce_pp: the per-token KL penalty stays per token (its returns-to-go, as OpenRLHF).
+    grpo / rloo: one advantage per summary, from its whole shaped reward, i.e. the score minus
+    ``kl_coef`` x its summed KL (TRL's RLOO): the estimator's advantage stays a sequence's, the
+    group baseline also centres the KL, and with ``kl_in=loss`` (kl_coef 0) it is the score's.
+    """
+    k = algo.samples_per_document
+    if algo.advantage == "reinforce_pp":
+        baselined = F.group_baseline(scores, k) if k > 1 else scores
+        rewards = F.shape_rewards(baselined, logprobs, ref_logprobs, mask, kl_coef, algo.kl_kind)
+        return rewards, F.reinforce_pp_advantages(rewards, mask, algo.gamma)
+    rewards = F.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, algo.kl_kind)
+    advantages = F.group_advantages(rewards.sum(1), k, algo.advantage, algo.scale_by_std)  # (B,)
+    return rewards, F.spread_over_tokens(advantages, mask)
 
 
 class RoleTimer:
@@ -144,10 +172,12 @@ class PPOTrainer:
         """One PPO iteration; returns its metrics."""
         algo, timer, start = self.cfg.ppo, RoleTimer(), time.perf_counter()
         documents = self.prompts.next_batch(algo.rollout_batch_size)
+        # k rows per document, consecutive: one sampling pass draws every row with its own noise.
+        rows = [document for document in documents for _ in range(algo.samples_per_document)]
         with timer("generate"):
-            rollout = self.roles.generate(documents, seed=derive_seed(self.cfg.seed, self.iteration))
+            rollout = self.roles.generate(rows, seed=derive_seed(self.cfg.seed, self.iteration))
         with timer("score"):
-            raw, scores = self.roles.score(documents, rollout.summaries)
+            raw, scores = self.roles.score(rows, rollout.summaries)
         scores = apply_no_eos_penalty(scores, rollout.ended, algo.no_eos_penalty)
         with timer("reference"):
             ref_logprobs = self.roles.ref_logprobs(rollout)
@@ -170,7 +200,8 @@ class PPOTrainer:
             kl_mean=kl_per_sequence.mean().item(),
             kl_coef=kl_coef,
             **asdict(stats),  # a LearnStats field IterationMetrics lacks is a TypeError here
-            explained_variance=F.explained_variance(values, batch.returns, rollout.mask).item(),
+            explained_variance=(F.explained_variance(values, batch.returns, rollout.mask).item()
+                                if algo.uses_critic else float("nan")),
             response_length_mean=lengths.mean().item(),
             eos_fraction=rollout.ended.float().mean().item(),
             generate_tokens_per_s=lengths.sum().item() / max(seconds["generate"], 1e-9),

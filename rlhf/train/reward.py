@@ -23,14 +23,14 @@ from torch import nn
 from rlhf.config.sections import ModelConfig
 from rlhf.data.augment import synthetic_preferences
 from rlhf.data.schemas import Schema
-from rlhf.data.sources import dataset_table, load_source
+from rlhf.data.sources import load_source
 from rlhf.errors import InputError
 from rlhf.metrics import emit
 from rlhf.models import RewardModel, load_reward_model
 from rlhf.models.heads import ScoreStats, check_reward_heads
-from rlhf.store import check_url, feedback_dataset
+from rlhf.store import check_url
 from rlhf.train.config import RewardConfig, RewardHeadsConfig, RewardTrainingConfig
-from rlhf.train.data import split_validation, train_and_validation
+from rlhf.train.data import human_comparisons, split_validation
 from rlhf.train.disentangle import length_correlation_loss, orthogonality_loss
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
 
@@ -140,23 +140,6 @@ class RewardTask:
         self.reward_model.save(path)
 
 
-def _human_comparisons(cfg: RewardConfig) -> tuple[pa.Table | None, pa.Table | None]:
-    """(train, validation) human comparisons from files and the feedback database, or Nones."""
-    tables, validation = [], None
-    if cfg.data is not None:
-        train, validation = train_and_validation(
-            cfg.data, cfg.eval_data, Schema.PREFERENCE, cfg.train.validation_fraction, cfg.seed
-        )
-        tables.append(train)
-    if cfg.from_store:
-        feedback = dataset_table(feedback_dataset(cfg.store.url, Schema.PREFERENCE), Schema.PREFERENCE)
-        emit(f"reward: {feedback.num_rows} comparisons from the feedback database")
-        if validation is None and feedback.num_rows:
-            feedback, validation = split_validation(feedback, cfg.train.validation_fraction, cfg.seed)
-        tables.append(feedback)
-    return (pa.concat_tables(tables) if tables else None), validation
-
-
 def _synthetic(cfg: RewardConfig, n_human: int) -> pa.Table | None:
     """``augment.ratio`` synthetic pairs per human comparison (all augment rows without humans)."""
     if cfg.augment.data is None:
@@ -208,7 +191,7 @@ def balance_by_longer(table: pa.Table, batch_size: int, seed: int) -> pa.Table:
 
 def reward_data(cfg: RewardConfig) -> tuple[pa.Table, pa.Table]:
     """(train, validation): validation is human-only whenever human data exists."""
-    human, validation = _human_comparisons(cfg)
+    human, validation = human_comparisons(cfg, "reward")
     synthetic = _synthetic(cfg, human.num_rows if human is not None else 0)
     if validation is None:
         if synthetic is None:

@@ -1,0 +1,1 @@
+"""rlhf.dpo: direct preference optimisation of the policy on comparisons (DPO, IPO)."""

@@ -1,0 +1,73 @@
+"""Config tree of jobs/dpo.py, and the DPO section the online loop's ``method=dpo`` shares.
+
+A package of its own because the loss and the log-probs come from ``rlhf.ppo``, which imports
+``rlhf.train``: a DPO config or task inside ``rlhf.train`` would close an import cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config.core import ConfigError, option
+from rlhf.config.sections import DataSourceConfig, ModelConfig, StoreConfig
+from rlhf.data import sample_source
+from rlhf.ppo.functional import DPOKind
+from rlhf.train.config import TrainConfig
+
+ReferenceMode = Literal["cached", "online"]
+
+
+@dataclass
+class DPOAlgoConfig:
+    """The DPO objective and where its reference log-probs come from."""
+
+    beta: float = option(0.1, "Strength of the KL anchor to the reference: the implicit reward is "
+                              "beta * (log pi - log pi_ref).", gt=0)
+    loss: DPOKind = option("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023: "
+                                      "squared distance to a margin of 1 / (2 beta)).")
+    label_smoothing: float = option(
+        0.0, "Assumed share of flipped labels (cDPO), in [0, 0.5); sigmoid only.", ge=0
+    )
+    reference: ReferenceMode = option(
+        "cached", "cached: the frozen initial policy scores every pair once before training (Ray Data), "
+        "so no second model sits beside the learner; online: a frozen copy in each worker scores each "
+        "batch."
+    )
+    dropout: bool = option(
+        True, "Keep the checkpoint's dropout while training (as SFT does); false zeroes it (as the PPO "
+        "roles do), so train-mode log-probs are the same function the reference and validation use."
+    )
+
+    def validate(self) -> None:
+        if self.label_smoothing >= 0.5:
+            raise ConfigError("label_smoothing", f"must be below 0.5, got {self.label_smoothing}")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError("label_smoothing", "applies to loss=sigmoid only; set it to 0 for ipo")
+
+
+@dataclass
+class DPOConfig:
+    """jobs/dpo.py: the policy trained directly on comparisons, with no reward model."""
+
+    output_dir: str = option("runs/dpo", "Checkpoints, metrics.jsonl and the resolved config go here.")
+    seed: int = option(0, "Seed for data order and the validation split.")
+    model: ModelConfig = option(
+        factory=lambda: ModelConfig(name_or_path="tiny-t5", max_source_length=256, max_target_length=32),
+        help="The policy to train (an SFT checkpoint); its initial weights are the frozen reference.",
+    )
+    data: DataSourceConfig | None = option(
+        factory=lambda: sample_source("tldr_comparisons.jsonl"),
+        help="Human comparisons (preference pairs); null trains on the feedback database only.",
+    )
+    eval_data: DataSourceConfig | None = option(
+        None, "Validation comparisons; null holds out train.validation_fraction of data instead."
+    )
+    from_store: bool = option(False, "Also train on the decided comparisons in the feedback database.")
+    store: StoreConfig = option(factory=StoreConfig, help="The feedback database.")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=5e-4), help="Ray Train settings.")
+    dpo: DPOAlgoConfig = option(factory=DPOAlgoConfig, help="The DPO objective and its reference.")
+
+    def validate(self) -> None:
+        if self.data is None and not self.from_store:
+            raise ConfigError("data", "no training data: set data.path or from_store=true")
