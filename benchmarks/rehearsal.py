@@ -372,8 +372,11 @@ def run_case(case: Case, workdir: Path, models: Path, arxiv: Path, timeout_s: fl
     command = [sys.executable, f"jobs/{case.job}.py", "--config", f"configs/{case.config}.yaml", *args]
     log = (workdir / "job.log").open("w")
     start = time.time()
+    # SIGINT back to its default: a shell starting this script in the background ignores it, and
+    # the serve job would then never see the Ctrl-C that stops it.
     job = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **JOB_ENV}, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+                           stderr=subprocess.STDOUT, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     peaks = RolePeaks(job.pid)
     try:
         if case.job == "serve":
@@ -411,7 +414,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| config | model | rc | step / iteration (s) | wall (s) | peak RSS per role (GiB) | "
              "ZeRO estimate, learner (GiB) | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        model = ", ".join(sorted(set(r["models"].values()))) or "tiny preset"
+        model = ", ".join(sorted(set(r["models"].values()))) or "as configured"
         peaks = role_peaks(r.get("peak_gib", {}))
         e = r.get("estimate")
         estimate = (f"ZeRO-{e['zero_stage']}: {e['ranks']} x {e['device_gib_per_rank']:.1f}"
@@ -427,7 +430,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", help="config stems to run (default: all of CASES)")
+    parser.add_argument("--only", nargs="+", help="case names to run: \"stem\" or \"stem [variant]\"")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rehearsal"))
     parser.add_argument("--arxiv", type=Path,
                         default=ROOT.parent / "shared" / "data" / "arxiv_article_abstract.jsonl")
@@ -450,7 +453,7 @@ def main() -> None:
     previous = json.loads(args.out.read_text())["rows"] if args.out and args.out.is_file() else []
     rows = {r["name"]: r for r in previous}
     for case in CASES:
-        if args.only and case.config not in args.only and case.name not in args.only:
+        if args.only and case.name not in args.only:
             continue
         workdir = args.workdir / "".join(c if c.isalnum() or c in "-_" else "_" for c in case.name)
         if args.estimate_only:
