@@ -355,6 +355,13 @@ def serve_probe(port: int, deadline: float) -> dict:
     return probe
 
 
+def failure_line(log: str) -> str:
+    """The line that says why a job failed: Ray's out-of-memory kill if any, else the last line."""
+    lines = [line for line in log.splitlines() if line.strip()]
+    oom = [line for line in lines if "OutOfMemoryError" in line]
+    return (oom or lines or ["no output"])[-1 if not oom else 0][:300]
+
+
 def run_case(case: Case, workdir: Path, models: Path, arxiv: Path, timeout_s: float) -> dict:
     port = free_port()
     args = overrides(case, workdir, models, arxiv, port)
@@ -391,8 +398,7 @@ def run_case(case: Case, workdir: Path, models: Path, arxiv: Path, timeout_s: fl
     row["wall_s"] = round(time.time() - start, 1)
     row["step_s"] = [round(s, 2) for s in step_times(workdir / "run")]
     if row["rc"] not in (0, None) and "reason" not in row:
-        lines = [line for line in (workdir / "job.log").read_text().splitlines() if line.strip()]
-        row["reason"] = lines[-1][:300] if lines else "no output"
+        row["reason"] = failure_line((workdir / "job.log").read_text())
     if case.job == "serve" and row["rc"] in (-signal.SIGINT, 130, 1):  # stopped by us after the probe
         row["rc"] = 0 if row.get("serve", {}).get("/v1/summarize", {}).get("status") == 200 else row["rc"]
     return row
