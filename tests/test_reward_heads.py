@@ -19,6 +19,7 @@ from rlhf.config.core import ConfigError, load_config
 from rlhf.config.sections import ModelConfig
 from rlhf.eval.correlation import pearson
 from rlhf.models import load_reward_model, load_value_model
+from rlhf.models.heads import ScoreStats
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.roles import RewardScorer
 from rlhf.train.config import RewardConfig, RewardHeadsConfig
@@ -139,14 +140,14 @@ def test_disentangled_encoder_pools_both_heads_at_cls(tmp_path: Path) -> None:
 
 def test_single_head_folder_from_before_two_heads_still_loads(tmp_path: Path) -> None:
     reward = load_reward_model(_cfg("tiny-gpt2"))
-    reward.reward_mean, reward.reward_std = 0.25, 2.0
+    reward.stats["total"] = ScoreStats(0.25, 2.0)
     reward.save(tmp_path)
     meta_path = tmp_path / "scalar_head.json"
     meta = json.loads(meta_path.read_text())
     del meta["heads"]  # the old format: kind, role, reward_mean, reward_std
     meta_path.write_text(json.dumps(meta))
     loaded = load_reward_model(_cfg(str(tmp_path)), heads="single")
-    assert loaded.heads == "single" and (loaded.reward_mean, loaded.reward_std) == (0.25, 2.0)
+    assert loaded.heads == "single" and loaded.stats["total"] == ScoreStats(0.25, 2.0)
     scores = loaded.score(DOCS, SUMS)
     assert torch.equal(loaded.score(DOCS, SUMS, "quality"), scores)  # its one score is its quality
     torch.testing.assert_close(loaded.normalize(scores, "quality"), (scores - 0.25) / 2.0)

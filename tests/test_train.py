@@ -133,7 +133,7 @@ def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
     evals = _evals(tmp_path / "run")
     assert evals[-1]["val_accuracy"] >= 0.9, evals
     model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
-    assert model.reward_std > 0 and model.reward_mean != 0.0
+    assert model.stats["total"].std > 0 and model.stats["total"].mean != 0.0
     scores = model.score(["post about cat"] * 2, ["cat dog rent job", "#$%&*@!?#$%&"])
     assert scores[0] > scores[1]
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, ModelConfig, StoreConfig
-from rlhf.data import sample_source
+from rlhf.config.sections import ModelConfig
 from rlhf.ppo.functional import DPOKind
-from rlhf.train.config import TrainConfig
+from rlhf.train.config import ComparisonSourcesConfig, TrainConfig
 
 ReferenceMode = Literal["cached", "online"]
 
@@ -47,7 +46,7 @@ class DPOAlgoConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(ComparisonSourcesConfig):
     """jobs/dpo.py: the policy trained directly on comparisons, with no reward model."""
 
     output_dir: str = option("runs/dpo", "Checkpoints, metrics.jsonl and the resolved config go here.")
@@ -56,15 +55,6 @@ class DPOConfig:
         factory=lambda: ModelConfig(name_or_path="tiny-t5", max_source_length=256, max_target_length=32),
         help="The policy to train (an SFT checkpoint); its initial weights are the frozen reference.",
     )
-    data: DataSourceConfig | None = option(
-        factory=lambda: sample_source("tldr_comparisons.jsonl"),
-        help="Human comparisons (preference pairs); null trains on the feedback database only.",
-    )
-    eval_data: DataSourceConfig | None = option(
-        None, "Validation comparisons; null holds out train.validation_fraction of data instead."
-    )
-    from_store: bool = option(False, "Also train on the decided comparisons in the feedback database.")
-    store: StoreConfig = option(factory=StoreConfig, help="The feedback database.")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=5e-4), help="Ray Train settings.")
     dpo: DPOAlgoConfig = option(factory=DPOAlgoConfig, help="The DPO objective and its reference.")
 

@@ -137,20 +137,32 @@ def truncated_documents(
     return [len(ids) > room for ids in _text_ids(tokenizer, documents)]
 
 
+def led_attention_window(config: PretrainedConfig) -> int | None:
+    """LED's attention window (the largest over its layers); None for every other model."""
+    if config.model_type != "led":
+        return None
+    window = config.attention_window
+    return window if isinstance(window, int) else max(window)
+
+
 def encode_sources(
-    tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int, is_led: bool = False
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int, led_window: int | None = None
 ) -> BatchEncoding:
     """Encoder inputs for a seq2seq model, right-padded; LED also gets its global attention mask.
 
     LED's sliding-window attention needs at least one globally attending token; the first one is
-    the convention from the LED paper for summarization.
+    the convention from the LED paper for summarization. LED inputs are padded to a multiple of
+    ``led_window`` here: LED's own padding runs its embedding a second time, only for batches that
+    need it, and under ZeRO-3 that extra call is an extra all-gather on some ranks only, which
+    stalls every rank (the same forward on every rank is what ZeRO-3 requires).
     """
     cut = sum(truncated_documents(tokenizer, documents, limit, causal=False))
     _warn_truncated(cut, len(documents), limit)
     batch = tokenizer(
-        documents, truncation=True, max_length=limit, padding=True, return_tensors="pt"
+        documents, truncation=True, max_length=limit, padding=True, pad_to_multiple_of=led_window,
+        return_tensors="pt",
     )
-    if is_led:
+    if led_window is not None:
         global_mask = torch.zeros_like(batch["input_ids"])  # (B, S)
         global_mask[:, 0] = 1
         batch["global_attention_mask"] = global_mask
@@ -162,14 +174,14 @@ def encode_seq2seq_pairs(
     documents: list[str],
     summaries: list[str],
     limits: Limits,
-    is_led: bool = False,
+    led_window: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encoder inputs plus ``labels`` (B, L), -100 on padding, and ``decoder_attention_mask``.
 
     The model builds its decoder inputs by shifting labels right, so the labels' mask is also the
     decoder's mask.
     """
-    batch = dict(encode_sources(tokenizer, documents, limits.source, is_led))
+    batch = dict(encode_sources(tokenizer, documents, limits.source, led_window))
     targets = tokenizer(
         text_target=summaries, truncation=True, max_length=limits.target, padding=True,
         return_tensors="pt",

@@ -30,6 +30,7 @@ from rlhf.models.encoding import (
     encode_causal_pairs,
     encode_seq2seq_pairs,
     encode_text_pairs,
+    led_attention_window,
     limits_for,
     model_kind,
     shift_right,
@@ -148,8 +149,8 @@ class ScalarHeadModel(nn.Module):
             batch = encode_causal_pairs(self.tokenizer, documents, summaries, self.limits)
             del batch["labels"]
             return batch
-        is_led = self.backbone.config.model_type == "led"
-        batch = encode_seq2seq_pairs(self.tokenizer, documents, summaries, self.limits, is_led)
+        window = led_attention_window(self.backbone.config)
+        batch = encode_seq2seq_pairs(self.tokenizer, documents, summaries, self.limits, window)
         config = self.backbone.config
         start = config.decoder_start_token_id
         batch["decoder_input_ids"] = shift_right(batch.pop("labels"), start, config.pad_token_id)
@@ -232,6 +233,8 @@ class ScoreStats:
 
 # The head row of each score; total is their sum. A single head's one row is quality and total.
 _HEAD_ROWS: dict[RewardScore, int] = {"quality": 0, "length": 1}
+# Metadata key prefix of each score's statistics; the total keeps "reward", its name before two heads.
+_STATS_PREFIX: dict[RewardScore, str] = {"total": "reward", "quality": "quality", "length": "length"}
 
 
 def head_count(heads: RewardHeads) -> int:
@@ -308,39 +311,19 @@ class RewardModel(ScalarHeadModel):
         stats = self.stats["total" if self.heads == "single" else score]
         return (scores - stats.mean) / stats.std
 
-    @property
-    def reward_mean(self) -> float:
-        """The total score's mean (a single-head model's only score)."""
-        return self.stats["total"].mean
-
-    @reward_mean.setter
-    def reward_mean(self, value: float) -> None:
-        self.stats["total"].mean = float(value)
-
-    @property
-    def reward_std(self) -> float:
-        """The total score's std."""
-        return self.stats["total"].std
-
-    @reward_std.setter
-    def reward_std(self, value: float) -> None:
-        self.stats["total"].std = float(value)
-
     def metadata(self) -> dict[str, Any]:
         """``reward_mean``/``reward_std`` are the total's (as in folders from before two heads);
         a disentangled model adds ``quality_mean``, ``quality_std``, ``length_mean``, ``length_std``."""
-        stats = {f"{kind}_{name}": getattr(self.stats[kind], name)
-                 for kind in self.score_kinds() if kind != "total" for name in ("mean", "std")}
-        return {**super().metadata(), "heads": self.heads, "reward_mean": self.reward_mean,
-                "reward_std": self.reward_std, **stats}
+        stats = {f"{_STATS_PREFIX[kind]}_{name}": getattr(self.stats[kind], name)
+                 for kind in self.score_kinds() for name in ("mean", "std")}
+        return {**super().metadata(), "heads": self.heads, **stats}
 
     @classmethod
     def _kwargs_from_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
         if not metadata:
             return {}
-        prefixes: dict[RewardScore, str] = {"total": "reward", "quality": "quality", "length": "length"}
         stats = {kind: ScoreStats(metadata[f"{prefix}_mean"], metadata[f"{prefix}_std"])
-                 for kind, prefix in prefixes.items() if f"{prefix}_mean" in metadata}
+                 for kind, prefix in _STATS_PREFIX.items() if f"{prefix}_mean" in metadata}
         return {"heads": metadata.get("heads", "single"), "stats": stats}
 
 

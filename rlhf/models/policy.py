@@ -27,6 +27,7 @@ from rlhf.models.encoding import (
     encode_causal_prompts,
     encode_seq2seq_pairs,
     encode_sources,
+    led_attention_window,
     limits_for,
     truncated_documents,
 )
@@ -62,10 +63,7 @@ class Policy:
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self.limits: Limits = limits_for(model.config, max_source_length, max_target_length)
-
-    @property
-    def is_led(self) -> bool:
-        return self.model.config.model_type == "led"
+        self.led_window = led_attention_window(model.config)
 
     def encode_documents(self, documents: list[str]) -> BatchEncoding:
         """Generation inputs for ``model.generate``, documents cut to ``limits.source``.
@@ -75,7 +73,7 @@ class Policy:
         prompt directly; the generated part of a row starts at column ``input_ids.shape[1]``.
         """
         if self.is_encoder_decoder:
-            return encode_sources(self.tokenizer, documents, self.limits.source, self.is_led)
+            return encode_sources(self.tokenizer, documents, self.limits.source, self.led_window)
         return encode_causal_prompts(self.tokenizer, documents, self.limits.source)
 
     def truncated(self, documents: list[str]) -> list[bool]:
@@ -91,7 +89,7 @@ class Policy:
         """
         if self.is_encoder_decoder:
             return encode_seq2seq_pairs(
-                self.tokenizer, documents, summaries, self.limits, self.is_led
+                self.tokenizer, documents, summaries, self.limits, self.led_window
             )
         return encode_causal_pairs(self.tokenizer, documents, summaries, self.limits)
 

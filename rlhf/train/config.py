@@ -136,20 +136,26 @@ class RewardTrainingConfig:
 
 
 @dataclass
-class RewardConfig(RewardTrainingConfig):
-    """jobs/reward.py: Bradley-Terry reward model on human (and synthetic) comparisons."""
+class ComparisonSourcesConfig:
+    """Where preference pairs come from: the sources of jobs/reward.py and jobs/dpo.py."""
 
-    output_dir: str = option("runs/reward", "Checkpoints, metrics.jsonl and the resolved config go here.")
-    seed: int = option(0, "Seed for head init, data order and augmentation.")
     data: DataSourceConfig | None = option(
         factory=lambda: sample_source("tldr_comparisons.jsonl"),
-        help="Human comparisons (preference pairs); null trains on feedback/augmentation only.",
+        help="Human comparisons (preference pairs); null trains on the other sources only.",
     )
     eval_data: DataSourceConfig | None = option(
         None, "Validation comparisons; null holds out train.validation_fraction of data instead."
     )
     from_store: bool = option(False, "Also train on the decided comparisons in the feedback database.")
     store: StoreConfig = option(factory=StoreConfig, help="The feedback database.")
+
+
+@dataclass
+class RewardConfig(RewardTrainingConfig, ComparisonSourcesConfig):
+    """jobs/reward.py: Bradley-Terry reward model on human (and synthetic) comparisons."""
+
+    output_dir: str = option("runs/reward", "Checkpoints, metrics.jsonl and the resolved config go here.")
+    seed: int = option(0, "Seed for head init, data order and augmentation.")
     augment: AugmentConfig = option(factory=AugmentConfig, help="Synthetic preference pairs.")
 
     def validate(self) -> None:
