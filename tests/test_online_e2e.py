@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SCENARIO = Path(__file__).parent / "e2e" / "online_scenario.py"
-CYCLES = 2
+CYCLES = 1
 
 
 def test_choices_from_the_served_page_train_a_policy_that_matches_them_better(tmp_path: Path):

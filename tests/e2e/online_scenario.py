@@ -1,6 +1,6 @@
 """End to end on a real local Ray cluster: PPO job -> Serve app -> a simulated person -> online cycles.
 
-    python tests/e2e/online_scenario.py WORKDIR [--cycles 2]
+    python tests/e2e/online_scenario.py WORKDIR [--cycles 1]
 
 Runs `ray start --head`, `ray job submit` of jobs/ppo.py, jobs/serve.py and jobs/online.py, a
 simulated user who prefers the shorter summary answering /v1/compare + /v1/feedback over HTTP, and
@@ -190,7 +190,7 @@ def _documents() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("--cycles", type=int, default=2)
+    parser.add_argument("--cycles", type=int, default=1)
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -232,11 +232,11 @@ def main() -> None:
         holdout = 0.25
         online_job = submit(
             address, "online.py", f"output_dir={work / 'online'}", f"store.url={db_url}",
-            f"registry={registry}", f"cycles={args.cycles}", "feedback.min_new=24", "feedback.settle_s=0.5",
+            f"registry={registry}", f"cycles={args.cycles}", "feedback.min_new=48", "feedback.settle_s=0.5",
             "feedback.poll_interval_s=1",
             "feedback.max_wait_s=300", f"feedback.holdout_fraction={holdout}", "reward.train.max_steps=30",
             "reward.train.batch_size=8", "reward.train.eval_every=30", "reward.train.save_every=30",
-            "rl.ppo.iterations=4", "rl.ppo.max_new_tokens=24", "rl.roles.cpus_per_actor=0.5", wait=False)
+            "rl.ppo.iterations=6", "rl.ppo.max_new_tokens=24", "rl.roles.cpus_per_actor=0.5", wait=False)
         def finished() -> str | None:
             status = job_status(address, online_job)
             return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
