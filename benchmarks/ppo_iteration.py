@@ -24,6 +24,12 @@ generator follows each iteration. Dropout is 0 in the saved GPT-2 config, as TRL
 
     python benchmarks/ppo_iteration.py --config all --warmup 2 --iters 14 --out-dir benchmarks/results
     python benchmarks/ppo_iteration.py --config summary   # the table again from the JSON files
+    python benchmarks/ppo_iteration.py --config estimators --warmup 2 --iters 14 --out-dir benchmarks/results
+
+``--config estimators`` runs ``single`` and ``ray_2t`` with each advantage estimator back to back:
+``gae`` (PPO with a value model, 16 documents) and the critic-free ``grpo`` and ``rloo`` (4 documents
+x ``ppo.samples_per_document=4``: the same 16 summaries per iteration, no value model). The KL
+penalty stays in the reward (k1) for all three, so only the estimator and the critic differ.
 
 Run it on an idle machine: each JSON records the load average before and after its run.
 """
@@ -56,6 +62,9 @@ DOCUMENT_BYTES = PROMPT_TOKENS - SEPARATOR_BYTES  # 57
 RESPONSE_TOKENS = 32
 SEED = 42
 CONFIGS = ("single", "single_1t", "ray", "ray_2t", "trl")
+ESTIMATOR_CONFIGS = ("single", "ray_2t")
+ADVANTAGES = ("gae", "grpo", "rloo")
+GROUP_SIZE = 4  # summaries per document for the critic-free estimators
 THREADS = {"single": 2, "single_1t": 1}
 WHAT = {
     "single": "LocalRoles + PPOTrainer, no Ray, 2 threads",
@@ -216,6 +225,9 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     n_iters = args.warmup + args.iters
     extra = {"ray": ["roles.cpus_per_actor=0.5"],
              "ray_2t": ["roles.cpus_per_actor=0.5", "roles.threads_per_actor=2"]}.get(name, [])
+    if args.advantage != "gae":  # the same 16 summaries: 4 documents x 4 samples, no value model
+        extra += [f"ppo.advantage={args.advantage}", f"ppo.samples_per_document={GROUP_SIZE}",
+                  f"ppo.rollout_batch_size={16 // GROUP_SIZE}", "ppo.kl_in=reward"]
     cfg = ppo_config(workdir, policy_dir, reward_dir, n_iters, extra)
     prompt_shape = check_prompts(cfg, documents)
 
@@ -264,11 +276,13 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     peak = peak_rss_mb()
     return {
         "config": name,
+        "advantage": args.advantage,
         "what": WHAT[name],
         "threads": threads,
         "versions": versions(),
         "setup": {"prompt_shape": prompt_shape, "response_tokens": RESPONSE_TOKENS,
                   "rollout_batch_size": cfg.ppo.rollout_batch_size, "minibatch_size": cfg.ppo.minibatch_size,
+                  "samples_per_document": cfg.ppo.samples_per_document,
                   "epochs": cfg.ppo.epochs, "lr": cfg.ppo.lr, "kl_coef": cfg.ppo.kl_coef, "seed": SEED,
                   "roles_setup_s": setup_s},
         "warmup_iters": args.warmup,
@@ -358,13 +372,43 @@ def summary_table(out_dir: Path) -> str:
     return text
 
 
+def estimators_table(out_dir: Path) -> str:
+    """PPO (gae) vs GRPO vs RLOO per configuration: s/iter, learn s, peak memory, ratios to gae."""
+    rows = ["| config | estimator | s/iter (mean) | learn s | peak RSS MB | RSS all processes MB | "
+            "s/iter vs gae | memory vs gae |", "|---|---|---|---|---|---|---|---|"]
+    for name in ESTIMATOR_CONFIGS:
+        results = {a: json.loads(path.read_text()) for a in ADVANTAGES
+                   if (path := out_dir / result_name(name, a)).exists()}
+
+        def memory(res: dict) -> float:
+            others = res.get("ray_descendants_rss_mb_at_end") or {}
+            return res["peak_rss_mb"] + sum(others.values())
+
+        for advantage, res in results.items():
+            base = results.get("gae")
+            vs = (f"{res['iteration_s']['mean'] / base['iteration_s']['mean']:.2f} | "
+                  f"{memory(res) / memory(base):.2f}") if base else "- | -"
+            everything = f"{memory(res):.0f}" if res.get("ray_descendants_rss_mb_at_end") else "-"
+            rows.append(f"| {name} | {advantage} | {res['iteration_s']['mean']:.3f} | "
+                        f"{res['time_learn_s']['mean']:.3f} | {res['peak_rss_mb']:.0f} | {everything} "
+                        f"| {vs} |")
+    return "\n".join(rows)
+
+
+def result_name(config: str, advantage: str) -> str:
+    return f"ppo_{config}.json" if advantage == "gae" else f"ppo_{config}_{advantage}.json"
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary"), default="all",
-                        help="all = single, single_1t, ray, trl, each in its own process, back to back")
+    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary", "estimators"), default="all",
+                        help="all = single, single_1t, ray, ray_2t, trl, each in its own process, back to "
+                        "back; estimators = single and ray_2t with each --advantage")
+    parser.add_argument("--advantage", choices=ADVANTAGES, default="gae",
+                        help="ppo.advantage of our configs (grpo/rloo: 4 documents x 4 samples)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=14)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
@@ -380,11 +424,14 @@ def main() -> None:
         print(f"WARNING: load average {loadavg()} on {os.cpu_count()} CPUs: timings will be contaminated "
               "(2-thread OpenMP configs slow down by 10-100x when the cores are shared)", flush=True)
 
-    if args.config == "all":
-        for name in CONFIGS:
-            cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup),
-                   "--iters", str(args.iters), "--out-dir", str(args.out_dir), "--anchor", str(args.anchor)]
-            print(f"=== {name}: {' '.join(cmd)}", flush=True)
+    if args.config in ("all", "estimators"):
+        runs = ([(name, "gae") for name in CONFIGS] if args.config == "all"
+                else [(name, a) for name in ESTIMATOR_CONFIGS for a in ADVANTAGES])
+        for name, advantage in runs:
+            cmd = [sys.executable, __file__, "--config", name, "--advantage", advantage, "--warmup",
+                   str(args.warmup), "--iters", str(args.iters), "--out-dir", str(args.out_dir),
+                   "--anchor", str(args.anchor)]
+            print(f"=== {name} ({advantage}): {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)
     elif args.config == "trl":
         run_trl(args, args.out_dir / "ppo_trl.json")
@@ -393,13 +440,15 @@ def main() -> None:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS[args.config])
         result = run_ours(args.config, args)
         result["argv"] = sys.argv
-        out = args.out_dir / f"ppo_{args.config}.json"
+        out = args.out_dir / result_name(args.config, args.advantage)
         out.write_text(json.dumps(result, indent=2) + "\n")
         it = result["iteration_s"]
         print(f"[{args.config}] {it['mean']:.3f} s/iter (min {it['min']:.3f}, max {it['max']:.3f}) over "
               f"{it['n']} iterations; peak RSS {result['peak_rss_mb']:.0f} MB -> {out}", flush=True)
     if args.config in ("all", "summary"):
         print(summary_table(args.out_dir))
+    if args.config == "estimators":
+        print(estimators_table(args.out_dir))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from rlhf.eval.config import EvalConfig
 from rlhf.models import load_policy
 from rlhf.online.loop import OnlineLoop
 from rlhf.registry import PolicyRegistry
-from rlhf.store import FeedbackStore
+from rlhf.store import CycleLog, FeedbackStore
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -140,21 +140,59 @@ def test_dpo_config_relations() -> None:
                                         "dpo_policy.name_or_path=tiny-t5"])
 
 
-def test_an_online_dpo_cycle_trains_gates_and_publishes(ray_local, tmp_path: Path) -> None:
+class Killed(Exception):
+    """Stands in for the job being killed mid-cycle."""
+
+
+def _killed(*_args, **_kwargs):
+    raise Killed
+
+
+def test_an_online_dpo_cycle_resumes_to_publish_and_the_gate_rejects_a_worse_update(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cycle 1 is killed after its DPO update, before publishing: the restarted job publishes that
+    update without training again. Cycle 2's update scores worse on held-out choices: not published."""
     publish_tiny(tmp_path / "registry", seed=1)
-    cfg = online_config(tmp_path, "method=dpo", "feedback.min_holdout=2", "dpo.reference=online",
-                        "dpo_train.max_steps=2",
-                        "dpo_train.batch_size=4", "dpo_train.eval_every=2", "dpo_train.save_every=2",
-                        "rl.policy.max_source_length=64", "rl.policy.max_target_length=24")
-    labelled = _label(FeedbackStore(cfg.store.url), 24)
-    (cycle,) = OnlineLoop(cfg).run()
+    settings = ("method=dpo", "feedback.min_holdout=2", "dpo.reference=online", "dpo_train.max_steps=2",
+                "dpo_train.batch_size=4", "dpo_train.eval_every=2", "dpo_train.save_every=2",
+                "rl.policy.max_source_length=64", "rl.policy.max_target_length=24")
+    cfg = online_config(tmp_path, *settings)
+    store, registry = FeedbackStore(cfg.store.url), PolicyRegistry(tmp_path / "registry")
+    labelled = _label(store, 24)
+    with monkeypatch.context() as patch:
+        patch.setattr(OnlineLoop, "_publish_dpo", _killed)
+        with pytest.raises(Killed):
+            OnlineLoop(cfg).run()
+    (interrupted,) = CycleLog(store).all()
+    assert interrupted.stage == "reward_done" and registry.versions() == ["v0001"]
+
+    with monkeypatch.context() as patch:
+        patch.setattr("rlhf.online.loop.train_dpo_policy", _killed)  # a resume must not train again
+        (cycle,) = OnlineLoop(cfg).run()
     record = cycle.record
     assert cycle.done and set(record.new_ids) | set(record.holdout_ids) == set(labelled)
     assert record.reward_judged and record.reward_kept  # judged on >= 2 held-out choices
     assert record.accuracy_before is not None and record.accuracy_after is not None
-    registry = PolicyRegistry(tmp_path / "registry")
+    assert record.reward_used == interrupted.record.reward_used and record.reward_used.endswith("dpo/model")
     assert registry.versions() == ["v0001", "v0002"] and record.policy_version == "v0002"
     assert not (tmp_path / "online" / "reward_registry").exists()  # no reward model in method=dpo
     policy = load_policy(ModelConfig(name_or_path=str(registry.latest()), max_target_length=8))
     assert policy.generate(["a post"], do_sample=False)
-    assert record.reward_used.endswith("dpo/model")
+
+    _label(store, 24, offset=24)
+    measured = OnlineLoop._implicit_accuracy
+
+    def worse_after_training(loop: OnlineLoop, policy: str, window) -> float | None:
+        accuracy = measured(loop, policy, window)  # the real measurement, made to look 0.5 worse
+        return accuracy - 0.5 if policy.endswith("dpo/model") else accuracy
+
+    monkeypatch.setattr(OnlineLoop, "_implicit_accuracy", worse_after_training)
+    strict = online_config(tmp_path, *settings, "cycles=2", "feedback.max_accuracy_drop=0.1")
+    (rejected,) = OnlineLoop(strict).run()
+    assert rejected.cycle == 2 and rejected.done
+    assert rejected.record.reward_judged and not rejected.record.reward_kept
+    assert rejected.record.accuracy_after < rejected.record.accuracy_before
+    assert registry.versions() == ["v0001", "v0002"]  # Serve keeps the version it had
+    assert rejected.record.policy_version is None
+    assert "rejected by the held-out gate" in rejected.record.ppo

@@ -151,12 +151,16 @@ def _kill_and_wait_for_restart(actor) -> None:
 @pytest.mark.usefixtures("ray_local")
 def test_zero3_learners_sync_and_save_the_policy_bucket_by_bucket(tmp_path: Path) -> None:
     """Two ZeRO-3 ranks gather 20 KiB at a time: the rollout worker and the saved policy both get
-    the trained weights, first every tensor, then the trainable ones."""
-    cfg = _cfg(tmp_path, "ppo.iterations=1", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+    the trained weights, first every tensor, then the trainable ones. With GRPO (2 summaries of each
+    of 2 documents), so the Ray roles run a critic-free estimator: no value model on any rank."""
+    cfg = _cfg(tmp_path, "ppo.iterations=1", "ppo.advantage=grpo", "ppo.samples_per_document=2",
+               "ppo.rollout_batch_size=2", "ppo.minibatch_size=4",
                "ppo.epochs=1", "roles.learner_workers=2", "roles.deepspeed.zero_stage=3",
                "roles.cpus_per_actor=0.4", "roles.weight_sync=collective", "roles.sync_bucket_mb=0.02")
     roles = RayRoles(cfg)
     try:
+        no_value = [a.__ray_call__.remote(lambda learner: learner.value is None) for a in roles.learners]
+        assert ray.get(no_value) == [True, True]
         initial = _policy_state(roles.generators[0])
         PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), lambda metrics: None).run()
         roles.save_policy(str(tmp_path / "saved"))

@@ -121,9 +121,10 @@ class OnlineLoop:
         cycle = self.ledger.advance(cycle.cycle, "done", record)
         with (self.output_dir / "cycles.jsonl").open("a") as log:
             log.write(json.dumps({"cycle": cycle.cycle, **record.to_record()}) + "\n")
+        outcome = (f"published policy {record.policy_version}" if record.policy_version
+                   else f"nothing published: {record.ppo}")
         emit(f"online: cycle {cycle.cycle} done: reward accuracy {record.accuracy_before} -> "
-             f"{record.accuracy_after} ({'kept' if record.reward_kept else 'rejected'}), "
-             f"published policy {record.policy_version}")
+             f"{record.accuracy_after} ({'kept' if record.reward_kept else 'rejected'}), {outcome}")
         return cycle
 
     def _window(self, cycle: Cycle) -> FeedbackWindow:

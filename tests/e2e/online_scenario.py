@@ -1,10 +1,12 @@
 """End to end on a real local Ray cluster: PPO job -> Serve app -> a simulated person -> online cycles.
 
-    python tests/e2e/online_scenario.py WORKDIR [--cycles 1]
+    python tests/e2e/online_scenario.py WORKDIR
 
 Runs `ray start --head`, `ray job submit` of jobs/ppo.py, jobs/serve.py and jobs/online.py, a
 simulated user who prefers the shorter summary answering /v1/compare + /v1/feedback over HTTP, and
-`ray stop`. Writes WORKDIR/summary.json and exits non-zero on the first failed expectation.
+`ray stop`. Cycle 1 is `method=rm_ppo` (reward model, then PPO); cycle 2, a second online job on the
+same database, registry and Serve app, is `method=dpo` on the choices made after cycle 1.
+Writes WORKDIR/summary.json and exits non-zero on the first failed expectation.
 `ray stop` ends every Ray process on the machine: tests/test_online_e2e.py runs this script in its
 own PID namespace (unshare) so that only this cluster stops.
 """
@@ -31,6 +33,8 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"
        "HF_HUB_OFFLINE": "1"}
 DOCUMENTS = ROOT / "tests" / "data" / "tldr_sft_sample.jsonl"
 MAX_NEW_TOKENS = 24
+MIN_NEW, HOLDOUT = 48, 0.25  # a cycle starts on 48 new choices; a quarter of all are held out
+CHOICES_PER_CYCLE = 80  # the simulated person answers this many before each cycle, then waits
 
 
 def free_ports(count: int) -> list[int]:
@@ -94,17 +98,28 @@ def wait_until(what: str, check, timeout: float, every: float = 1.0):
 
 
 class SimulatedUser(threading.Thread):
-    """Asks for comparisons of stored-length-varied posts and always picks the shorter summary."""
+    """Asks for comparisons of stored-length-varied posts and always picks the shorter summary.
+
+    It answers as many as it is allowed (``allow``), then waits: each comparison costs the Serve
+    replica two generations, which would otherwise compete with the training jobs for 2 cores.
+    """
 
     def __init__(self, url: str, documents: list[str]):
         super().__init__(daemon=True)
         self.url, self.documents = url, documents
         self.stop = threading.Event()
         self.answered = self.retried = 0
+        self.allowed = 0
+
+    def allow(self, more: int) -> None:
+        self.allowed += more
 
     def run(self) -> None:
         k = 0
         while not self.stop.is_set():
+            if self.answered >= self.allowed:
+                time.sleep(0.2)
+                continue
             text = self.documents[k % len(self.documents)]
             k += 1
             compared = requests.post(self.url + "/v1/compare", json={"text": text}, timeout=120)
@@ -121,6 +136,24 @@ class SimulatedUser(threading.Thread):
                                    json={"comparison_id": body["comparison_id"], "choice": choice})
             answer.raise_for_status()
             self.answered += 1
+
+
+def served(url: str) -> str:
+    return requests.get(url + "/v1/policy", timeout=30).json()["version"]
+
+
+def run_online(address: str, method: str, output_dir: Path, *overrides: str) -> None:
+    """jobs/online.py with ``method`` to its end; SystemExit with its log if it did not succeed."""
+    job = submit(address, "online.py", f"method={method}", f"output_dir={output_dir}", *overrides, wait=False)
+
+    def finished() -> str | None:
+        status = job_status(address, job)
+        return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+    status = wait_until(f"the online job ({method})", finished, timeout=1200, every=3)
+    if status != "SUCCEEDED":
+        logs = ray("job", "logs", "--address", address, job)
+        raise SystemExit(f"online job ({method}): {status}\n{logs[-4000:]}")
 
 
 def preference_win_rates(registry: Path, documents: list[str], samples: int = 8) -> dict[str, float]:
@@ -190,7 +223,6 @@ def _documents() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("--cycles", type=int, default=1)
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -226,39 +258,35 @@ def main() -> None:
                 return False
 
         wait_until("the Serve app", ready, timeout=180)
-        served_before = requests.get(url + "/v1/policy", timeout=30).json()["version"]
+        served_before = served(url)
         user = SimulatedUser(url, documents)
+        user.allow(CHOICES_PER_CYCLE)
         user.start()
-        holdout = 0.25
-        online_job = submit(
-            address, "online.py", f"output_dir={work / 'online'}", f"store.url={db_url}",
-            f"registry={registry}", f"cycles={args.cycles}", "feedback.min_new=48", "feedback.settle_s=0.5",
-            "feedback.poll_interval_s=1",
-            "feedback.max_wait_s=300", f"feedback.holdout_fraction={holdout}", "reward.train.max_steps=30",
-            "reward.train.batch_size=8", "reward.train.eval_every=30", "reward.train.save_every=30",
-            "rl.ppo.iterations=6", "rl.ppo.max_new_tokens=24", "rl.roles.cpus_per_actor=0.5", wait=False)
-        def finished() -> str | None:
-            status = job_status(address, online_job)
-            return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
-
-        status = wait_until("the online job", finished, timeout=1200, every=3)
+        common = (f"store.url={db_url}", f"registry={registry}", f"feedback.min_new={MIN_NEW}",
+                  "feedback.settle_s=0.5", "feedback.poll_interval_s=1", "feedback.max_wait_s=300",
+                  f"feedback.holdout_fraction={HOLDOUT}", "rl.roles.cpus_per_actor=0.5")
+        run_online(address, "rm_ppo", work / "online", *common, "cycles=1", "reward.train.max_steps=60",
+                   "reward.train.batch_size=8", "reward.train.eval_every=60", "reward.train.save_every=60",
+                   "rl.ppo.iterations=6", "rl.ppo.max_new_tokens=24")
+        wait_until("v0002 to be served", lambda: served(url) == "v0002", timeout=60)
+        user.allow(CHOICES_PER_CYCLE)  # cycle 2 learns from choices between v0002 and others
+        run_online(address, "dpo", work / "online_dpo", *common, "cycles=2", "dpo_train.max_steps=60",
+                   "dpo_train.lr=1e-3", "dpo_train.batch_size=8", "dpo_train.eval_every=60",
+                   "dpo_train.save_every=60")
         user.stop.set()
         user.join(timeout=120)
-        if status != "SUCCEEDED":
-            logs = ray("job", "logs", "--address", address, online_job)
-            raise SystemExit(f"online job: {status}\n{logs[-4000:]}")
-        wait_until("the new version to be served", lambda: requests.get(url + "/v1/policy", timeout=30)
-                   .json()["version"] != served_before, timeout=60)
-        cycles = [json.loads(line) for line in (work / "online" / "cycles.jsonl").read_text().splitlines()]
+        wait_until("v0003 to be served", lambda: served(url) == "v0003", timeout=60)
+        cycles = [json.loads(line) for name in ("online", "online_dpo")
+                  for line in (work / name / "cycles.jsonl").read_text().splitlines()]
         summary.update(
             served_before=served_before,
-            served_after=requests.get(url + "/v1/policy", timeout=30).json()["version"],
+            served_after=served(url),
             answered=user.answered, retried=user.retried,
             cycles=[{k: c.get(k) for k in ("cycle", "accuracy_before", "accuracy_after", "reward_kept",
                                            "policy_version", "ppo_first", "ppo_last")} | {
                         "new": len(c["new_ids"]), "replay": len(c["replay_ids"]),
                         "holdout": len(c["holdout_ids"])} for c in cycles],
-            held_out=held_out_accuracy(db_url, cycles[-1]["reward_used"], holdout),
+            held_out=held_out_accuracy(db_url, cycles[0]["reward_used"], HOLDOUT),
             win_rate_vs_start=preference_win_rates(registry, documents[:32]),
             newest_preferred_in_compares=newest_preferred(db_url),
         )
