@@ -26,7 +26,8 @@ generator follows each iteration. Dropout is 0 in the saved GPT-2 config, as TRL
     python benchmarks/ppo_iteration.py --config summary   # the table again from the JSON files
     python benchmarks/ppo_iteration.py --config estimators --warmup 2 --iters 14 --out-dir benchmarks/results
 
-``--config estimators`` runs ``single`` and ``ray_2t`` with each advantage estimator back to back:
+``--config estimators`` runs ``single`` and ``ray_2t`` with each advantage estimator back to back
+(JSON in ``OUT_DIR/estimators/``, apart from the anchor comparison's files):
 ``gae`` (PPO with a value model, 16 documents) and the critic-free ``grpo`` and ``rloo`` (4 documents
 x ``ppo.samples_per_document=4``: the same 16 summaries per iteration, no value model). The KL
 penalty stays in the reward (k1) for all three, so only the estimator and the critic differ.
@@ -427,9 +428,10 @@ def main() -> None:
     if args.config in ("all", "estimators"):
         runs = ([(name, "gae") for name in CONFIGS] if args.config == "all"
                 else [(name, a) for name in ESTIMATOR_CONFIGS for a in ADVANTAGES])
+        out_dir = args.out_dir / "estimators" if args.config == "estimators" else args.out_dir
         for name, advantage in runs:
             cmd = [sys.executable, __file__, "--config", name, "--advantage", advantage, "--warmup",
-                   str(args.warmup), "--iters", str(args.iters), "--out-dir", str(args.out_dir),
+                   str(args.warmup), "--iters", str(args.iters), "--out-dir", str(out_dir),
                    "--anchor", str(args.anchor)]
             print(f"=== {name} ({advantage}): {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)
@@ -448,7 +450,7 @@ def main() -> None:
     if args.config in ("all", "summary"):
         print(summary_table(args.out_dir))
     if args.config == "estimators":
-        print(estimators_table(args.out_dir))
+        print(estimators_table(args.out_dir / "estimators"))
 
 
 if __name__ == "__main__":
