@@ -19,6 +19,7 @@ RewardHeads = Literal["single", "disentangled"]
 # A reward model's scores: total = quality + length; a single-head model's one score serves as
 # total and quality, and it has no length score (see rlhf.models.heads.RewardModel.select).
 RewardScore = Literal["total", "quality", "length"]
+LoraPublish = Literal["merged", "adapter"]  # lora.publish: what a LoRA run saves
 RewardHead = Literal["quality", "total"]  # what RL optimises (reward.head) and eval judges
 
 
@@ -58,6 +59,24 @@ class ModelConfig:
     max_source_length: int = option(512, "Max document tokens; longer documents are truncated.", gt=0)
     max_target_length: int = option(64, "Max summary tokens.", gt=0)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA) on the policy; the base weights stay frozen."""
+
+    r: int = option(0, "Adapter rank; 0 = no adapters, every weight trains.", ge=0)
+    alpha: float = option(16.0, "Adapter scale: its update is multiplied by alpha / r.", gt=0)
+    dropout: float = option(0.05, "Dropout on the adapter's input while training.", ge=0, le=0.9)
+    target_modules: list[str] = option(
+        factory=list, help="Linear layers to adapt by name; empty = the family default (PEFT's table: "
+        "q,v for T5, q_proj,v_proj for BART/Llama/Qwen, c_attn for GPT-2; query,value,q_proj,v_proj "
+        "for LED)."
+    )
+    publish: LoraPublish = option(
+        "merged", "What the run saves: merged (a full model that loads without peft) or adapter (the "
+        "adapter folder, which names its base)."
+    )
 
 
 @dataclass

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import ModelConfig
+from rlhf.config.sections import LoraConfig, ModelConfig
 from rlhf.ppo.functional import DPOKind
-from rlhf.train.config import ComparisonSourcesConfig, TrainConfig
+from rlhf.train.config import ComparisonSourcesConfig, TrainConfig, check_lora_zero_stage
 
 ReferenceMode = Literal["cached", "online"]
 
@@ -57,7 +57,12 @@ class DPOConfig(ComparisonSourcesConfig):
     )
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=5e-4), help="Ray Train settings.")
     dpo: DPOAlgoConfig = option(factory=DPOAlgoConfig, help="The DPO objective and its reference.")
+    lora: LoraConfig = option(
+        factory=LoraConfig, help="LoRA adapters; with dpo.reference=online the base with the adapter "
+        "off is the reference (no second copy)."
+    )
 
     def validate(self) -> None:
         if self.data is None and not self.from_store:
             raise ConfigError("data", "no training data: set data.path or from_store=true")
+        check_lora_zero_stage(self.lora, self.train.deepspeed.zero_stage)

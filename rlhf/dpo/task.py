@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from rlhf.config.sections import DType, ModelConfig
+from rlhf.config.sections import DType, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig, DPOConfig
 from rlhf.dpo.logprobs import load_frozen_policy, pair_logprobs
 from rlhf.errors import InputError
@@ -44,22 +44,37 @@ class DPOTask:
     algo: DPOAlgoConfig
     batch_size: int
     dtype: DType
+    lora: LoraConfig = field(default_factory=LoraConfig)
     policy: Policy | None = field(default=None, repr=False)
     reference: Policy | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
-        self.policy = load_policy(self.model_cfg, dropout=self.algo.dropout)
+        self.policy = load_policy(self.model_cfg, dropout=self.algo.dropout, lora=self.lora)
         return self.policy.model
 
     def _reference(self, rows: Rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) reference log-probs (B,) each: the cached columns, or the frozen copy."""
+        """(chosen, rejected) reference log-probs (B,) each: the cached columns, the base with the
+        adapter off (LoRA: the initial policy, with no second copy loaded), or the frozen copy."""
         if self.algo.reference == "cached":
             return tuple(torch.tensor(rows[name], dtype=torch.float32, device=device) for name in REF_COLUMNS)
+        if self.policy.adapted:
+            return self._base_logprobs(rows)
         if self.reference is None:  # not in build_model: ZeRO-3's init context would partition it
             self.reference = load_frozen_policy(self.model_cfg, resolve_dtype(self.dtype, device))
             self.reference.model.to(device)
         with torch.no_grad():
             return pair_logprobs(self.reference.model, self.reference, rows)
+
+    def _base_logprobs(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapted policy's base, adapter disabled and dropout off, as the reference."""
+        model = self.policy.model
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), model.disable_adapter():
+                return pair_logprobs(model, self.policy, rows)
+        finally:
+            model.train(training)
 
     def _terms(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss and the metrics: implicit-reward accuracy and margin, mean log-probs."""
@@ -95,7 +110,7 @@ class DPOTask:
         """Nothing to compute after DPO."""
 
     def save(self, model: nn.Module, path: Path) -> None:
-        self.policy.save(path)  # as SFT saves it: a policy folder PPO, Serve and the registry read
+        self.policy.save_trained(path, self.lora.publish)  # as SFT: a folder PPO, Serve, the registry read
 
 
 class _ReferenceScorer:
@@ -134,7 +149,7 @@ def with_reference_logprobs(table: pa.Table, model_cfg: ModelConfig, train: Trai
 
 def train_dpo_policy(
     model_cfg: ModelConfig, train_cfg: TrainConfig, algo: DPOAlgoConfig, train: pa.Table,
-    validation: pa.Table, output_dir: str, seed: int, resume: bool = False,
+    validation: pa.Table, output_dir: str, seed: int, resume: bool = False, lora: LoraConfig | None = None,
 ) -> TrainResult:
     """DPO of ``model_cfg`` (also the reference) on comparisons; jobs/dpo.py and online cycles call it."""
     check_data_size(train.num_rows, train_cfg)  # before the reference pass
@@ -143,7 +158,7 @@ def train_dpo_policy(
         emit(f"dpo: scoring {train.num_rows + validation.num_rows} pairs with the reference")
         scored = with_reference_logprobs(pa.concat_tables([train, validation]), model_cfg, train_cfg)
         train, validation = scored.slice(0, train.num_rows), scored.slice(train.num_rows)
-    task = DPOTask(model_cfg, algo, train_cfg.batch_size, train_cfg.dtype)
+    task = DPOTask(model_cfg, algo, train_cfg.batch_size, train_cfg.dtype, lora or LoraConfig())
     settings = LoopSettings(train=train_cfg, seed=seed, output_dir=output_dir)
     return run_training(task, settings, train, validation, resume=resume)
 
@@ -158,4 +173,4 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> TrainResult:
                          "decided choices in store.url")
     emit(f"dpo: {train.num_rows} training pairs, {validation.num_rows} validation")
     return train_dpo_policy(cfg.model, cfg.train, cfg.dpo, train, validation, cfg.output_dir, cfg.seed,
-                            resume=resume)
+                            resume=resume, lora=cfg.lora)

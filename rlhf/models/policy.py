@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf.config.sections import DType, ModelConfig
+from rlhf.config.sections import DType, LoraConfig, LoraPublish, ModelConfig
 from rlhf.models.dropout import (
     checkpoint_config,
     checkpoint_dropout_restored,
@@ -30,6 +30,14 @@ from rlhf.models.encoding import (
     led_attention_window,
     limits_for,
     truncated_documents,
+)
+from rlhf.models.lora import (
+    AdaptedModel,
+    adapter_base,
+    add_adapter,
+    attach_saved_adapter,
+    is_adapter_folder,
+    merged,
 )
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.tiny import build_tiny_lm, is_tiny_preset
@@ -48,7 +56,7 @@ class Policy:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | AdaptedModel,
         tokenizer: PreTrainedTokenizerBase,
         max_source_length: int,
         max_target_length: int,
@@ -111,14 +119,39 @@ class Policy:
             output = output[:, batch["input_ids"].shape[1]:]  # drop the left-padded prompt
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
+    @property
+    def adapted(self) -> bool:
+        """True when ``model`` carries LoRA adapters (``lora.r > 0``)."""
+        return isinstance(self.model, AdaptedModel)
+
     def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Hugging Face layout (config, safetensors, generation config, tokenizer); the config
         records the checkpoint's dropout even when this copy runs without it (RL roles).
 
         ``state_dict`` replaces the model's own tensors (a ZeRO-3 learner's gathered copies).
+        An adapted model is saved merged: the folder loads without ``peft``.
         """
-        with checkpoint_dropout_restored(self.model.config, self.checkpoint_dropout):
-            self.model.save_pretrained(str(path), state_dict=state_dict)
+        model = self.model
+        if isinstance(model, AdaptedModel):
+            if state_dict is not None:
+                raise ValueError("Policy.save: state_dict is for full models; an adapted one saves merged")
+            model = merged(model)
+        with checkpoint_dropout_restored(model.config, self.checkpoint_dropout):
+            model.save_pretrained(str(path), state_dict=state_dict)
+        self.tokenizer.save_pretrained(str(path))
+
+    def save_trained(self, path: str | Path, publish: LoraPublish) -> None:
+        """A trained policy as ``lora.publish`` says: the adapter folder, or a full (merged) model."""
+        if self.adapted and publish == "adapter":
+            self.save_adapter(path)
+        else:
+            self.save(path)
+
+    def save_adapter(self, path: str | Path) -> None:
+        """The adapter folder (``adapter_config.json`` naming its base, adapter weights) + tokenizer."""
+        if not isinstance(self.model, AdaptedModel):
+            raise ValueError("Policy.save_adapter: this policy has no adapter (lora.r is 0)")
+        self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
 
 
@@ -127,11 +160,15 @@ def _load_model(
 ) -> tuple[PreTrainedModel, dict[str, float]]:
     """(model, the checkpoint's dropout probabilities that were zeroed: empty with ``dropout``).
 
-    Preset, folder or hub name; seq2seq vs causal is read from the config, never guessed.
+    Preset, folder or hub name; seq2seq vs causal is read from the config, never guessed. An
+    adapter folder (``lora.publish=adapter``) loads its base with the adapter merged in.
     ``use_safetensors=True`` refuses pickled ``.bin`` weights, which could run code on load.
     ``dropout`` False zeroes every dropout probability before the model is built (RL roles).
     """
     zeroed: dict[str, float] = {}
+    if is_adapter_folder(name_or_path):
+        base, zeroed = _load_model(resolve_name_or_path(adapter_base(name_or_path)), dtype, dropout)
+        return attach_saved_adapter(base, name_or_path).merge_and_unload(), zeroed
     if is_tiny_preset(name_or_path):
         model = build_tiny_lm(name_or_path, dropout=dropout)
         model = model if dtype is None else model.to(dtype)
@@ -167,15 +204,21 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return resolve_dtype("auto", device)
 
 
-def load_policy(cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True) -> Policy:
+def load_policy(
+    cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True, lora: LoraConfig | None = None
+) -> Policy:
     """The policy named by ``cfg.name_or_path``; ``dtype`` None keeps the checkpoint's dtype.
 
     ``dropout`` True keeps the checkpoint's dropout (SFT); PPO roles pass False, see
-    ``rlhf.models.dropout``.
+    ``rlhf.models.dropout``. ``lora`` with ``r > 0`` adds fresh adapters and freezes the base.
     """
     name = resolve_name_or_path(cfg.name_or_path)
     model, zeroed = _load_model(name, dtype, dropout)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if lora is not None and lora.r > 0:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: recomputed blocks still need grads
+        model = add_adapter(model, lora, cfg.name_or_path)
     tokenizer = load_tokenizer(name)
     return Policy(model, tokenizer, cfg.max_source_length, cfg.max_target_length, zeroed)

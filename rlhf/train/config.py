@@ -15,6 +15,7 @@ from rlhf.config.sections import (
     DataSourceConfig,
     DeepSpeedConfig,
     DType,
+    LoraConfig,
     ModelConfig,
     RewardHeads,
     StoreConfig,
@@ -67,7 +68,18 @@ class SFTConfig:
         None, "Validation pairs; null holds out train.validation_fraction of data instead."
     )
     train: TrainConfig = option(factory=TrainConfig, help="Ray Train and DeepSpeed settings.")
+    lora: LoraConfig = option(factory=LoraConfig, help="LoRA adapters instead of training every weight.")
     rouge_rows: int = option(8, "Validation documents summarised for ROUGE at each eval.", ge=0)
+
+    def validate(self) -> None:
+        check_lora_zero_stage(self.lora, self.train.deepspeed.zero_stage)
+
+
+def check_lora_zero_stage(lora: LoraConfig, zero_stage: int, prefix: str = "") -> None:
+    """LoRA runs on ZeRO 0-2 for now: saving merges a copy of the model, which ZeRO-3 partitions."""
+    if lora.r and zero_stage == 3:
+        raise ConfigError(f"{prefix}lora.r", "LoRA with ZeRO-3 is not supported yet (the merged save "
+                          "copies the model, which ZeRO-3 partitions); use deepspeed.zero_stage 0-2")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf.config.sections import ModelConfig
+from rlhf.config.sections import LoraConfig, ModelConfig
 from rlhf.data.schemas import Schema
 from rlhf.eval.rouge import rouge
 from rlhf.metrics import emit
@@ -32,10 +32,11 @@ class SFTTask:
     batch_size: int
     rouge_rows: int
     zero_stage: int
+    lora: LoraConfig = field(default_factory=LoraConfig)
     policy: Policy | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
-        self.policy = load_policy(self.model_cfg)
+        self.policy = load_policy(self.model_cfg, lora=self.lora)
         return self.policy.model
 
     def _batch(self, model: nn.Module, rows: Rows) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ class SFTTask:
         """Nothing to compute after SFT."""
 
     def save(self, model: nn.Module, path: Path) -> None:
-        self.policy.save(path)
+        self.policy.save_trained(path, self.lora.publish)
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
@@ -71,6 +72,6 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
         cfg.data, cfg.eval_data, Schema.SFT, cfg.train.validation_fraction, cfg.seed
     )
     emit(f"sft: {train.num_rows} training pairs, {validation.num_rows} validation pairs")
-    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.deepspeed.zero_stage)
+    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.deepspeed.zero_stage, cfg.lora)
     settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
     return run_training(task, settings, train, validation, resume=resume)

@@ -1,0 +1,147 @@
+"""LoRA through PEFT: family defaults, adapter folders, the merge command, SFT with adapters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config.core import ConfigError, load_config
+from rlhf.config.sections import LoraConfig, ModelConfig
+from rlhf.dpo.config import DPOAlgoConfig
+from rlhf.dpo.logprobs import load_frozen_policy, pair_logprobs
+from rlhf.dpo.task import DPOTask
+from rlhf.errors import InputError
+from rlhf.models import load_policy
+from rlhf.models.lora import target_modules
+from rlhf.models.tiny import build_tiny_lm
+from rlhf.train.config import SFTConfig
+from rlhf.train.sft import run_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+POSTS = ["the cat sat on the mat all day long", "a short post about a long walk in the hills"]
+
+
+def _logits(policy, documents: list[str] = POSTS) -> torch.Tensor:
+    batch = policy.encode_pairs(documents, ["a summary"] * len(documents))
+    with torch.no_grad():
+        return policy.model(**batch).logits
+
+
+def _perturb_adapters(policy) -> None:
+    """LoRA starts with B = 0 (no change); give every adapter a visible update."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize(("preset", "adapted"), [
+    ("tiny-t5", {"q", "v"}), ("tiny-bart", {"q_proj", "v_proj"}), ("tiny-gpt2", {"c_attn"}),
+    ("tiny-llama", {"q_proj", "v_proj"}), ("tiny-led", {"query", "value", "q_proj", "v_proj"}),
+])
+def test_adapters_on_every_family_train_alone_and_start_as_the_base(preset: str, adapted: set[str]) -> None:
+    cfg = ModelConfig(name_or_path=preset, max_source_length=64, max_target_length=16)
+    base, policy = load_policy(cfg), load_policy(cfg, lora=LoraConfig(r=4))
+    trainable = [name for name, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert {name.split(".lora_")[0].split(".")[-1] for name in trainable} == adapted
+    assert policy.adapted and not base.adapted
+    torch.testing.assert_close(_logits(policy), _logits(base), rtol=0, atol=1e-6)  # B = 0 at the start
+
+
+def test_a_family_without_a_default_needs_target_modules() -> None:
+    with pytest.raises(InputError, match=r"^lora\.target_modules: no default for model type 'longt5'"):
+        target_modules(LoraConfig(r=8), "longt5")
+    assert target_modules(LoraConfig(r=8, target_modules=["q", "k"]), "longt5") == ["q", "k"]
+    with pytest.raises(InputError, match=r"^lora\.target_modules: .*not found"):
+        load_policy(ModelConfig(name_or_path="tiny-t5"), lora=LoraConfig(r=8, target_modules=["nope"]))
+
+
+def test_an_adapter_folder_names_its_base_and_merges_into_a_plain_model(tmp_path: Path) -> None:
+    cfg = ModelConfig(name_or_path="tiny-t5", max_source_length=64, max_target_length=16)
+    policy = load_policy(cfg, lora=LoraConfig(r=4))
+    _perturb_adapters(policy)
+    expected = _logits(policy)
+    assert not torch.allclose(expected, _logits(load_policy(cfg)))  # the adapters changed outputs
+
+    adapter = tmp_path / "adapter"
+    policy.save_adapter(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-t5"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)  # the adapter only, not the base
+    torch.testing.assert_close(_logits(load_policy(ModelConfig(name_or_path=str(adapter)))), expected,
+                               rtol=1e-4, atol=1e-4)  # merged: W + BA in one matmul
+
+    merged = tmp_path / "merged"
+    run = subprocess.run([sys.executable, "-m", "rlhf.models", "merge", str(adapter), str(merged)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    # It loads with transformers alone (peft made unimportable) and gives the adapted outputs.
+    probe = (f"import sys; sys.modules['peft'] = None\n"
+             f"import torch; from transformers import AutoModelForSeq2SeqLM\n"
+             f"m = AutoModelForSeq2SeqLM.from_pretrained({str(merged)!r})\n"
+             f"print(sum(p.numel() for p in m.parameters()))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert int(loaded.stdout.split()[-1]) == sum(p.numel() for p in build_tiny_lm("tiny-t5").parameters())
+    torch.testing.assert_close(_logits(load_policy(ModelConfig(name_or_path=str(merged)))), expected,
+                               rtol=1e-4, atol=1e-4)  # merged: W + BA in one matmul
+
+    wrong = subprocess.run([sys.executable, "-m", "rlhf.models", "merge", str(merged), str(tmp_path / "x")],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "has no adapter_config.json" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
+def test_the_dpo_reference_of_an_adapted_policy_is_its_base_with_the_adapter_off() -> None:
+    """No second copy: the adapted policy, adapters disabled and dropout off, scores exactly as a
+    frozen copy of the initial policy does, while training mode and the adapters stay as they were."""
+    cfg = ModelConfig(name_or_path="tiny-t5", max_source_length=64, max_target_length=16)
+    task = DPOTask(cfg, DPOAlgoConfig(reference="online", dropout=True), batch_size=2, dtype="fp32",
+                   lora=LoraConfig(r=4, dropout=0.3))
+    model = task.build_model().train()
+    _perturb_adapters(task.policy)
+    rows = {"original_text": POSTS, "summary_0": ["a cat", "a walk"], "summary_1": ["the mat", "hills"],
+            "choice": [0, 1]}
+    reference = task._reference(rows, torch.device("cpu"))
+    frozen = load_frozen_policy(cfg)
+    with torch.no_grad():
+        expected = pair_logprobs(frozen.model, frozen, rows)
+    for got, want in zip(reference, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert model.training  # put back for the next training step
+    with torch.no_grad():
+        adapted = pair_logprobs(model.eval(), task.policy, rows)
+    assert not torch.allclose(adapted[0], expected[0])  # the adapters are on again
+
+
+def test_lora_with_zero3_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"^lora\.r: LoRA with ZeRO-3 is not supported yet"):
+        load_config(SFTConfig, None, ["lora.r=8", "train.deepspeed.zero_stage=3"])
+
+
+def test_sft_with_lora_lowers_validation_loss_and_leaves_the_base_untouched(ray_local, tmp_path: Path):
+    cfg = load_config(SFTConfig, None, [
+        f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_sft_sample.jsonl'}", "data.limit=40",
+        "model.name_or_path=tiny-t5", "model.max_source_length=192", "model.max_target_length=48",
+        "rouge_rows=0", "train.batch_size=4", "train.lr=1e-2", "train.max_steps=12", "train.eval_every=12",
+        "train.save_every=12", "train.log_every=4", "lora.r=8", "lora.alpha=16",
+    ])
+    result = run_sft(cfg)
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+    trained, base = load_file(result.model_dir / "model.safetensors"), build_tiny_lm("tiny-t5").state_dict()
+    assert not (result.model_dir / "adapter_config.json").exists()  # lora.publish=merged by default
+    changed = {key for key in trained if not torch.equal(trained[key], base[key])}
+    # Only the adapted projections moved (their merged weights); everything else is the base, exactly.
+    assert changed and all(key.endswith((".q.weight", ".v.weight")) for key in changed), sorted(changed)[:5]
