@@ -96,11 +96,13 @@ def test_ppo_raises_the_score_of_a_tiny_trained_reward_model(tmp_path: Path) -> 
     # Naming the reward model is enough: it replaces the default reward.fn.
     cfg = _cfg(tmp_path, f"reward.model.name_or_path={tmp_path / 'reward'}",
                "reward.model.max_source_length=64", "reward.normalize=false",
-               "policy.name_or_path=tiny-t5", "ppo.iterations=16", rule_reward=False)
+               "policy.name_or_path=tiny-t5", "ppo.iterations=24", rule_reward=False)
     assert cfg.reward.fn == ""
     history = _local_run(cfg)
     rewards = [h.reward_mean for h in history]
     # Means of four iterations: one iteration's mean reward moves by about 0.3 from sampling alone.
+    # 24 iterations: at 16 the climb was 0.24 with 1 torch thread (what the suite leaves) and 0.49
+    # with 2; at 24 it is 1.0 and 1.6.
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3, rewards
     assert max(h.kl_mean for h in history) < 40
 
