@@ -32,6 +32,11 @@ generator follows each iteration. Dropout is 0 in the saved GPT-2 config, as TRL
 x ``ppo.samples_per_document=4``: the same 16 summaries per iteration, no value model). The KL
 penalty stays in the reward (k1) for all three, so only the estimator and the critic differ.
 
+``--config lora`` runs ``single`` and ``ray_2t`` (PPO, gae) in full fine-tuning and with LoRA r=8
+(PEFT's GPT-2 default, ``c_attn``) back to back (JSON in ``OUT_DIR/lora/``): with adapters no
+reference actor starts (the learner's base with the adapter off is the reference) and a weight sync
+moves the adapters alone.
+
 Run it on an idle machine: each JSON records the load average before and after its run.
 """
 
@@ -226,6 +231,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     n_iters = args.warmup + args.iters
     extra = {"ray": ["roles.cpus_per_actor=0.5"],
              "ray_2t": ["roles.cpus_per_actor=0.5", "roles.threads_per_actor=2"]}.get(name, [])
+    if args.lora:
+        extra.append(f"lora.r={args.lora}")
     if args.advantage != "gae":  # the same 16 summaries: 4 documents x 4 samples, no value model
         extra += [f"ppo.advantage={args.advantage}", f"ppo.samples_per_document={GROUP_SIZE}",
                   f"ppo.rollout_batch_size={16 // GROUP_SIZE}", "ppo.kl_in=reward"]
@@ -244,7 +251,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
 
         ray_mod.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
         roles = RayRoles(cfg)
-        threads = {"per_actor": _threads(cfg), "actors": 4, "cpus_per_actor": cfg.roles.cpus_per_actor}
+        threads = {"per_actor": _threads(cfg), "actors": cfg.actors,
+                   "cpus_per_actor": cfg.roles.cpus_per_actor}
     else:
         from rlhf.ppo.roles import LocalRoles
 
@@ -261,7 +269,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             assert metrics.response_length_mean == RESPONSE_TOKENS, metrics.response_length_mean
             record = {"wall_s": wall, "process_cpu_s": cpu, **{k: getattr(metrics, k) for k in ROLE_KEYS},
-                      "sync_transfer_s": metrics.sync_transfer_s, "reward_mean": metrics.reward_mean,
+                      "sync_transfer_s": metrics.sync_transfer_s, "sync_bytes": metrics.sync_bytes,
+                      "reward_mean": metrics.reward_mean,
                       "kl_mean": metrics.kl_mean, "eos_fraction": metrics.eos_fraction,
                       "peak_rss_mb": peak_rss_mb()}
             records.append(record)
@@ -278,6 +287,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     return {
         "config": name,
         "advantage": args.advantage,
+        "lora_r": args.lora,
         "what": WHAT[name],
         "threads": threads,
         "versions": versions(),
@@ -396,7 +406,26 @@ def estimators_table(out_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def result_name(config: str, advantage: str) -> str:
+def lora_table(out_dir: Path) -> str:
+    """Full fine-tuning vs LoRA per configuration: s/iter, bytes per sync, memory of every process."""
+    rows = ["| config | lora.r | s/iter (mean) | sync bytes | sync s | peak RSS MB | RSS all processes MB | "
+            "processes |", "|---|---|---|---|---|---|---|---|"]
+    for name in ESTIMATOR_CONFIGS:
+        for path in [out_dir / f"ppo_{name}.json", *sorted(out_dir.glob(f"ppo_{name}_lora*.json"))]:
+            res = json.loads(path.read_text())
+            others = res.get("ray_descendants_rss_mb_at_end") or {}
+            actors = ", ".join(f"{k} {v:.0f}" for k, v in sorted(others.items()) if k.startswith("ray::"))
+            measured = res["records"][res["warmup_iters"]:]
+            rows.append(f"| {name} | {res['lora_r']} | {res['iteration_s']['mean']:.3f} | "
+                        f"{statistics.median(r['sync_bytes'] for r in measured):,.0f} | "
+                        f"{res['time_sync_s']['mean']:.3f} | {res['peak_rss_mb']:.0f} | "
+                        f"{res['peak_rss_mb'] + sum(others.values()):.0f} | {actors or '-'} |")
+    return "\n".join(rows)
+
+
+def result_name(config: str, advantage: str, lora: int = 0) -> str:
+    if lora:
+        return f"ppo_{config}_lora{lora}.json"
     return f"ppo_{config}.json" if advantage == "gae" else f"ppo_{config}_{advantage}.json"
 
 
@@ -405,11 +434,12 @@ def result_name(config: str, advantage: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary", "estimators"), default="all",
+    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary", "estimators", "lora"), default="all",
                         help="all = single, single_1t, ray, ray_2t, trl, each in its own process, back to "
                         "back; estimators = single and ray_2t with each --advantage")
     parser.add_argument("--advantage", choices=ADVANTAGES, default="gae",
                         help="ppo.advantage of our configs (grpo/rloo: 4 documents x 4 samples)")
+    parser.add_argument("--lora", type=int, default=0, help="lora.r of our configs (0 = full fine-tuning)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=14)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
@@ -425,14 +455,15 @@ def main() -> None:
         print(f"WARNING: load average {loadavg()} on {os.cpu_count()} CPUs: timings will be contaminated "
               "(2-thread OpenMP configs slow down by 10-100x when the cores are shared)", flush=True)
 
-    if args.config in ("all", "estimators"):
-        runs = ([(name, "gae") for name in CONFIGS] if args.config == "all"
-                else [(name, a) for name in ESTIMATOR_CONFIGS for a in ADVANTAGES])
-        out_dir = args.out_dir / "estimators" if args.config == "estimators" else args.out_dir
-        for name, advantage in runs:
+    if args.config in ("all", "estimators", "lora"):
+        runs = {"all": [(name, "gae", 0) for name in CONFIGS],
+                "estimators": [(name, a, 0) for name in ESTIMATOR_CONFIGS for a in ADVANTAGES],
+                "lora": [(name, "gae", r) for name in ESTIMATOR_CONFIGS for r in (0, 8)]}[args.config]
+        out_dir = args.out_dir / args.config if args.config != "all" else args.out_dir
+        for name, advantage, lora in runs:
             cmd = [sys.executable, __file__, "--config", name, "--advantage", advantage, "--warmup",
                    str(args.warmup), "--iters", str(args.iters), "--out-dir", str(out_dir),
-                   "--anchor", str(args.anchor)]
+                   "--anchor", str(args.anchor), "--lora", str(lora)]
             print(f"=== {name} ({advantage}): {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)
     elif args.config == "trl":
@@ -442,7 +473,7 @@ def main() -> None:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS[args.config])
         result = run_ours(args.config, args)
         result["argv"] = sys.argv
-        out = args.out_dir / result_name(args.config, args.advantage)
+        out = args.out_dir / result_name(args.config, args.advantage, args.lora)
         out.write_text(json.dumps(result, indent=2) + "\n")
         it = result["iteration_s"]
         print(f"[{args.config}] {it['mean']:.3f} s/iter (min {it['min']:.3f}, max {it['max']:.3f}) over "
@@ -451,6 +482,8 @@ def main() -> None:
         print(summary_table(args.out_dir))
     if args.config == "estimators":
         print(estimators_table(args.out_dir / "estimators"))
+    if args.config == "lora":
+        print(lora_table(args.out_dir / "lora"))
 
 
 if __name__ == "__main__":

@@ -37,35 +37,40 @@ from rlhf.ppo.config import PPOConfig
 
 
 def perturb(learner, scale: float) -> None:
-    """Change every policy tensor of a learner in place, as an optimizer step would."""
+    """Change every trainable policy tensor of a learner in place, as an optimizer step would
+    (all of them in a full fine-tune, the adapters alone with LoRA)."""
     def step(role, scale: float) -> None:
         with torch.no_grad():
             for p in role.policy.model.parameters():
-                p.add_(scale)
+                if p.requires_grad:
+                    p.add_(scale)
     ray.get(learner.__ray_call__.remote(step, scale))
 
 
-def measure(policy: Path, transport: str, workers: int, repeats: int, gpu: bool) -> dict:
+def measure(policy: Path, transport: str, workers: int, repeats: int, gpu: bool, lora_r: int = 0) -> dict:
     cfg = load_config(PPOConfig, None, [
         f"output_dir={tempfile.mkdtemp()}", f"policy.name_or_path={policy}",
         "reward.fn=rlhf.ppo.rewards:brevity", f"roles.rollout_workers={workers}",
         f"roles.weight_sync={transport}", "roles.cpus_per_actor=0.25",
-        f"roles.gpus_per_actor={1 if gpu else 0}",
+        f"roles.gpus_per_actor={1 if gpu else 0}", f"lora.r={lora_r}",
     ])
     roles = RayRoles(cfg)
     try:
-        changed_wall, changed_rank0 = [], []
+        changed_wall, changed_rank0, sent = [], [], set()
         for i in range(repeats):
             perturb(roles.learners[0], 1e-3 * (i + 1))
             start = time.perf_counter()
-            changed_rank0.append(roles.sync())
+            report = roles.sync()
             changed_wall.append(time.perf_counter() - start)
+            changed_rank0.append(report.seconds)
+            sent.add(report.bytes)
         rss = ray.get(roles.learners[0].__ray_call__.remote(lambda role: psutil.Process().memory_info().rss))
     finally:
         roles.shutdown()
-    return {"transport": transport, "workers": workers, "learner_rss_mb": rss / 2**20,
+    (sync_bytes,) = sent  # every sync after the first moves the same tensors
+    return {"transport": transport, "workers": workers, "lora_r": lora_r, "learner_rss_mb": rss / 2**20,
             "changed_wall_s": statistics.median(changed_wall),
-            "changed_rank0_s": statistics.median(changed_rank0)}
+            "changed_rank0_s": statistics.median(changed_rank0), "sync_bytes": sync_bytes}
 
 
 def main() -> None:
@@ -74,6 +79,8 @@ def main() -> None:
                         choices=sorted(ARCHITECTURES))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lora", nargs="+", type=int, default=[0],
+                        help="adapter ranks to measure (0 = full fine-tune), e.g. --lora 0 8")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor; the collective is NCCL")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -86,10 +93,11 @@ def main() -> None:
             policy, parameters = save_random(size, Path(folder))
             for workers in args.workers:
                 for transport in ("object_store", "collective"):
-                    row = {"size": size, "parameters": parameters,
-                           **measure(policy, transport, workers, args.repeats, args.gpu)}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    for lora_r in args.lora:
+                        row = {"size": size, "parameters": parameters,
+                               **measure(policy, transport, workers, args.repeats, args.gpu, lora_r)}
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
     ray.shutdown()
     result = {"rows": rows, "machine": platform.platform(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "ray": ray.__version__, "gpu": args.gpu,

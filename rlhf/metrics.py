@@ -83,6 +83,7 @@ class IterationMetrics:
     eos_fraction: float  # fraction of summaries that ended with EOS
     generate_tokens_per_s: float  # sampled tokens per second of the generate role
     sync_transfer_s: float  # seconds learner rank 0 spent gathering, checking and sending weights
+    sync_bytes: int  # bytes sent to each rollout worker: the whole policy once, then trainable tensors
     time_s: float  # wall seconds of the whole iteration
     time_generate_s: float  # wall seconds per role, as the driver waited for it
     time_score_s: float

@@ -5,8 +5,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import torch
+
 from rlhf.config.core import load_config
-from rlhf.models.policy import Policy
+from rlhf.config.sections import LoraConfig, ModelConfig
+from rlhf.models.policy import Policy, load_policy
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.registry import PolicyRegistry
@@ -15,19 +18,35 @@ from rlhf.serve.config import ServeConfig
 PRESET = "tiny-t5"
 
 
-def publish_tiny(registry: Path, seed: int) -> Path:
-    """Publish a tiny-t5 policy with weights from ``seed`` as the registry's next version.
+def publish_tiny(registry: Path, seed: int, preset: str = PRESET) -> Path:
+    """Publish a tiny policy (tiny-t5 unless ``preset``) with weights from ``seed`` as the registry's
+    next version.
 
     Random tiny weights mostly write eos or non-ASCII bytes at once (which decode to ""); the saved
     generation config suppresses both, so every version writes visible, distinct summaries.
     """
-    model = build_tiny_lm(PRESET, seed)
-    tokenizer = load_tokenizer(PRESET)
+    model = build_tiny_lm(preset, seed)
+    tokenizer = load_tokenizer(preset)
     printable = {tokenizer.convert_tokens_to_ids(chr(b)) for b in range(32, 127)}
     hidden = [i for i in range(model.config.vocab_size) if i not in printable]
     model.generation_config.suppress_tokens = hidden
     policy = Policy(model, tokenizer, 256, 32)
     return PolicyRegistry(registry).publish(policy.save, {"iteration": seed, "reward_mean": float(seed)})
+
+
+def publish_tiny_adapter(registry: Path, base: Path | str, seed: int) -> Path:
+    """Publish a LoRA adapter on the policy ``base`` (folder or preset) as the registry's next
+    version (an adapter folder naming its base), its updates drawn from ``seed`` so each version
+    writes its own text."""
+    policy = load_policy(ModelConfig(name_or_path=str(base), max_source_length=256, max_target_length=32),
+                         lora=LoraConfig(r=4))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:  # B starts at 0 (no change): give the adapter a visible update
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
+    metrics = {"iteration": seed, "reward_mean": float(seed)}
+    return PolicyRegistry(registry).publish(policy.save_adapter, metrics)
 
 
 def free_port() -> int:

@@ -156,7 +156,8 @@ def test_an_online_dpo_cycle_resumes_to_publish_and_the_gate_rejects_a_worse_upd
     publish_tiny(tmp_path / "registry", seed=1)
     # Half the ids held out: with 24 random comparison ids, fewer than 2 held out has odds ~1e-6
     # (at the default fraction it was ~3%, and the gate then had nothing to judge).
-    settings = ("method=dpo", "feedback.min_holdout=2", "feedback.holdout_fraction=0.5", "dpo.reference=online", "dpo_train.max_steps=2",
+    settings = ("method=dpo", "feedback.min_holdout=2", "feedback.holdout_fraction=0.5",
+                "dpo.reference=online", "dpo_train.max_steps=2",
                 "dpo_train.batch_size=4", "dpo_train.eval_every=2", "dpo_train.save_every=2",
                 "rl.policy.max_source_length=64", "rl.policy.max_target_length=24")
     cfg = online_config(tmp_path, *settings)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import _easy_preferences
 
 from rlhf.config.core import ConfigError, load_config
 from rlhf.config.sections import LoraConfig, ModelConfig
@@ -17,10 +18,11 @@ from rlhf.dpo.config import DPOAlgoConfig
 from rlhf.dpo.logprobs import load_frozen_policy, pair_logprobs
 from rlhf.dpo.task import DPOTask
 from rlhf.errors import InputError
-from rlhf.models import load_policy
+from rlhf.models import load_policy, load_reward_model
 from rlhf.models.lora import target_modules
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.train.config import SFTConfig
+from rlhf.train.reward import bradley_terry_loss
 from rlhf.train.sft import run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +147,37 @@ def test_sft_with_lora_lowers_validation_loss_and_leaves_the_base_untouched(ray_
     changed = {key for key in trained if not torch.equal(trained[key], base[key])}
     # Only the adapted projections moved (their merged weights); everything else is the base, exactly.
     assert changed and all(key.endswith((".q.weight", ".v.weight")) for key in changed), sorted(changed)[:5]
+
+
+def test_a_reward_model_with_adapters_trains_adapters_and_heads_and_saves_merged(tmp_path: Path) -> None:
+    """Adapters on the backbone, both ODIN heads whole; twenty steps fit an easy preference, and the
+    saved folder (merged) loads without peft and scores as the adapted model did."""
+    cfg = ModelConfig(name_or_path="tiny-gpt2", max_source_length=64, max_target_length=32)
+    model = load_reward_model(cfg, heads="disentangled", lora=LoraConfig(r=4, dropout=0.0)).train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in name or name.startswith("head.") for name in trainable)
+    pairs = _easy_preferences(tmp_path / "easy.jsonl", 16)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    documents = [r["original_text"] for r in rows]
+    chosen = [r[f"summary_{r['choice']}"] for r in rows]
+    rejected = [r[f"summary_{1 - r['choice']}"] for r in rows]
+    batch = model.encode_pairs(documents + documents, chosen + rejected)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        scores = model(score="total", **batch)  # (2B,)
+        loss, _, _ = bradley_terry_loss(scores[:16], scores[16:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    model.eval().save(tmp_path / "reward")
+    assert not (tmp_path / "reward" / "adapter_config.json").exists()
+    plain = load_reward_model(ModelConfig(name_or_path=str(tmp_path / "reward"), max_source_length=64,
+                                          max_target_length=32))
+    assert not any(".lora_" in name for name, _ in plain.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(score="total", **batch), model(score="total", **batch),
+                                   rtol=0, atol=1e-5)

@@ -88,6 +88,7 @@ ITERATION_KEYS = {
     "time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s",
     "reward_used_mean", "kl_coef", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
     "explained_variance", "eos_fraction", "generate_tokens_per_s", "sync_transfer_s",
+    "sync_bytes",
 }
 
 

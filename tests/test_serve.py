@@ -1,5 +1,6 @@
 """The Serve application over real HTTP on 127.0.0.1: every route, every bad input, the web page in
-headless Chromium, and a hot reload under a stream of requests."""
+headless Chromium, and hot reloads (a full version, adapter versions on one base) under a stream of
+requests."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import requests
-from serve_helpers import publish_tiny, serve_config
+from serve_helpers import publish_tiny, publish_tiny_adapter, serve_config
 
 from rlhf.store import FeedbackStore
 
@@ -226,17 +229,24 @@ def test_the_web_page_stores_one_choice_per_section_of_an_uploaded_paper_and_a_p
     assert pasted["original_text"] == TEXT + " pasted in the browser" and pasted["choice"] == 1
 
 
-def test_a_published_version_is_served_without_failing_requests_in_flight(app: App, tmp_path: Path):
-    """A second app with its own registry: publish v0002 during a stream of requests."""
+@contextmanager
+def _second_app(app: App, registry: Path, name: str) -> Iterator[str]:
+    """Another app on the running Serve instance, with its own registry and database; its URL."""
     from ray import serve
 
     from rlhf.serve.app import build_app
 
-    registry = tmp_path / "registry"
-    publish_tiny(registry, seed=1)
-    cfg = serve_config(registry, tmp_path / "feedback.db")
-    serve.run(build_app(cfg), name="reload", route_prefix="/reload")
-    url = app.url + "/reload"
+    serve.run(build_app(serve_config(registry, registry.parent / "feedback.db")), name=name,
+              route_prefix=f"/{name}")
+    try:
+        yield f"{app.url}/{name}"
+    finally:
+        serve.delete(name)
+
+
+def _publish_during_requests(url: str, publish: Callable[[], Path], version: str) -> list[str]:
+    """The versions that answered 4 clients' stream of /v1/summarize while ``publish`` ran, until
+    ``version`` was current and 8 more answers came; fails if any request failed."""
     errors: list[str] = []
     versions: list[str] = []
     stop = threading.Event()
@@ -254,10 +264,10 @@ def test_a_published_version_is_served_without_failing_requests_in_flight(app: A
         thread.start()
     try:
         time.sleep(2)
-        publish_tiny(registry, seed=2)
+        publish()
         deadline = time.monotonic() + 60
-        while requests.get(url + "/v1/policy", timeout=60).json()["version"] != "v0002":
-            assert time.monotonic() < deadline, "the new version was not picked up within 60 s"
+        while requests.get(url + "/v1/policy", timeout=60).json()["version"] != version:
+            assert time.monotonic() < deadline, f"{version} was not picked up within 60 s"
             time.sleep(0.2)
         seen = len(versions)
         while len(versions) < seen + 8:  # keep the stream going after the switch
@@ -266,7 +276,32 @@ def test_a_published_version_is_served_without_failing_requests_in_flight(app: A
         stop.set()
         for thread in clients:
             thread.join()
-        serve.delete("reload")
     assert errors == []
+    return versions
+
+
+def test_a_published_version_is_served_without_failing_requests_in_flight(app: App, tmp_path: Path):
+    """A second app with its own registry: publish v0002 during a stream of requests."""
+    registry = tmp_path / "registry"
+    publish_tiny(registry, seed=1)
+    with _second_app(app, registry, "reload") as url:
+        versions = _publish_during_requests(url, partial(publish_tiny, registry, 2), "v0002")
     assert versions[0] == "v0001" and versions[-1] == "v0002"
     assert versions.index("v0002") > 0 and "v0001" not in versions[versions.index("v0002") + 8:]
+
+
+def test_adapter_versions_on_one_base_hot_reload_and_compare(app: App, tmp_path: Path):
+    """v0001 a full policy, v0002 and then v0003 (published during requests) LoRA adapters on it."""
+    registry = tmp_path / "registry"
+    base = publish_tiny(registry, seed=1)
+    publish_tiny_adapter(registry, base, seed=2)
+    with _second_app(app, registry, "adapters") as url:
+        versions = _publish_during_requests(url, partial(publish_tiny_adapter, registry, base, 3), "v0003")
+        compared = requests.post(url + "/v1/compare", json={"text": TEXT}, timeout=60)
+    assert versions[0] == "v0002" and versions[-1] == "v0003"
+    assert compared.status_code == 200, compared.text
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+    stored = store.get_comparison(compared.json()["comparison_id"])
+    store.close()
+    assert sorted([stored.policy_0, stored.policy_1]) == ["v0002", "v0003"]  # two adapter versions
+    assert stored.summary_0 != stored.summary_1 and all(s.strip() for s in compared.json()["summaries"])

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config.core import ConfigError
-from rlhf.config.sections import ModelConfig, RewardHeads, RewardScore
+from rlhf.config.sections import LoraConfig, ModelConfig, RewardHeads, RewardScore
 from rlhf.models.dropout import checkpoint_config, disable_dropout_modules
 from rlhf.models.encoding import (
     ModelKind,
@@ -35,6 +35,7 @@ from rlhf.models.encoding import (
     model_kind,
     shift_right,
 )
+from rlhf.models.lora import AdaptedModel, add_backbone_adapter, merged
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.policy import enable_activation_checkpointing
 from rlhf.models.tiny import build_tiny_backbone, is_tiny_preset
@@ -172,7 +173,10 @@ class ScalarHeadModel(nn.Module):
     def save(self, path: str | Path) -> None:
         """Backbone (HF layout, safetensors) + tokenizer + head weights + head metadata."""
         folder = Path(path)
-        self.backbone.save_pretrained(str(folder))
+        backbone = self.backbone
+        if isinstance(backbone, AdaptedModel):  # saved merged: the folder loads without peft
+            backbone = merged(backbone)
+        backbone.save_pretrained(str(folder))
         self.tokenizer.save_pretrained(str(folder))
         head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
         save_file(head, str(folder / HEAD_WEIGHTS))
@@ -180,11 +184,13 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def load(
-        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True, **fresh: Any
+        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True,
+        lora: LoraConfig | None = None, **fresh: Any
     ) -> ScalarHeadModel:
         """From a preset's backbone, a plain HF folder / hub name (fresh head), or our folder.
 
         ``dropout`` False (PPO roles) zeroes the backbone's dropout, see ``rlhf.models.dropout``.
+        ``lora`` with ``r > 0`` puts fresh adapters on the backbone (frozen); the head trains whole.
         ``fresh``: constructor arguments for a new head; a saved folder's metadata overrides them.
         """
         name = resolve_name_or_path(cfg.name_or_path)
@@ -200,6 +206,10 @@ class ScalarHeadModel(nn.Module):
                 model.head.load_state_dict(cls._head_state(load_file(str(Path(name) / HEAD_WEIGHTS))))
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model.backbone)
+        if lora is not None and lora.r > 0:
+            if cfg.gradient_checkpointing:
+                model.backbone.enable_input_require_grads()  # frozen embeddings, recomputed blocks
+            model.backbone = add_backbone_adapter(model.backbone, lora)
         return model.eval()
 
 
@@ -354,7 +364,7 @@ def saved_reward_heads(name_or_path: str) -> RewardHeads | None:
 
 def load_reward_model(
     cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True,
-    heads: RewardHeads | None = None,
+    heads: RewardHeads | None = None, lora: LoraConfig | None = None,
 ) -> RewardModel:
     """Reward model from a preset, an HF folder / hub name (fresh head), or a folder we saved;
     ``dropout`` True keeps the checkpoint's (reward training), False for PPO scoring.
@@ -363,7 +373,7 @@ def load_reward_model(
     a saved folder's; None takes the folder's (single for a fresh head).
     """
     check_reward_heads(cfg.name_or_path, heads)
-    model = RewardModel.load(cfg, dtype, dropout, **({"heads": heads} if heads else {}))
+    model = RewardModel.load(cfg, dtype, dropout, lora, **({"heads": heads} if heads else {}))
     assert isinstance(model, RewardModel)
     return model
 
@@ -376,8 +386,10 @@ def check_reward_heads(name_or_path: str, heads: RewardHeads | None) -> None:
                           f"set heads.layout={saved} or start from a backbone")
 
 
-def load_value_model(cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True) -> ValueModel:
+def load_value_model(
+    cfg: ModelConfig, dtype: torch.dtype | None = None, dropout: bool = True, lora: LoraConfig | None = None
+) -> ValueModel:
     """Value model from the same sources as ``load_reward_model``; PPO passes ``dropout=False``."""
-    model = ValueModel.load(cfg, dtype, dropout)
+    model = ValueModel.load(cfg, dtype, dropout, lora)
     assert isinstance(model, ValueModel)
     return model

@@ -3,13 +3,19 @@
 A policy with ``lora.r > 0`` is a ``peft.PeftModel`` around the base model: only the adapter
 tensors train. It is saved either merged (a plain Hugging Face folder that loads without
 ``peft``) or as an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-whose ``base_model_name_or_path`` names the base it was trained on. ``load_policy`` reads both.
+whose ``base_model_name_or_path`` names the base it was trained on and whose ``base.json`` holds
+that base's fingerprint. ``load_policy`` reads both; Serve attaches adapter versions to one base.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from peft import LoraConfig as PeftLoraConfig
@@ -19,13 +25,20 @@ from transformers import PreTrainedModel
 
 from rlhf.config.sections import LoraConfig
 from rlhf.errors import InputError
+from rlhf.models.offline import resolve_name_or_path
+from rlhf.models.tiny import is_tiny_preset
 
 ADAPTER_CONFIG = "adapter_config.json"
+BASE_FILE = "base.json"  # beside ADAPTER_CONFIG: the base's name and fingerprint when it was saved
 AdaptedModel = PeftModel  # what a policy's ``model`` is when it carries adapters
 # Families PEFT has no default for: the same choice as its own (queries and values), per attention.
 EXTRA_TARGETS: dict[str, list[str]] = {
     "led": ["query", "value", "q_proj", "v_proj"],  # encoder (Longformer) and decoder attention
 }
+BASE_ROWS = "__base__"  # PEFT's adapter name for batch rows that run the base without an adapter
+# Families whose adapted layers see (sequence, batch, features) inputs (LED's Longformer encoder
+# attention): PEFT's per-row ``adapter_names`` assumes the batch first, so they run one adapter a call.
+SEQUENCE_FIRST = {"led"}
 
 
 def target_modules(cfg: LoraConfig, model_type: str) -> list[str]:
@@ -59,12 +72,31 @@ def add_adapter(model: PreTrainedModel, cfg: LoraConfig, base_name: str) -> Peft
     return adapted.train(training)  # new adapter layers (their dropout) start in train mode
 
 
+def add_backbone_adapter(backbone: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    """A scalar-head model's backbone (no LM head) with fresh adapters, base frozen; the head
+    outside it stays fully trainable (reward and value models)."""
+    peft_config = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=target_modules(cfg, backbone.config.model_type),
+    )
+    training = backbone.training
+    try:
+        adapted = get_peft_model(backbone, peft_config)
+    except ValueError as failure:
+        raise InputError(f"lora.target_modules: {failure}") from None
+    return adapted.train(training)
+
+
+def without_dropout(cfg: LoraConfig) -> LoraConfig:
+    """``cfg`` for an RL role: adapters without dropout, like every other module there."""
+    return dataclasses.replace(cfg, dropout=0.0)
+
+
 def is_adapter_folder(name_or_path: str) -> bool:
     return (Path(name_or_path) / ADAPTER_CONFIG).is_file()
 
 
-def adapter_base(folder: str | Path) -> str:
-    """The base an adapter folder was trained on (its ``base_model_name_or_path``)."""
+def _named_base(folder: str | Path) -> str:
     base = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
         raise InputError(f"{folder}: {ADAPTER_CONFIG} names no base_model_name_or_path; set it to the "
@@ -72,9 +104,111 @@ def adapter_base(folder: str | Path) -> str:
     return base
 
 
-def attach_saved_adapter(base: PreTrainedModel, folder: str | Path) -> PeftModel:
-    """The adapter saved in ``folder`` on ``base`` (frozen: for inference or a merge)."""
-    return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+def adapter_base(folder: str | Path) -> str:
+    """The base an adapter folder was trained on (its ``base_model_name_or_path``), refused when
+    its weights are not those the adapter was saved with: the adapter would run on another model."""
+    base = _named_base(folder)
+    recorded = recorded_base_fingerprint(folder)
+    if recorded is not None and (actual := base_fingerprint(base)) != recorded:
+        raise InputError(f"{folder}: its base {base} changed since the adapter was saved ({BASE_FILE} "
+                         f"records {recorded[:20]}..., the base is now {actual[:20]}...); point "
+                         f"base_model_name_or_path in {ADAPTER_CONFIG} at the original base, or retrain")
+    return base
+
+
+def base_fingerprint(name_or_path: str) -> str:
+    """What identifies a base's weights. Recorded in an adapter folder's ``base.json``, it lets
+    Serve see that adapters share one base (loaded once) and refuse one whose base changed.
+
+    A folder (a registry version too): ``sha256:`` over its ``*.safetensors`` files, names and
+    bytes. A tiny preset: ``preset:NAME`` (always built from one seed). A hub name:
+    ``name:NAME``, taken at its word (save the base to a folder to pin its content).
+    """
+    if is_tiny_preset(name_or_path):
+        return f"preset:{name_or_path}"
+    folder = Path(resolve_name_or_path(name_or_path))
+    if not folder.is_dir():
+        return f"name:{name_or_path}"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder}: no *.safetensors weights to fingerprint the base by; save the base "
+                         "with save_pretrained (safetensors)")
+    return _sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over (name, bytes) of ``files``; cached by (path, size, mtime), so one base is read
+    once per process however many adapters name it."""
+    digest = hashlib.sha256()
+    for path, _size, _mtime in files:
+        digest.update(Path(path).name.encode())
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def record_base(folder: str | Path) -> None:
+    """Write ``base.json`` into a saved adapter folder: its base's name and fingerprint."""
+    base = _named_base(folder)
+    identity = {"name_or_path": base, "fingerprint": base_fingerprint(base)}
+    (Path(folder) / BASE_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def recorded_base_fingerprint(folder: str | Path) -> str | None:
+    """The base fingerprint saved with an adapter; None for folders saved before ``base.json``."""
+    path = Path(folder) / BASE_FILE
+    return json.loads(path.read_text())["fingerprint"] if path.is_file() else None
+
+
+def attach_saved_adapter(
+    model: PreTrainedModel | PeftModel, folder: str | Path, name: str = "default"
+) -> PeftModel:
+    """The adapter saved in ``folder`` added to ``model`` as ``name`` (frozen: for inference or a
+    merge); a ``PeftModel`` keeps the adapters it has, so one base serves several versions."""
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=False)  # and eval mode
+        return model
+    return PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+
+
+def remove_adapter(model: PeftModel, name: str) -> PreTrainedModel | PeftModel:
+    """``model`` without adapter ``name``; the bare base once it was the last one (a PeftModel
+    with no adapter left cannot generate)."""
+    if list(model.peft_config) == [name]:
+        return model.unload()
+    model.delete_adapter(name)
+    return model
+
+
+def mixes_adapters(model: PreTrainedModel | PeftModel) -> bool:
+    """Whether one ``generate`` call can run a different adapter on each row of ``model``."""
+    return model.config.model_type not in SEQUENCE_FIRST
+
+
+@contextmanager
+def adapters_for_rows(
+    model: PreTrainedModel | PeftModel, adapters: list[str | None]
+) -> Iterator[dict[str, list[str]]]:
+    """``generate`` options that run row i with adapter ``adapters[i]`` (None: the bare base).
+
+    PEFT's mixed-adapter batch (``adapter_names``) where ``mixes_adapters``; otherwise every row
+    must name the same adapter, made the active one for the block (all off for the base), so the
+    caller holds the model alone meanwhile. A model without adapters needs no option.
+    """
+    if not isinstance(model, PeftModel):
+        yield {}
+    elif mixes_adapters(model):
+        yield {"adapter_names": [adapter or BASE_ROWS for adapter in adapters]}
+    else:
+        (adapter,) = set(adapters)  # one per call: the caller groups rows by adapter
+        if adapter is None:
+            with model.disable_adapter():
+                yield {}
+        else:
+            model.set_adapter(adapter, inference_mode=True)
+            yield {}
 
 
 def merged(model: AdaptedModel) -> PreTrainedModel:

@@ -38,6 +38,7 @@ from rlhf.models.lora import (
     attach_saved_adapter,
     is_adapter_folder,
     merged,
+    record_base,
 )
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.tiny import build_tiny_lm, is_tiny_preset
@@ -148,10 +149,12 @@ class Policy:
             self.save(path)
 
     def save_adapter(self, path: str | Path) -> None:
-        """The adapter folder (``adapter_config.json`` naming its base, adapter weights) + tokenizer."""
+        """The adapter folder (``adapter_config.json`` naming its base, adapter weights, ``base.json``
+        with the base's fingerprint, so a changed base is refused) + tokenizer."""
         if not isinstance(self.model, AdaptedModel):
             raise ValueError("Policy.save_adapter: this policy has no adapter (lora.r is 0)")
         self.model.save_pretrained(str(path))
+        record_base(path)
         self.tokenizer.save_pretrained(str(path))
 
 

@@ -29,7 +29,7 @@ from rlhf.ppo.roles import (
     StaleWeightsError,
     free_port,
 )
-from rlhf.ppo.weight_sync import COLLECTIVE, resolve_transport
+from rlhf.ppo.weight_sync import COLLECTIVE, SyncReport, resolve_transport
 from rlhf.runtime import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,11 @@ def check_placement(cfg: PPOConfig) -> None:
     The checks that need no cluster (worker counts, transport) ran in config validation.
     """
     r = cfg.roles
-    need_cpu, need_gpu = r.actors * r.cpus_per_actor, r.actors * r.gpus_per_actor
+    need_cpu, need_gpu = cfg.actors * r.cpus_per_actor, cfg.actors * r.gpus_per_actor
     have = ray.cluster_resources()
     if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
         raise InputError(
-            f"roles: {r.actors} actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the cluster has "
+            f"roles: {cfg.actors} actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower roles.cpus_per_actor, "
             "roles.gpus_per_actor or the worker counts"
         )
@@ -78,19 +78,19 @@ class RayRoles:
         self.cfg = cfg
         r = cfg.roles
         bundle = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
-        self.pg = placement_group([bundle] * r.actors, strategy=r.placement)
+        self.pg = placement_group([bundle] * cfg.actors, strategy=r.placement)
         if not self.pg.wait(PLACEMENT_TIMEOUT_S):
             remove_placement_group(self.pg)
-            raise InputError(f"roles.placement: {r.placement} placement of {r.actors} actors "
+            raise InputError(f"roles.placement: {r.placement} placement of {cfg.actors} actors "
                              f"could not be met within {PLACEMENT_TIMEOUT_S}s")
-        bundles = iter(range(r.actors))
+        bundles = iter(range(cfg.actors))
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
         self.generators = [self._actor(Generator, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(r.rollout_workers)]
         self.scorers = [self._actor(RewardScorer, next(bundles), restartable, cfg, _threads(cfg))
                         for _ in range(r.reward_workers)]
         self.references = [self._actor(ReferenceScorer, next(bundles), restartable, cfg, _threads(cfg))
-                           for _ in range(r.reference_workers)]
+                           for _ in range(cfg.reference_actors)]  # none with LoRA
         first_learner = next(bundles)
         address, port = ray.get(self._task(_rendezvous, first_learner).remote())
         learner_bundles = [first_learner] + [next(bundles) for _ in range(r.learner_workers - 1)]
@@ -149,8 +149,11 @@ class RayRoles:
         return torch.cat([raw for raw, _ in parts]), torch.cat([used for _, used in parts])
 
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        shards = _split(len(rollout.documents), len(self.references))
-        parts = ray.get([w.logprobs.remote(rollout.select(s)) for w, s in zip(self.references, shards)])
+        """Reference actors' log-probs, or with LoRA the learners' base with the adapter off."""
+        workers = self.references or self.learners
+        method = "logprobs" if self.references else "ref_logprobs"
+        shards = _split(len(rollout.documents), len(workers))
+        parts = ray.get([getattr(w, method).remote(rollout.select(s)) for w, s in zip(workers, shards)])
         return _pad_cat(parts, rollout.response_ids.shape[1])
 
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,16 +168,16 @@ class RayRoles:
                          for a, s in zip(self.learners, shards)])
         return LearnStats.mean([vars(s) for s in stats])
 
-    def _send_through_object_store(self, generators: list, every: bool) -> float:
-        """Learner rank 0's outgoing tensors as one object to ``generators``; seconds on rank 0.
+    def _send_through_object_store(self, generators: list, every: bool) -> SyncReport:
+        """Learner rank 0's outgoing tensors as one object to ``generators``; rank 0's report.
 
         Every learner rank takes part (ZeRO-3 gathers), and the learners hold no copy after.
         """
         results = [a.outgoing_weights.options(num_returns=2).remote(every) for a in self.learners]
-        weights_ref, seconds_ref = results[0]
+        weights_ref, report_ref = results[0]
         ray.get([g.load_weights.remote(weights_ref, self.version) for g in generators])
         ray.get([ref for pair in results for ref in pair])  # every rank finished its gathers
-        return ray.get(seconds_ref)
+        return ray.get(report_ref)
 
     def _bring_up_to_date(self, generators: list) -> None:
         """Every tensor of the learner's policy, through the object store, to generators that
@@ -183,8 +186,8 @@ class RayRoles:
         self._send_through_object_store(generators, every=True)
         self._regroup = self.transport == COLLECTIVE  # the old group lost a member
 
-    def sync(self) -> float:
-        """Changed policy tensors from learner rank 0 to every generator; seconds on rank 0.
+    def sync(self) -> SyncReport:
+        """Changed policy tensors from learner rank 0 to every generator; rank 0's report.
 
         A generator restarted since the last sync (after its last batch, e.g. while the learner
         trained) holds the initial weights: it gets every tensor first, since the changed ones
@@ -200,9 +203,9 @@ class RayRoles:
         if self.transport == COLLECTIVE:
             if self._regroup:
                 self._open_weight_group()
-            seconds = [a.broadcast_weights.remote() for a in self.learners]
+            reports = [a.broadcast_weights.remote() for a in self.learners]
             ray.get([g.receive_weights.remote(self.version) for g in self.generators])
-            return ray.get(seconds)[0]
+            return ray.get(reports)[0]
         return self._send_through_object_store(self.generators, every=False)
 
     def _open_weight_group(self) -> None:

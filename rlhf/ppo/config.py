@@ -13,10 +13,18 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import DataSourceConfig, DeepSpeedConfig, DType, ModelConfig, RewardHead
+from rlhf.config.sections import (
+    DataSourceConfig,
+    DeepSpeedConfig,
+    DType,
+    LoraConfig,
+    ModelConfig,
+    RewardHead,
+)
 from rlhf.data import sample_source
 from rlhf.ppo.functional import KLKind, LossAggregation
 from rlhf.ppo.weight_sync import BUCKET_MB, WeightSync, resolve_transport
+from rlhf.train.config import check_lora_zero_stage
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement strategies
 DEFAULT_REWARD_FN = "rlhf.ppo.rewards:brevity"
@@ -171,7 +179,10 @@ class RolesConfig:
                                           "nodes).")
     rollout_workers: int = option(1, "Generation actors, each with a policy copy.", gt=0)
     reward_workers: int = option(1, "Reward-scoring actors.", gt=0)
-    reference_workers: int = option(1, "Actors holding the frozen initial policy.", gt=0)
+    reference_workers: int = option(
+        1, "Actors holding the frozen initial policy; none start with lora.r > 0 (the learners' base "
+        "with the adapter off is the reference).", gt=0
+    )
     learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
     cpus_per_actor: float = option(0.5, "CPUs reserved by each actor.", gt=0)
     threads_per_actor: int = option(
@@ -203,10 +214,6 @@ class RolesConfig:
         "this many MiB: the extra memory a sync needs on any rank.", gt=0
     )
 
-    @property
-    def actors(self) -> int:
-        return self.rollout_workers + self.reward_workers + self.reference_workers + self.learner_workers
-
     def validate(self) -> None:
         resolve_transport(self.weight_sync, self.gpus_per_actor)
 
@@ -224,8 +231,24 @@ class PPOTrainingConfig:
     )
     ppo: PPOAlgoConfig = option(factory=PPOAlgoConfig, help="The algorithm.")
     roles: RolesConfig = option(factory=RolesConfig, help="Ray actors and placement.")
+    lora: LoraConfig = option(
+        factory=LoraConfig, help="Adapters on the policy (and the value model's backbone): the learner "
+        "trains them alone, a sync moves them alone, and the base with the adapter off is the reference. "
+        "RL runs them without dropout (lora.dropout applies to SFT, reward and DPO training)."
+    )
+
+    @property
+    def reference_actors(self) -> int:
+        """Reference actors to start: none with adapters (the learners hold the base)."""
+        return 0 if self.lora.r else self.roles.reference_workers
+
+    @property
+    def actors(self) -> int:
+        r = self.roles
+        return r.rollout_workers + r.reward_workers + self.reference_actors + r.learner_workers
 
     def validate(self) -> None:
+        check_lora_zero_stage(self.lora, self.roles.deepspeed.zero_stage)
         algo = self.ppo
         if algo.advantage in GROUP_ESTIMATORS and algo.samples_per_document < 2:
             raise ConfigError(

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlhf.config.sections import LoraConfig
 from rlhf.models import (
     Policy,
     RewardModel,
@@ -24,6 +25,7 @@ from rlhf.models import (
     load_value_model,
     resolve_dtype,
 )
+from rlhf.models.lora import without_dropout
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOConfig
@@ -32,6 +34,7 @@ from rlhf.ppo.rewards import load_reward_fn
 from rlhf.ppo.weight_sync import (
     StateDict,
     SyncPlan,
+    SyncReport,
     WeightGroup,
     cpu_copies,
     gathered_buckets,
@@ -45,15 +48,23 @@ def _device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _frozen_policy(cfg: PPOConfig, threads: int) -> tuple[Policy, torch.device]:
-    """The initial policy in eval mode on this actor's device (generation and reference).
+def rl_lora(cfg: PPOConfig) -> LoraConfig | None:
+    """The adapters the learner trains and the generators mirror (no dropout), or None."""
+    return without_dropout(cfg.lora) if cfg.lora.r else None
+
+
+def _frozen_policy(
+    cfg: PPOConfig, threads: int, lora: LoraConfig | None = None
+) -> tuple[Policy, torch.device]:
+    """The initial policy in eval mode on this actor's device (generation and reference); with
+    ``lora`` it carries the learner's adapter layout, so a sync can move the adapters alone.
 
     Every PPO role loads without dropout (``rlhf.models.dropout``): pi/pi_old must be exactly 1
     before an update, whichever role computed which side.
     """
     torch.set_num_threads(threads)
     device = _device(cfg.roles.gpus_per_actor)
-    policy = load_policy(cfg.policy, dtype=resolve_dtype(cfg.roles.dtype, device), dropout=False)
+    policy = load_policy(cfg.policy, dtype=resolve_dtype(cfg.roles.dtype, device), dropout=False, lora=lora)
     policy.model.to(device).eval()
     return policy, device
 
@@ -81,7 +92,7 @@ class Generator:
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
         self.cfg = cfg
-        self.policy, self.device = _frozen_policy(cfg, threads)
+        self.policy, self.device = _frozen_policy(cfg, threads, rl_lora(cfg))
         self.version = 0
         self.weights: WeightGroup | None = None  # set by join_weight_group (collective sync)
 
@@ -243,8 +254,9 @@ class Learner:
         with ds.zero3_init_context(ds_config):
             # Train mode (gradient checkpointing needs it) with dropout off: see _frozen_policy.
             # Loaded in roles.dtype like the frozen copies, whatever dtype the checkpoint was saved in.
-            self.policy: Policy = load_policy(cfg.policy, dtype=dtype, dropout=False)
-            self.value = (load_value_model(cfg.value or cfg.policy, dtype=dtype, dropout=False)
+            lora = rl_lora(cfg)
+            self.policy: Policy = load_policy(cfg.policy, dtype=dtype, dropout=False, lora=lora)
+            self.value = (load_value_model(cfg.value or cfg.policy, dtype=dtype, dropout=False, lora=lora)
                           if cfg.ppo.uses_critic else None)
         self.engine, _ = ds.initialize(trained_module(self.policy.model, self.value), ds_config)
         self.device = self.engine.device
@@ -258,22 +270,32 @@ class Learner:
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi_old, V_old), each (B, T), for the rollout as sampled; V_old is 0 without a value
-        model (critic-free estimators).
-
-        One forward per ``roles.forward_batch_size`` rows; ``select`` keeps the widths, so the
-        chunks concatenate into what a single pass gives.
-        """
+        model (critic-free estimators). One forward per ``roles.forward_batch_size`` rows."""
         self.engine.eval()
         logprobs, values = [], []
-        temperature = self.cfg.ppo.temperature
-        for rows in forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size):
-            chunk = rollout.select(rows).to(self.device)
-            chunk_logprobs, _ = response_logprobs(self.policy.model, self.policy, chunk, temperature)
-            logprobs.append(chunk_logprobs.cpu())
+        for chunk in self._chunks(rollout):
+            logprobs.append(self._logprobs(chunk))
             if self.value is not None:
                 values.append(response_values(self.value, chunk, self.policy).float().cpu())
         logprobs = torch.cat(logprobs)
         return logprobs, torch.cat(values) if values else torch.zeros_like(logprobs)
+
+    @torch.no_grad()
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log pi_ref with the adapter off (lora.r > 0): the frozen base the adapters were
+        added to is the initial policy, so no reference copy of the model is loaded."""
+        self.engine.eval()
+        with self.policy.model.disable_adapter():
+            return torch.cat([self._logprobs(chunk) for chunk in self._chunks(rollout)])
+
+    def _chunks(self, rollout: Rollout) -> list[Rollout]:
+        """``rollout`` on this device in ``roles.forward_batch_size`` rows; ``select`` keeps the
+        widths, so per-chunk results concatenate into what a single pass gives."""
+        rows = forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size)
+        return [rollout.select(chunk).to(self.device) for chunk in rows]
+
+    def _logprobs(self, chunk: Rollout) -> torch.Tensor:
+        return response_logprobs(self.policy.model, self.policy, chunk, self.cfg.ppo.temperature)[0].cpu()
 
     def train(self, batch: PPOBatch) -> LearnStats:
         """PPO epochs over minibatches of this rank's shard of the batch."""
@@ -316,9 +338,9 @@ class Learner:
                 "entropy": mean_entropy.item(), "clip_fraction": clip_fraction.item(),
                 "approx_kl": approx_kl.item()}
 
-    def outgoing_weights(self, every: bool = False) -> tuple[StateDict, float]:
+    def outgoing_weights(self, every: bool = False) -> tuple[StateDict, SyncReport]:
         """CPU copies of what this sync moves (see SyncPlan; ``every`` tensor for a restarted
-        worker, leaving the plan alone), and seconds taken.
+        worker, leaving the plan alone), and its report.
 
         Every rank must call it (ZeRO-3 gathers bucket by bucket); only rank 0 returns tensors.
         """
@@ -327,9 +349,10 @@ class Learner:
         names = list(tensors) if every else self.plan.names(tensors)
         if self.rank != 0:
             self._follow_gathers(tensors, names)
-            return {}, time.perf_counter() - start
+            return {}, SyncReport(time.perf_counter() - start, 0)
         copies = cpu_copies(tensors, names, self.gather, self.bucket_mb)
-        return copies, time.perf_counter() - start
+        sent = sum(t.numel() * t.element_size() for t in copies.values())
+        return copies, SyncReport(time.perf_counter() - start, sent)
 
     def _follow_gathers(self, tensors: StateDict, names: list[str]) -> None:
         """A rank other than 0 joins each bucket's ZeRO-3 gather while rank 0 uses the values."""
@@ -347,22 +370,28 @@ class Learner:
             self.weights = WeightGroup(address, port, 0, size, self.device, self.bucket_mb)
             self.weights.check_layout(unique_tensors(self.policy.model))
 
-    def broadcast_weights(self) -> float:
-        """Every rank calls it (ZeRO-3 gathers bucket by bucket); rank 0 broadcasts. Seconds."""
+    def broadcast_weights(self) -> SyncReport:
+        """Every rank calls it (ZeRO-3 gathers bucket by bucket); rank 0 broadcasts."""
         start = time.perf_counter()
         tensors = unique_tensors(self.policy.model)
         names = self.plan.names(tensors)
+        sent = 0
         if self.rank == 0:
-            self.weights.broadcast(tensors, names, self.gather)
+            sent = self.weights.broadcast(tensors, names, self.gather)
         else:
             self._follow_gathers(tensors, names)
-        return time.perf_counter() - start
+        return SyncReport(time.perf_counter() - start, sent)
 
     def save_policy(self, path: str) -> None:
-        """The current policy in Hugging Face layout (all ranks call; rank 0 writes).
+        """The current policy in Hugging Face layout (all ranks call; rank 0 writes); with adapters,
+        as ``lora.publish`` says (ZeRO 0-2: the config refuses LoRA with ZeRO-3).
 
         ZeRO-3 shards are gathered into host memory bucket by bucket, never all on a device.
         """
+        if self.policy.adapted:
+            if self.rank == 0:
+                self.policy.save_trained(path, self.cfg.lora.publish)
+            return
         tensors = unique_tensors(self.policy.model)
         if self.rank != 0:
             self._follow_gathers(tensors, list(tensors))
@@ -385,7 +414,7 @@ class LocalRoles:
     def __init__(self, cfg: PPOConfig, threads: int = 1):
         self.generator = Generator(cfg, threads)
         self.scorer = RewardScorer(cfg, threads)
-        self.reference = ReferenceScorer(cfg, threads)
+        self.reference = ReferenceScorer(cfg, threads) if cfg.reference_actors else None
         self.learner = Learner(cfg, threads=threads)
         self.version = 0
         self.sync()  # the generator starts from exactly the learner's weights
@@ -397,6 +426,8 @@ class LocalRoles:
         return self.scorer.score(documents, summaries)
 
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        if self.reference is None:  # lora.r > 0: the learner's base with the adapter off
+            return self.learner.ref_logprobs(rollout)
         return self.reference.logprobs(rollout)
 
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,11 +436,11 @@ class LocalRoles:
     def train(self, batch: PPOBatch) -> LearnStats:
         return self.learner.train(batch)
 
-    def sync(self) -> float:
-        weights, seconds = self.learner.outgoing_weights()
+    def sync(self) -> SyncReport:
+        weights, report = self.learner.outgoing_weights()
         self.version += 1
         self.generator.load_weights(weights, self.version)
-        return seconds
+        return report
 
     def save_policy(self, path: str) -> None:
         self.learner.save_policy(path)

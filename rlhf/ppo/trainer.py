@@ -23,6 +23,7 @@ from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOAlgoConfig, PPOConfig
 from rlhf.ppo.experience import Rollout
 from rlhf.ppo.roles import LearnStats
+from rlhf.ppo.weight_sync import SyncReport
 from rlhf.registry import PolicyRegistry
 from rlhf.runtime import derive_seed
 
@@ -37,7 +38,7 @@ class Roles(Protocol):
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor: ...
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]: ...
     def train(self, batch: PPOBatch) -> LearnStats: ...
-    def sync(self) -> float: ...
+    def sync(self) -> SyncReport: ...
     def save_policy(self, path: str) -> None: ...
     def save_checkpoint(self, path: str) -> None: ...
     def load_checkpoint(self, path: str) -> None: ...
@@ -186,7 +187,7 @@ class PPOTrainer:
             batch = build_batch(rollout, scores, logprobs, ref_logprobs, values, self.kl.value, algo)
             stats = self.roles.train(batch)
         with timer("sync"):
-            sync_transfer_s = self.roles.sync()
+            sync = self.roles.sync()
         kl_per_sequence = (F.kl_penalty(logprobs, ref_logprobs, "k1") * rollout.mask).sum(1)  # (B,)
         kl_coef = self.kl.value
         self.kl.update(kl_per_sequence.mean().item(), len(documents))
@@ -205,7 +206,8 @@ class PPOTrainer:
             response_length_mean=lengths.mean().item(),
             eos_fraction=rollout.ended.float().mean().item(),
             generate_tokens_per_s=lengths.sum().item() / max(seconds["generate"], 1e-9),
-            sync_transfer_s=sync_transfer_s,
+            sync_transfer_s=sync.seconds,
+            sync_bytes=sync.bytes,
             time_s=time.perf_counter() - start,
             time_generate_s=seconds["generate"],
             time_score_s=seconds["score"],

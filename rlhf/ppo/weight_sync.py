@@ -28,6 +28,7 @@ import datetime
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -47,6 +48,14 @@ COLLECTIVE: Transport = "collective"
 BUCKET_MB = 256.0  # roles.sync_bucket_mb: keeps the link busy without a second copy of the model
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 _STORE_PREFIX = "rlhf-weights"
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One weight sync as learner rank 0 saw it (``IterationMetrics.sync_transfer_s/sync_bytes``)."""
+
+    seconds: float  # gathering, checking and sending
+    bytes: int  # sent to each rollout worker: the whole policy first, then its trainable tensors
 
 
 def resolve_transport(setting: WeightSync, gpus_per_actor: float) -> Transport:

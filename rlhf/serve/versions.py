@@ -1,5 +1,9 @@
 """Policy versions as the server sees them: the registry's newest is current, older ones on demand.
 
+A version is a full model or a LoRA adapter folder (``lora.publish=adapter``). Adapter versions
+of one base share that base in memory, each a named PEFT adapter on it, and requests for several
+of them (and for the base) are generated in one call with PEFT's mixed-adapter batches.
+
 Ray-free so the version logic (which version is current, which pair a comparison shows, how a
 batch of mixed requests is generated) is tested without starting Serve.
 """
@@ -10,14 +14,26 @@ import json
 import logging
 import random
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
 import torch
 
 from rlhf.config.sections import ModelConfig
+from rlhf.models.lora import (
+    adapter_base,
+    adapters_for_rows,
+    attach_saved_adapter,
+    base_fingerprint,
+    is_adapter_folder,
+    mixes_adapters,
+    recorded_base_fingerprint,
+    remove_adapter,
+)
 from rlhf.models.policy import Policy, inference_dtype, load_policy
 from rlhf.registry import METRICS_FILE, PolicyRegistry
 from rlhf.serve.config import ServingConfig
@@ -44,11 +60,39 @@ class Summary:
     truncated: bool  # the document was cut to the model's input window
 
 
-class PolicyVersions:
-    """Loaded policies by version name, at most ``cache_size`` at once (the current one stays).
+@dataclass(eq=False)
+class Backbone:
+    """One model in memory: a full version, or the base that adapter versions are attached to.
 
-    ``refresh`` loads a newly published version BEFORE making it current, and requests hold a
-    reference to the Policy they started with, so a switch never fails a request in flight.
+    ``lock`` is held while it generates and while an adapter is added or removed, so a reload or
+    an eviction never changes its layers under a running ``generate``.
+    """
+
+    policy: Policy  # its ``model`` is a PeftModel while adapters are attached
+    fingerprint: str  # ``base_fingerprint`` of the folder or preset it was loaded from
+    users: set[str] = field(default_factory=set)  # versions served on it
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedVersion:
+    """A version ready to generate: the model it runs on and, for an adapter version, its adapter."""
+
+    backbone: Backbone
+    adapter: str | None  # the PEFT adapter's name (the version's); None: the backbone's own weights
+
+    @property
+    def policy(self) -> Policy:
+        return self.backbone.policy
+
+
+class PolicyVersions:
+    """Loaded versions by name, at most ``cache_size`` at once (the current one stays).
+
+    ``refresh`` loads a newly published version BEFORE making it current, and ``generate`` pins
+    the versions it uses (an eviction skips them), so a switch never fails a request in flight.
+    Each base is loaded once (``Backbone``, found by its fingerprint); evicting an adapter version
+    removes its adapter, and a base leaves memory with the last version using it.
     """
 
     def __init__(
@@ -60,11 +104,14 @@ class PolicyVersions:
         self.serving = serving
         self.device = device
         self.cache_size = cache_size
-        self._loaded: OrderedDict[str, Policy] = OrderedDict()
-        self._lock = threading.Lock()  # guards _loaded and current across the reload and request threads
+        self._loaded: OrderedDict[str, LoadedVersion] = OrderedDict()
+        self._pins: Counter[str] = Counter()  # versions a running generate uses: never evicted
+        self._lock = threading.Lock()  # _loaded, _pins and current, across the reload and request threads
         # One load at a time: transformers builds models on the meta device through process-wide
         # state, and two threads loading at once get meta tensors ("Cannot copy out of meta tensor").
+        # Loads and evictions (under it) are also all that change _backbones and their users.
         self._load_lock = threading.Lock()
+        self._backbones: dict[str, Backbone] = {}  # by fingerprint: each base once
         self.current = self._newest()
         self.get(self.current)
 
@@ -87,40 +134,95 @@ class PolicyVersions:
         logger.info("serving policy %s (was %s)", newest, previous)
         return True
 
-    def get(self, version: str) -> Policy:
-        """The policy of ``version``, loading it if needed (the least recently used one is dropped)."""
-        cached = self._cached(version)
+    def get(self, version: str, pin: bool = False) -> LoadedVersion:
+        """``version`` loaded, loading it if needed (the least recently used ones are dropped);
+        ``pin`` keeps it loaded until it is unpinned (``_pinned``)."""
+        cached = self._cached(version, pin)
         if cached is not None:
             return cached
         with self._load_lock:
-            cached = self._cached(version)  # loaded by another thread while this one waited
+            cached = self._cached(version, pin)  # loaded by another thread while this one waited
             if cached is not None:
                 return cached
-            policy = self._load(version)
+            loaded = self._load(version)
             with self._lock:
-                self._loaded[version] = policy
-                while len(self._loaded) > self.cache_size:
-                    oldest = next(v for v in self._loaded if v != self.current)
-                    del self._loaded[oldest]
-        return policy
+                self._loaded[version] = loaded
+                self._pins[version] += pin
+                evicted = self._over_capacity()
+            for name, old in evicted:
+                self._drop(name, old)
+        return loaded
 
-    def _cached(self, version: str) -> Policy | None:
+    def _cached(self, version: str, pin: bool) -> LoadedVersion | None:
         with self._lock:
             if version in self._loaded:
                 self._loaded.move_to_end(version)
+                self._pins[version] += pin
                 return self._loaded[version]
         return None
 
-    def _load(self, version: str) -> Policy:
+    @contextmanager
+    def _pinned(self, versions: set[str]) -> Iterator[dict[str, LoadedVersion]]:
+        """``versions`` loaded and kept (their adapters stay on their base) until the block ends."""
+        loaded: dict[str, LoadedVersion] = {}
+        try:
+            for version in sorted(versions):
+                loaded[version] = self.get(version, pin=True)
+            yield loaded
+        finally:
+            with self._lock:
+                self._pins.subtract(loaded.keys())
+
+    def _over_capacity(self) -> list[tuple[str, LoadedVersion]]:
+        """Take the least recently used versions beyond ``cache_size`` out of the cache; never the
+        current one nor one in use (the cache stays larger until they are free). Holds ``_lock``."""
+        idle = [v for v in self._loaded if v != self.current and not self._pins[v]]
+        return [(v, self._loaded.pop(v)) for v in idle[:max(0, len(self._loaded) - self.cache_size)]]
+
+    def _drop(self, version: str, loaded: LoadedVersion) -> None:
+        """Forget an evicted version: its adapter leaves the base; a model no version uses leaves memory."""
+        backbone = loaded.backbone
+        backbone.users.discard(version)
+        if not backbone.users:
+            del self._backbones[backbone.fingerprint]
+        elif loaded.adapter is not None:
+            with backbone.lock:
+                backbone.policy.model = remove_adapter(backbone.policy.model, loaded.adapter)
+
+    def _load(self, version: str) -> LoadedVersion:
+        """An adapter version as a named adapter on its base (loaded once), else a full model."""
         if version == BASE_VERSION:
-            cfg = self.base
+            source = self.base.name_or_path
         elif version in self.registry.versions():
-            cfg = ModelConfig(**{**vars(self.base), "name_or_path": str(self.registry.root / version)})
+            source = str(self.registry.root / version)
         else:
             raise KeyError(version)
-        policy = load_policy(cfg, dtype=inference_dtype(self.device))
-        policy.model.to(self.device).eval()
-        return policy
+        if not is_adapter_folder(source):
+            backbone, adapter = self._backbone(base_fingerprint(source), source), None
+        else:
+            backbone, adapter = self._base_of(source), version
+            with backbone.lock:
+                backbone.policy.model = attach_saved_adapter(backbone.policy.model, source, version)
+        backbone.users.add(version)
+        return LoadedVersion(backbone, adapter)
+
+    def _base_of(self, folder: str) -> Backbone:
+        """The base of an adapter folder: the loaded one with the fingerprint it records, else
+        loaded now (``adapter_base`` refuses a base whose weights changed since the adapter was saved)."""
+        recorded = recorded_base_fingerprint(folder)
+        if recorded in self._backbones:
+            return self._backbones[recorded]
+        name = adapter_base(folder)
+        return self._backbone(recorded or base_fingerprint(name), name)
+
+    def _backbone(self, fingerprint: str, name_or_path: str) -> Backbone:
+        """The model with ``fingerprint``, loaded from ``name_or_path`` unless it is in memory."""
+        if fingerprint not in self._backbones:
+            cfg = ModelConfig(**{**vars(self.base), "name_or_path": name_or_path})
+            policy = load_policy(cfg, dtype=inference_dtype(self.device))
+            policy.model.to(self.device).eval()
+            self._backbones[fingerprint] = Backbone(policy, fingerprint)
+        return self._backbones[fingerprint]
 
     def metrics(self, version: str) -> dict:
         """The metrics PPO published with ``version`` (empty for the base policy)."""
@@ -137,21 +239,33 @@ class PolicyVersions:
         return current, earlier[-1] if strategy == "previous" else rng.choice(earlier)
 
     def generate(self, requests: list[SummaryRequest]) -> list[Summary]:
-        """Summaries for a batch of requests, one ``generate`` call per (version, sampling, length)
-        group, in the order of ``requests``."""
+        """Summaries for a batch of requests, in the order of ``requests``: one ``generate`` call
+        per (model, sampling, length) group, so adapter versions of one base and the base itself
+        share a call, each row with its own adapter (PEFT's mixed-adapter batch; one call per
+        version for a family that cannot mix them, see ``mixes_adapters``)."""
         results: list[Summary | None] = [None] * len(requests)
+        with self._pinned({r.version for r in requests}) as loaded:
+            def key(i: int) -> tuple[int, str, bool, int]:
+                request, backbone = requests[i], loaded[requests[i].version].backbone
+                own_call = "" if mixes_adapters(backbone.policy.model) else request.version
+                return id(backbone), own_call, request.sample, request.max_new_tokens
 
-        def key(i: int) -> tuple[str, bool, int]:
-            return requests[i].version, requests[i].sample, requests[i].max_new_tokens
-
-        for (version, sample, max_new_tokens), group in groupby(sorted(range(len(requests)), key=key), key):
-            indices = list(group)
-            texts = [requests[i].text for i in indices]
-            policy = self.get(version)
-            sampling = {"do_sample": True, "temperature": self.serving.temperature,
-                        "top_p": self.serving.top_p}
-            outputs = policy.generate(texts, max_new_tokens=max_new_tokens,
-                                      **(sampling if sample else {"do_sample": False}))
-            for i, output, cut in zip(indices, outputs, policy.truncated(texts)):
-                results[i] = Summary(output, version, cut)
+            for _, group in groupby(sorted(range(len(requests)), key=key), key):
+                indices = list(group)
+                rows = [(requests[i], loaded[requests[i].version]) for i in indices]
+                for i, summary in zip(indices, self._generate_rows(rows)):
+                    results[i] = summary
         return results
+
+    def _generate_rows(self, rows: list[tuple[SummaryRequest, LoadedVersion]]) -> list[Summary]:
+        """One ``generate`` call for requests on one backbone with the same sampling and length."""
+        first, backbone = rows[0][0], rows[0][1].backbone
+        texts = [request.text for request, _ in rows]
+        options = ({"do_sample": True, "temperature": self.serving.temperature, "top_p": self.serving.top_p}
+                   if first.sample else {"do_sample": False})
+        with backbone.lock:
+            policy = backbone.policy
+            with adapters_for_rows(policy.model, [loaded.adapter for _, loaded in rows]) as adapters:
+                outputs = policy.generate(texts, max_new_tokens=first.max_new_tokens, **options, **adapters)
+        return [Summary(output, request.version, cut)
+                for (request, _), output, cut in zip(rows, outputs, policy.truncated(texts))]

@@ -139,8 +139,13 @@ class RewardTrainingConfig:
         "longer as pairs where it is not (the smaller group is repeated to match), so length alone "
         "cannot fit a batch."
     )
+    lora: LoraConfig = option(
+        factory=LoraConfig, help="LoRA adapters on the backbone (the score heads train whole); the "
+        "model is saved merged, a folder that loads without peft."
+    )
 
     def validate(self) -> None:
+        check_lora_zero_stage(self.lora, self.train.deepspeed.zero_stage)
         if (self.heads.layout == "disentangled" and self.heads.orthogonality_weight > 0
                 and self.train.deepspeed.zero_stage == 3):
             raise ConfigError("heads.orthogonality_weight", "needs the whole head, which ZeRO-3 "

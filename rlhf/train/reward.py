@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf.config.sections import ModelConfig
+from rlhf.config.sections import LoraConfig, ModelConfig
 from rlhf.data.augment import synthetic_preferences
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
@@ -71,12 +71,13 @@ class RewardTask:
     batch_size: int
     seed: int
     heads: RewardHeadsConfig = field(default_factory=RewardHeadsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     reward_model: RewardModel | None = field(default=None, repr=False)
     # The latest training rows seen, scored at the end for the reward mean/std.
     seen: deque[Rows] = field(default_factory=lambda: deque(maxlen=MAX_STAT_BATCHES), repr=False)
 
     def build_model(self) -> nn.Module:
-        self.reward_model = load_reward_model(self.model_cfg, heads=self.heads.layout)
+        self.reward_model = load_reward_model(self.model_cfg, heads=self.heads.layout, lora=self.lora)
         return self.reward_model
 
     def _scores(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +211,7 @@ def train_reward_model(
     if training.balance_longer:
         train = balance_by_longer(train, training.train.batch_size, seed)
         emit(f"reward: {train.num_rows} training pairs after balancing by the longer side")
-    task = RewardTask(training.model, training.train.batch_size, seed, training.heads)
+    task = RewardTask(training.model, training.train.batch_size, seed, training.heads, training.lora)
     settings = LoopSettings(train=training.train, seed=seed, output_dir=output_dir)
     return run_training(task, settings, train, validation, resume=resume)
 

@@ -1,0 +1,161 @@
+"""RL with LoRA: the learner trains adapters (and the value head), the base with the adapter off is
+the reference, a sync moves the adapters alone on both transports, runs resume and learn."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from test_ppo import DOCUMENTS, ROOT, _cfg, _policy_state
+
+from rlhf.config.core import ConfigError
+from rlhf.config.sections import ModelConfig
+from rlhf.models import load_policy
+from rlhf.models.lora import is_adapter_folder
+from rlhf.ppo.actors import RayRoles
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.roles import LocalRoles, ReferenceScorer
+from rlhf.ppo.trainer import PPOTrainer, PromptStream
+
+SMALL = ("ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.max_new_tokens=8")
+
+
+def _lora_cfg(tmp_path: Path, *overrides: str) -> PPOConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return _cfg(tmp_path, "lora.r=4", "lora.dropout=0.3", *SMALL, *overrides)
+
+
+def _prompts() -> PromptStream:
+    return PromptStream(lambda epoch: iter(DOCUMENTS))
+
+
+def _adapter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".lora_" in name)
+
+
+def _perturb_adapters(model: torch.nn.Module, scale: float = 0.5) -> None:
+    """LoRA starts with B = 0 (the base's outputs); give every adapter a visible update."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def test_the_learner_trains_adapters_and_the_value_head_and_loads_no_reference(tmp_path: Path) -> None:
+    roles = LocalRoles(_lora_cfg(tmp_path))
+    learner = roles.learner
+    trained = {name for name, p in learner.engine.module.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in name or name.startswith("value.head.") for name in trained)
+    assert {"value.head.weight", "value.head.bias"} <= trained
+    assert roles.reference is None  # the base with the adapter off serves as the reference
+    dropouts = [m.p for m in learner.engine.module.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [0.0] * len(dropouts)  # lora.dropout=0.3 is for SFT/DPO; RL runs without
+
+
+def test_the_reference_is_the_base_with_the_adapter_off(tmp_path: Path) -> None:
+    cfg = _lora_cfg(tmp_path)
+    roles = LocalRoles(cfg)
+    rollout = roles.generate(DOCUMENTS[:4], seed=1)
+    _perturb_adapters(roles.learner.policy.model)  # the policy now differs from its base
+    frozen = ReferenceScorer(_cfg(tmp_path, *SMALL)).logprobs(rollout)  # a separate copy, no adapters
+    reference, (policy, _) = roles.ref_logprobs(rollout), roles.evaluate(rollout)
+    torch.testing.assert_close(reference, frozen, rtol=0, atol=1e-6)
+    assert (policy - reference).abs().max() > 1e-2
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_sync_moves_the_adapters_alone_on_both_transports(tmp_path: Path) -> None:
+    """The first sync moves the whole policy; after an update only the adapters move, and every
+    rollout worker then holds exactly the learner's tensors (base and adapters)."""
+    cfg = _lora_cfg(tmp_path, "roles.weight_sync=collective",
+                    "roles.cpus_per_actor=0.25", "ppo.advantage=grpo", "ppo.samples_per_document=2",
+                    "ppo.rollout_batch_size=2")
+    roles = RayRoles(cfg)
+    try:
+        def perturb(role) -> int:  # runs in the learner actor: an adapter update, its size in bytes
+            adapters = [p for name, p in role.policy.model.named_parameters() if ".lora_" in name]
+            with torch.no_grad():
+                for parameter in adapters:
+                    parameter.add_(torch.randn_like(parameter) * 0.1)
+            return sum(p.numel() * p.element_size() for p in adapters)
+
+        for transport in ("collective", "object_store"):
+            adapter_bytes = ray.get(roles.learners[0].__ray_call__.remote(perturb))
+            if transport == "collective":
+                report = roles.sync()
+            else:
+                roles.version += 1
+                report = roles._send_through_object_store(roles.generators, every=False)
+            assert report.bytes == adapter_bytes, transport
+            expected = _policy_state(roles.learners[0])
+            for worker in roles.generators:
+                state = _policy_state(worker)
+                assert state.keys() == expected.keys()
+                assert all(torch.equal(state[k], expected[k]) for k in expected), transport
+        full = sum(t.numel() * t.element_size() for t in expected.values())  # tied ones counted twice
+        assert full > 10 * adapter_bytes  # what a full fine-tune would send each time
+    finally:
+        roles.shutdown()
+
+
+def test_a_lora_run_resumes_at_the_same_iteration_and_publishes_an_adapter(tmp_path: Path) -> None:
+    overrides = ("ppo.iterations=3", "ppo.checkpoint_every=1", "lora.publish=adapter", "ppo.publish_every=3")
+    cfg = _lora_cfg(tmp_path / "a", *overrides)
+    roles = LocalRoles(cfg)
+    history = PPOTrainer(cfg, roles, _prompts(), lambda m: None).run()
+    assert history[0].sync_bytes == _adapter_bytes(roles.learner.policy.model)
+
+    resumed_cfg = _lora_cfg(tmp_path / "b", *overrides)
+    resumed_roles = LocalRoles(resumed_cfg)
+    trainer = PPOTrainer(resumed_cfg, resumed_roles, _prompts(), lambda m: None)
+    trainer.restore(tmp_path / "a" / "run" / "checkpoints" / "iter_000002")
+    resumed = trainer.run()
+    assert [h.iteration for h in resumed] == [3]
+    assert resumed[0].reward_mean == history[-1].reward_mean
+    final = roles.learner.policy.model.state_dict()
+    again = resumed_roles.learner.policy.model.state_dict()
+    assert all(torch.allclose(final[k], again[k], atol=1e-6) for k in final)
+
+    published = tmp_path / "a" / "run" / "registry" / "v0001"
+    assert is_adapter_folder(str(published))
+    loaded = load_policy(ModelConfig(name_or_path=str(published), max_source_length=96), dropout=False)
+    batch = loaded.encode_pairs(DOCUMENTS[:2], ["a summary"] * 2)
+    with torch.no_grad():
+        expected = roles.learner.policy.model(**batch).logits
+        torch.testing.assert_close(loaded.model(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("preset", "overrides"), [
+    ("tiny-t5", ("ppo.lr=3e-2",)),
+    # Attention adapters barely move a 2-layer random GPT-2's output; its LM head gets one too.
+    ("tiny-gpt2", ("ppo.lr=1e-2", "lora.target_modules=[c_attn,c_fc,c_proj,lm_head]")),
+])
+def test_ppo_with_lora_raises_a_rule_based_reward_with_bounded_kl(
+    tmp_path: Path, preset: str, overrides: tuple[str, ...]
+) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path, f"policy.name_or_path={preset}", "lora.r=8", "ppo.iterations=14", *overrides)
+    history = PPOTrainer(cfg, LocalRoles(cfg), _prompts(), lambda m: None).run()
+    rewards = [h.reward_mean for h in history]
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
+    assert end > start + 0.25, rewards
+    assert max(h.kl_mean for h in history) < 80, [h.kl_mean for h in history]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("lora.r=-1", "lora.r"), ("lora.alpha=0", "lora.alpha"), ("lora.dropout=1.5", "lora.dropout"),
+])
+def test_bad_lora_values_exit_2_naming_the_key(override: str, key: str) -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "ppo.py"), override],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and f"error: {key}" in run.stderr, run.stderr
+
+
+def test_lora_with_zero3_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^lora\.r: LoRA with ZeRO-3"):
+        _lora_cfg(tmp_path, "roles.deepspeed.zero_stage=3")
