@@ -104,7 +104,8 @@ def main() -> None:
         "original_text").to_pylist()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     common = [f"policy.name_or_path={args.policy}", "policy.max_source_length=256",
-              f"policy.max_target_length={args.max_new_tokens}", f"reward.model.name_or_path={args.reward_model}",
+              f"policy.max_target_length={args.max_new_tokens}",
+              f"reward.model.name_or_path={args.reward_model}",
               f"reward.model.max_source_length={args.reward_max_source_length}",
               f"ppo.iterations={args.iterations}", f"ppo.max_new_tokens={args.max_new_tokens}",
               f"ppo.lr={args.lr}", f"ppo.kl_coef={args.kl_coef}", "ppo.minibatch_size=8",

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import _easy_preferences
 
-from rlhf.config.core import ConfigError, load_config
-from rlhf.config.sections import LoraConfig, ModelConfig
+from rlhf.config.core import load_config
+from rlhf.config.sections import DeepSpeedConfig, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig
 from rlhf.dpo.logprobs import load_frozen_policy, pair_logprobs
 from rlhf.dpo.task import DPOTask
@@ -21,6 +21,8 @@ from rlhf.errors import InputError
 from rlhf.models import load_policy, load_reward_model
 from rlhf.models.lora import target_modules
 from rlhf.models.tiny import build_tiny_lm
+from rlhf.ppo.roles import free_port, init_process_group
+from rlhf.train import engine as ds
 from rlhf.train.config import SFTConfig
 from rlhf.train.reward import bradley_terry_loss
 from rlhf.train.sft import run_sft
@@ -126,9 +128,45 @@ def test_the_dpo_reference_of_an_adapted_policy_is_its_base_with_the_adapter_off
     assert not torch.allclose(adapted[0], expected[0])  # the adapters are on again
 
 
-def test_lora_with_zero3_is_one_clear_error() -> None:
-    with pytest.raises(ConfigError, match=r"^lora\.r: LoRA with ZeRO-3 is not supported yet"):
-        load_config(SFTConfig, None, ["lora.r=8", "train.deepspeed.zero_stage=3"])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)],
+                         ids=["fp32", "bf16"])
+def test_a_zero3_reward_model_with_adapters_starts_as_its_base_and_saves_merged_from_gathered_buckets(
+    tmp_path: Path, dtype: torch.dtype, atol: float
+) -> None:
+    """ZeRO-3 partitions the adapters (in the base's dtype: mixed dtypes fail in bf16) with their
+    PEFT init (A random, B = 0); after a step the folder written from buckets of gathered copies,
+    as the training loop saves, is the engine's model merged (no peft), in fp32 to 1e-5."""
+    init_process_group(0, 1, "127.0.0.1", free_port(), False)  # one rank, as a Learner opens it
+    cfg = ModelConfig(name_or_path="tiny-gpt2", max_source_length=64, max_target_length=32)
+    config = ds.deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=2, lr=1e-2,
+                                 max_grad_norm=1.0, bf16=dtype == torch.bfloat16)
+    with ds.zero3_init_context(config):
+        model = load_reward_model(cfg, lora=LoraConfig(r=4, dropout=0.0))
+    engine, _ = ds.initialize(model, config)
+    gather = ds.parameter_gather(3)
+    start = ds.cpu_copies(ds.unique_tensors(model), list(ds.unique_tensors(model)), gather)
+    assert {t.dtype for t in start.values()} == {dtype}
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())  # all partitioned
+    lora_a, lora_b = ([t for name, t in start.items() if f".lora_{m}." in name] for m in "AB")
+    assert lora_a and all(t.abs().sum() > 0 for t in lora_a) and all(not t.any() for t in lora_b)
+    batch = model.encode_pairs(["one document", "another document"], ["a summary", "b"])
+    engine.eval()
+    with torch.no_grad(), model.backbone.disable_adapter():
+        base = engine(**batch)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(**batch), base, rtol=0, atol=0)
+    engine.train()
+    engine.backward(engine(**batch).float().pow(2).mean())
+    engine.step()
+    engine.eval()
+    ds.save_gathered(model, lambda state: model.save(tmp_path / "reward", state), gather)
+    saved = load_reward_model(ModelConfig(name_or_path=str(tmp_path / "reward"), max_source_length=64))
+    assert not (tmp_path / "reward" / "adapter_config.json").exists()
+    assert not any(".lora_" in name for name, _ in saved.named_parameters())
+    with torch.no_grad():
+        trained = engine(**batch).float()
+        torch.testing.assert_close(saved(**batch).float(), trained, rtol=0, atol=atol)
+        assert not torch.allclose(trained, base.float(), atol=atol)  # the step changed it
 
 
 def test_sft_with_lora_lowers_validation_loss_and_leaves_the_base_untouched(ray_local, tmp_path: Path):

@@ -13,17 +13,10 @@ from rlhf.config.core import ConfigError
 from rlhf.config.sections import DeepSpeedConfig, ModelConfig
 from rlhf.errors import InputError
 from rlhf.models import load_policy, resolve_dtype
-from rlhf.ppo import weight_sync
 from rlhf.ppo.roles import free_port, init_process_group
-from rlhf.ppo.weight_sync import (
-    SyncPlan,
-    WeightGroup,
-    cpu_copies,
-    gathered_buckets,
-    resolve_transport,
-    unique_tensors,
-)
+from rlhf.ppo.weight_sync import SyncPlan, WeightGroup, resolve_transport
 from rlhf.train import engine as ds
+from rlhf.train.engine import cpu_copies, gathered_buckets, unique_tensors
 
 CPU = torch.device("cpu")
 
@@ -62,7 +55,7 @@ def test_sync_plan_moves_everything_first_then_only_trainable_parameters() -> No
 def test_buckets_split_by_dtype_and_size() -> None:
     f32 = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(20)]  # 16 bytes each, then 80
     half = [torch.zeros(2, dtype=torch.bfloat16)]
-    sizes = [[i for i in b] for b in weight_sync._buckets(f32 + half + f32[:1], 40)]
+    sizes = [[i for i in b] for b in ds._buckets(f32 + half + f32[:1], 40)]
     assert sizes == [[0, 1], [2], [3], [4], [5]]
 
 

@@ -71,7 +71,8 @@ def test_roles_dtype_reaches_frozen_roles_and_the_learner(tmp_path: Path) -> Non
     learner = Learner(cfg)
     assert learner.engine.bfloat16_enabled()
     assert learner.value.head.weight.dtype == torch.bfloat16 and hasattr(learner.value.head.weight, "ds_id")
-    with ds.gathered_params(learner.policy.model, 3):  # the ZeRO-3 policy starts as the reference
+    # the ZeRO-3 policy starts as the reference
+    with ds.parameter_gather(3)(list(learner.policy.model.parameters())):
         frozen = reference.policy.model.state_dict()
         assert all(torch.equal(t, frozen[n]) for n, t in learner.policy.model.state_dict().items())
     fp32 = _ppo(tmp_path, "roles.dtype=fp32", "reward.model.name_or_path=tiny-gpt2")
@@ -112,7 +113,7 @@ def test_reward_model_under_zero3_initializes_and_trains(tmp_path: Path, dtype: 
     head = engine.module.head
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert head.weight.ds_tensor.numel() > 0
-    with ds.gathered_params(head, 3):
+    with ds.parameter_gather(3)(list(head.parameters())):
         assert head.weight.shape == (1, model.backbone.config.hidden_size)
         assert head.weight.float().abs().sum() > 0  # the seeded random init reached the shard
         assert head.bias.item() == (0.5 if saved else 0.0)

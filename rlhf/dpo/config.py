@@ -12,7 +12,7 @@ from typing import Literal
 from rlhf.config.core import ConfigError, option
 from rlhf.config.sections import LoraConfig, ModelConfig
 from rlhf.ppo.functional import DPOKind
-from rlhf.train.config import ComparisonSourcesConfig, TrainConfig, check_lora_zero_stage
+from rlhf.train.config import ComparisonSourcesConfig, TrainConfig
 
 ReferenceMode = Literal["cached", "online"]
 
@@ -65,4 +65,3 @@ class DPOConfig(ComparisonSourcesConfig):
     def validate(self) -> None:
         if self.data is None and not self.from_store:
             raise ConfigError("data", "no training data: set data.path or from_store=true")
-        check_lora_zero_stage(self.lora, self.train.deepspeed.zero_stage)

@@ -109,8 +109,8 @@ class DPOTask:
     def finalize(self, model: nn.Module) -> None:
         """Nothing to compute after DPO."""
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        self.policy.save_trained(path, self.lora.publish)  # as SFT: a folder PPO, Serve, the registry read
+    def save(self, model: nn.Module, path: Path, gather: ds.Gather) -> None:
+        ds.save_policy(self.policy, path, self.lora.publish, gather)  # as SFT: what PPO and Serve read
 
 
 class _ReferenceScorer:

@@ -35,7 +35,7 @@ from rlhf.models.encoding import (
     model_kind,
     shift_right,
 )
-from rlhf.models.lora import AdaptedModel, add_backbone_adapter, merged
+from rlhf.models.lora import AdaptedModel, add_backbone_adapter, merged_state
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.policy import enable_activation_checkpointing
 from rlhf.models.tiny import build_tiny_backbone, is_tiny_preset
@@ -170,15 +170,22 @@ class ScalarHeadModel(nn.Module):
         """Saved head weights as this class's head takes them (see ValueModel)."""
         return state
 
-    def save(self, path: str | Path) -> None:
-        """Backbone (HF layout, safetensors) + tokenizer + head weights + head metadata."""
+    def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Backbone (HF layout, safetensors) + tokenizer + head weights + head metadata;
+        ``state_dict`` replaces this module's own tensors (a ZeRO-3 learner's gathered copies)."""
         folder = Path(path)
+        tensors = self.state_dict() if state_dict is None else state_dict
+        parts: dict[str, dict[str, torch.Tensor]] = {"backbone": {}, "head": {}}
+        for name, tensor in tensors.items():
+            part, _, rest = name.partition(".")
+            parts[part][rest] = tensor
         backbone = self.backbone
         if isinstance(backbone, AdaptedModel):  # saved merged: the folder loads without peft
-            backbone = merged(backbone)
-        backbone.save_pretrained(str(folder))
+            parts["backbone"] = merged_state(backbone, parts["backbone"])
+            backbone = backbone.get_base_model()
+        backbone.save_pretrained(str(folder), state_dict=parts["backbone"])
         self.tokenizer.save_pretrained(str(folder))
-        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
+        head = {name: tensor.detach().contiguous().cpu() for name, tensor in parts["head"].items()}
         save_file(head, str(folder / HEAD_WEIGHTS))
         (folder / HEAD_META).write_text(json.dumps(self.metadata(), indent=2) + "\n")
 

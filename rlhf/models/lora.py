@@ -9,17 +9,19 @@ that base's fingerprint. ``load_policy`` reads both; Serve attaches adapter vers
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import transpose
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from transformers import PreTrainedModel
 
@@ -31,6 +33,9 @@ from rlhf.models.tiny import is_tiny_preset
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_FILE = "base.json"  # beside ADAPTER_CONFIG: the base's name and fingerprint when it was saved
 AdaptedModel = PeftModel  # what a policy's ``model`` is when it carries adapters
+StateDict = dict[str, torch.Tensor]
+PEFT_PREFIX = "base_model.model."  # before the base's own names in a PeftModel's state dict
+ADAPTER_KEY = "lora_"  # in the state-dict name of every adapter tensor (PEFT's own filter)
 # Families PEFT has no default for: the same choice as its own (queries and values), per attention.
 EXTRA_TARGETS: dict[str, list[str]] = {
     "led": ["query", "value", "q_proj", "v_proj"],  # encoder (Longformer) and decoder attention
@@ -63,13 +68,9 @@ def add_adapter(model: PreTrainedModel, cfg: LoraConfig, base_name: str) -> Peft
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,
         target_modules=target_modules(cfg, model.config.model_type),
     )
-    training = model.training
-    try:
-        adapted = get_peft_model(model, peft_config)
-    except ValueError as failure:  # PEFT: "Target modules {...} not found in the base model"
-        raise InputError(f"lora.target_modules: {failure}") from None
+    adapted = _wrap(model, peft_config)
     adapted.peft_config["default"].base_model_name_or_path = base_name
-    return adapted.train(training)  # new adapter layers (their dropout) start in train mode
+    return adapted
 
 
 def add_backbone_adapter(backbone: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
@@ -79,12 +80,24 @@ def add_backbone_adapter(backbone: PreTrainedModel, cfg: LoraConfig) -> PeftMode
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=target_modules(cfg, backbone.config.model_type),
     )
-    training = backbone.training
+    return _wrap(backbone, peft_config)
+
+
+def _wrap(model: PreTrainedModel, peft_config: PeftLoraConfig) -> PeftModel:
+    """``get_peft_model`` with the adapters in the base's dtype, in the mode ``model`` was in.
+
+    Not PEFT's fp32 upcast of adapters on a bf16 base: ZeRO-3 flattens the learner's partitions
+    one dtype per buffer (mixed dtypes fail in ``deepspeed.initialize``; ZeRO 0-2 cast them to bf16
+    anyway), and the generators' adapters must have the learner's dtype for a weight sync.
+    Under ZeRO-3 the adapters are created outside ``zero.Init`` (PEFT initialises them: A random,
+    B = 0); ``deepspeed.initialize`` broadcasts rank 0's values and partitions them.
+    """
+    training = model.training
     try:
-        adapted = get_peft_model(backbone, peft_config)
-    except ValueError as failure:
+        adapted = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    except ValueError as failure:  # PEFT: "Target modules {...} not found in the base model"
         raise InputError(f"lora.target_modules: {failure}") from None
-    return adapted.train(training)
+    return adapted.train(training)  # new adapter layers (their dropout) start in train mode
 
 
 def without_dropout(cfg: LoraConfig) -> LoraConfig:
@@ -211,6 +224,33 @@ def adapters_for_rows(
             yield {}
 
 
-def merged(model: AdaptedModel) -> PreTrainedModel:
-    """A copy of the base with the adapter folded into its weights; ``model`` is left as it is."""
-    return copy.deepcopy(model).merge_and_unload()
+def adapter_names(names: Iterable[str]) -> list[str]:
+    """The adapter tensors among a PeftModel's state-dict ``names``: what an adapter folder holds."""
+    return [name for name in names if ADAPTER_KEY in name]
+
+
+def merged_state(model: AdaptedModel, tensors: StateDict) -> StateDict:
+    """The base's state dict, under its own names, with the active adapters folded in: what
+    ``merge_and_unload`` gives, computed from ``tensors`` (``model``'s state dict: live tensors, or
+    a ZeRO-3 learner's gathered host copies), so the model is neither copied nor changed.
+
+    Each adapted weight becomes W + scaling * B @ A (transposed for fan-in-fan-out layers such as
+    GPT-2's Conv1D), in fp32 and rounded once to W's dtype; adapter tensors are dropped.
+    """
+    state = dict(tensors)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        if f"{name}.base_layer.weight" not in state:  # listed under the tensor it is tied to
+            raise InputError(f"lora.target_modules: {name.removeprefix(PEFT_PREFIX)} shares its weight "
+                             "with another module (tied embeddings), so a merged save would change both; "
+                             "leave it out of lora.target_modules or set lora.publish=adapter")
+        weight = state.pop(f"{name}.base_layer.weight")
+        delta = sum(transpose(state[f"{name}.lora_B.{adapter}.weight"].float()
+                              @ state[f"{name}.lora_A.{adapter}.weight"].float(), layer.fan_in_fan_out)
+                    * layer.scaling[adapter] for adapter in layer.active_adapters)
+        state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+        if (bias := state.pop(f"{name}.base_layer.bias", None)) is not None:
+            state[f"{name}.bias"] = bias
+    return {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in state.items()
+            if ADAPTER_KEY not in name}

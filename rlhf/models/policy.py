@@ -37,7 +37,7 @@ from rlhf.models.lora import (
     add_adapter,
     attach_saved_adapter,
     is_adapter_folder,
-    merged,
+    merged_state,
     record_base,
 )
 from rlhf.models.offline import resolve_name_or_path
@@ -129,31 +129,39 @@ class Policy:
         """Hugging Face layout (config, safetensors, generation config, tokenizer); the config
         records the checkpoint's dropout even when this copy runs without it (RL roles).
 
-        ``state_dict`` replaces the model's own tensors (a ZeRO-3 learner's gathered copies).
-        An adapted model is saved merged: the folder loads without ``peft``.
+        ``state_dict`` replaces the model's own tensors (a ZeRO-3 learner's gathered copies, under
+        the model's names). An adapted model is saved merged (``merged_state``): the folder loads
+        without ``peft``.
         """
         model = self.model
         if isinstance(model, AdaptedModel):
-            if state_dict is not None:
-                raise ValueError("Policy.save: state_dict is for full models; an adapted one saves merged")
-            model = merged(model)
+            state_dict = merged_state(model, model.state_dict() if state_dict is None else state_dict)
+            model = model.get_base_model()
         with checkpoint_dropout_restored(model.config, self.checkpoint_dropout):
             model.save_pretrained(str(path), state_dict=state_dict)
         self.tokenizer.save_pretrained(str(path))
 
-    def save_trained(self, path: str | Path, publish: LoraPublish) -> None:
-        """A trained policy as ``lora.publish`` says: the adapter folder, or a full (merged) model."""
-        if self.adapted and publish == "adapter":
-            self.save_adapter(path)
-        else:
-            self.save(path)
+    def saves_adapter(self, publish: LoraPublish) -> bool:
+        """Whether ``save_trained`` writes an adapter folder (else a full model)."""
+        return self.adapted and publish == "adapter"
 
-    def save_adapter(self, path: str | Path) -> None:
+    def save_trained(
+        self, path: str | Path, publish: LoraPublish, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """A trained policy as ``lora.publish`` says: the adapter folder, or a full (merged) model;
+        ``state_dict``: gathered copies of what that needs (the adapters alone for an adapter folder)."""
+        if self.saves_adapter(publish):
+            self.save_adapter(path, state_dict)
+        else:
+            self.save(path, state_dict)
+
+    def save_adapter(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The adapter folder (``adapter_config.json`` naming its base, adapter weights, ``base.json``
-        with the base's fingerprint, so a changed base is refused) + tokenizer."""
+        with the base's fingerprint, so a changed base is refused) + tokenizer; ``state_dict``: the
+        adapters' gathered copies under the model's names (ZeRO-3), else the live ones are saved."""
         if not isinstance(self.model, AdaptedModel):
             raise ValueError("Policy.save_adapter: this policy has no adapter (lora.r is 0)")
-        self.model.save_pretrained(str(path))
+        self.model.save_pretrained(str(path), state_dict=state_dict)
         record_base(path)
         self.tokenizer.save_pretrained(str(path))
 

@@ -24,7 +24,6 @@ from rlhf.config.sections import (
 from rlhf.data import sample_source
 from rlhf.ppo.functional import KLKind, LossAggregation
 from rlhf.ppo.weight_sync import BUCKET_MB, WeightSync, resolve_transport
-from rlhf.train.config import check_lora_zero_stage
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement strategies
 DEFAULT_REWARD_FN = "rlhf.ppo.rewards:brevity"
@@ -248,7 +247,6 @@ class PPOTrainingConfig:
         return r.rollout_workers + r.reward_workers + self.reference_actors + r.learner_workers
 
     def validate(self) -> None:
-        check_lora_zero_stage(self.lora, self.roles.deepspeed.zero_stage)
         algo = self.ppo
         if algo.advantage in GROUP_ESTIMATORS and algo.samples_per_document < 2:
             raise ConfigError(

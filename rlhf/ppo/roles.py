@@ -31,17 +31,10 @@ from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
 from rlhf.ppo.rewards import load_reward_fn
-from rlhf.ppo.weight_sync import (
-    StateDict,
-    SyncPlan,
-    SyncReport,
-    WeightGroup,
-    cpu_copies,
-    gathered_buckets,
-    unique_tensors,
-)
+from rlhf.ppo.weight_sync import SyncPlan, SyncReport, WeightGroup
 from rlhf.runtime import derive_seed
 from rlhf.train import engine as ds
+from rlhf.train.engine import StateDict, cpu_copies, follow_gathers, unique_tensors
 
 
 def _device(gpus: float) -> torch.device:
@@ -348,16 +341,11 @@ class Learner:
         tensors = unique_tensors(self.policy.model)
         names = list(tensors) if every else self.plan.names(tensors)
         if self.rank != 0:
-            self._follow_gathers(tensors, names)
+            follow_gathers(tensors, names, self.gather, self.bucket_mb)
             return {}, SyncReport(time.perf_counter() - start, 0)
         copies = cpu_copies(tensors, names, self.gather, self.bucket_mb)
         sent = sum(t.numel() * t.element_size() for t in copies.values())
         return copies, SyncReport(time.perf_counter() - start, sent)
-
-    def _follow_gathers(self, tensors: StateDict, names: list[str]) -> None:
-        """A rank other than 0 joins each bucket's ZeRO-3 gather while rank 0 uses the values."""
-        for _ in gathered_buckets(tensors, names, self.gather, self.bucket_mb):
-            pass
 
     def host_weight_group(self, size: int) -> int:
         """Rank 0: open the broadcast group's rendezvous here; returns its port."""
@@ -379,24 +367,15 @@ class Learner:
         if self.rank == 0:
             sent = self.weights.broadcast(tensors, names, self.gather)
         else:
-            self._follow_gathers(tensors, names)
+            follow_gathers(tensors, names, self.gather, self.bucket_mb)
         return SyncReport(time.perf_counter() - start, sent)
 
     def save_policy(self, path: str) -> None:
         """The current policy in Hugging Face layout (all ranks call; rank 0 writes); with adapters,
-        as ``lora.publish`` says (ZeRO 0-2: the config refuses LoRA with ZeRO-3).
-
-        ZeRO-3 shards are gathered into host memory bucket by bucket, never all on a device.
+        as ``lora.publish`` says. ZeRO-3 shards are gathered into host memory bucket by bucket
+        (the adapters alone for an adapter folder), never all on a device.
         """
-        if self.policy.adapted:
-            if self.rank == 0:
-                self.policy.save_trained(path, self.cfg.lora.publish)
-            return
-        tensors = unique_tensors(self.policy.model)
-        if self.rank != 0:
-            self._follow_gathers(tensors, list(tensors))
-            return
-        self.policy.save(path, state_dict=cpu_copies(tensors, list(tensors), self.gather, self.bucket_mb))
+        ds.save_policy(self.policy, path, self.cfg.lora.publish, self.gather, self.bucket_mb)
 
     def save_checkpoint(self, path: str) -> None:
         """Optimizer, weights and RNG for an exact resume (every rank writes its shard)."""

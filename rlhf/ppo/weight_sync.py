@@ -4,7 +4,7 @@ One rule for both transports (:class:`SyncPlan`): the first sync moves every ten
 only the tensors the optimizer can change (trainable parameters: all of a full fine-tune, the
 adapters alone when the rest is frozen); tied tensors (a shared embedding under several names)
 move once. Nothing is copied to find out what changed, and a ZeRO-3 learner gathers its shards
-one bucket at a time (:func:`gathered_buckets`), so neither the learner's host memory nor any
+one bucket at a time (``rlhf.train.engine.gathered_buckets``), so neither the learner's host memory nor any
 rank's device memory ever holds a second full copy of the policy for a sync.
 
 - **Object store** (``roles.weight_sync: object_store``): learner rank 0 returns the changed
@@ -23,29 +23,22 @@ store; see :func:`resolve_transport`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from rlhf.config.core import ConfigError
 from rlhf.errors import InputError
-
-StateDict = dict[str, torch.Tensor]
-Gather = Callable[[list[torch.Tensor]], AbstractContextManager[None]]  # full values inside (ZeRO-3 shards)
+from rlhf.train.engine import BUCKET_MB, Gather, StateDict, full_shape, gathered_buckets, no_gather
 
 WeightSync = Literal["auto", "object_store", "collective"]  # roles.weight_sync
 Transport = Literal["object_store", "collective"]  # what ``auto`` resolves to
 OBJECT_STORE: Transport = "object_store"
 COLLECTIVE: Transport = "collective"
-BUCKET_MB = 256.0  # roles.sync_bucket_mb: keeps the link busy without a second copy of the model
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 _STORE_PREFIX = "rlhf-weights"
 
@@ -70,30 +63,6 @@ def resolve_transport(setting: WeightSync, gpus_per_actor: float) -> Transport:
     return setting
 
 
-def unique_tensors(model: nn.Module) -> StateDict:
-    """The model's live parameters and buffers by state-dict name, tied ones under their first name.
-
-    Both sides of a sync call it on the same architecture, so positions identify tensors. Under
-    ZeRO-3 the parameters are partitioned (empty) outside a :data:`Gather`.
-    """
-    seen: set[int] = set()
-    unique: StateDict = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            unique[name] = tensor
-    return unique
-
-
-def full_shape(tensor: torch.Tensor) -> torch.Size:
-    """The unpartitioned shape (a ZeRO-3 parameter is empty outside a gather)."""
-    return getattr(tensor, "ds_shape", tensor.shape)
-
-
-def full_bytes(tensor: torch.Tensor) -> int:
-    return full_shape(tensor).numel() * tensor.element_size()
-
-
 class SyncPlan:
     """Which tensors a sync moves: every one the first time (and after :meth:`reset`), then the
     trainable parameters only.
@@ -115,50 +84,6 @@ class SyncPlan:
 
     def reset(self) -> None:
         self.started = False
-
-
-def no_gather(tensors: list[torch.Tensor]) -> AbstractContextManager[None]:
-    """The :data:`Gather` of an unpartitioned model."""
-    return contextlib.nullcontext()
-
-
-def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> Iterator[list[int]]:
-    """Positions of runs of same-dtype tensors of at most ``bucket_bytes`` (a bigger one goes alone)."""
-    bucket: list[int] = []
-    size = 0
-    for position, tensor in enumerate(tensors):
-        nbytes = full_bytes(tensor)
-        if bucket and (tensor.dtype != tensors[bucket[0]].dtype or size + nbytes > bucket_bytes):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(position)
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-def gathered_buckets(
-    tensors: StateDict, names: list[str], gather: Gather = no_gather, bucket_mb: float = BUCKET_MB
-) -> Iterator[list[str]]:
-    """``names`` in buckets, each gathered to full values only while the caller handles it.
-
-    With ZeRO-3 every learner rank must walk the same buckets (the gather is a collective); the
-    peak extra memory is one bucket, not the model.
-    """
-    for bucket in _buckets([tensors[name] for name in names], int(bucket_mb * 2**20)):
-        bucket_names = [names[i] for i in bucket]
-        with gather([tensors[name] for name in bucket_names]):
-            yield bucket_names
-
-
-def cpu_copies(
-    tensors: StateDict, names: list[str], gather: Gather = no_gather, bucket_mb: float = BUCKET_MB
-) -> StateDict:
-    """Detached CPU copies of ``tensors[names]``, gathered bucket by bucket (see gathered_buckets)."""
-    copies: StateDict = {}
-    for bucket in gathered_buckets(tensors, names, gather, bucket_mb):
-        copies.update({name: tensors[name].detach().to("cpu", copy=True) for name in bucket})
-    return copies
 
 
 def _signature(tensors: StateDict) -> list[int]:
@@ -221,7 +146,7 @@ class WeightGroup:
     ) -> int:
         """Rank 0 sends ``tensors[names]``; the others receive into their ``tensors`` in place.
 
-        ``tensors`` is :func:`unique_tensors` of the local policy; rank 0's ``gather`` brings each
+        ``tensors`` is ``unique_tensors`` of the local policy; rank 0's ``gather`` brings each
         bucket's full values in (the other learner ranks walk :func:`gathered_buckets` beside it).
         Returns the bytes moved.
         """

@@ -71,16 +71,6 @@ class SFTConfig:
     lora: LoraConfig = option(factory=LoraConfig, help="LoRA adapters instead of training every weight.")
     rouge_rows: int = option(8, "Validation documents summarised for ROUGE at each eval.", ge=0)
 
-    def validate(self) -> None:
-        check_lora_zero_stage(self.lora, self.train.deepspeed.zero_stage)
-
-
-def check_lora_zero_stage(lora: LoraConfig, zero_stage: int, prefix: str = "") -> None:
-    """LoRA runs on ZeRO 0-2 for now: saving merges a copy of the model, which ZeRO-3 partitions."""
-    if lora.r and zero_stage == 3:
-        raise ConfigError(f"{prefix}lora.r", "LoRA with ZeRO-3 is not supported yet (the merged save "
-                          "copies the model, which ZeRO-3 partitions); use deepspeed.zero_stage 0-2")
-
 
 @dataclass
 class AugmentConfig:
@@ -145,7 +135,6 @@ class RewardTrainingConfig:
     )
 
     def validate(self) -> None:
-        check_lora_zero_stage(self.lora, self.train.deepspeed.zero_stage)
         if (self.heads.layout == "disentangled" and self.heads.orthogonality_weight > 0
                 and self.train.deepspeed.zero_stage == 3):
             raise ConfigError("heads.orthogonality_weight", "needs the whole head, which ZeRO-3 "

@@ -50,8 +50,9 @@ class TrainTask(Protocol):
     def finalize(self, model: nn.Module) -> None:
         """Last computation before the final save, e.g. statistics; every rank calls it."""
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        """Write ``model`` to ``path`` in Hugging Face layout; called on rank 0 with full weights."""
+    def save(self, model: nn.Module, path: Path, gather: ds.Gather) -> None:
+        """Write ``model`` to ``path`` in Hugging Face layout: every rank calls it, ``gather`` gives
+        ZeRO-3 shards their full values (``engine.save_gathered``: a bucket at a time), rank 0 writes."""
 
 
 @dataclass
@@ -82,10 +83,6 @@ class LoopSettings:
 
 
 # ---------------------------------------------------------------- worker side
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -124,7 +121,7 @@ class _MetricsLog:
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.time()
-        self.writer = MetricsWriter(output_dir, step_key="step") if _rank() == 0 else None
+        self.writer = MetricsWriter(output_dir, step_key="step") if ds.rank() == 0 else None
 
     def progress(self, state: TrainState, metrics: dict[str, float], lr: float, samples_s: float):
         if self.writer is None:
@@ -150,10 +147,9 @@ def _save_checkpoint(task: TrainTask, engine: Any, state: TrainState, zero_stage
 
     directory = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
     engine.save_checkpoint(str(directory), tag=DS_TAG)
-    with ds.gathered_params(engine.module, zero_stage):
-        if _rank() == 0:
-            task.save(engine.module, directory / MODEL_DIR)
-            state.save(directory)
+    task.save(engine.module, directory / MODEL_DIR, ds.parameter_gather(zero_stage))
+    if ds.rank() == 0:
+        state.save(directory)
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     ray.train.report({"step": state.step, **metrics}, checkpoint=checkpoint)
     shutil.rmtree(directory, ignore_errors=True)

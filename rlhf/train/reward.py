@@ -29,6 +29,7 @@ from rlhf.metrics import emit
 from rlhf.models import RewardModel, load_reward_model
 from rlhf.models.heads import ScoreStats, check_reward_heads
 from rlhf.store import check_url
+from rlhf.train import engine as ds
 from rlhf.train.config import RewardConfig, RewardHeadsConfig, RewardTrainingConfig
 from rlhf.train.data import human_comparisons, split_validation
 from rlhf.train.disentangle import length_correlation_loss, orthogonality_loss
@@ -137,8 +138,8 @@ class RewardTask:
             mean = total / count
             self.reward_model.stats[kind] = ScoreStats(mean, math.sqrt(max(squares / count - mean**2, 1e-12)))
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        self.reward_model.save(path)
+    def save(self, model: nn.Module, path: Path, gather: ds.Gather) -> None:
+        ds.save_gathered(model, lambda state: self.reward_model.save(path, state), gather)
 
 
 def _synthetic(cfg: RewardConfig, n_human: int) -> pa.Table | None:

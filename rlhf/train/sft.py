@@ -16,6 +16,7 @@ from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy
 from rlhf.train.config import SFTConfig
 from rlhf.train.data import train_and_validation
+from rlhf.train.engine import Gather, save_policy
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
 
 
@@ -62,8 +63,8 @@ class SFTTask:
     def finalize(self, model: nn.Module) -> None:
         """Nothing to compute after SFT."""
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        self.policy.save_trained(path, self.lora.publish)
+    def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
+        save_policy(self.policy, path, self.lora.publish, gather)
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
