@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,9 +40,12 @@ def run(name: str, overrides: list[str], documents: list[str], out_dir: Path) ->
     from rlhf.ppo.trainer import PPOTrainer, PromptStream
 
     torch.manual_seed(0)
-    cfg = load_config(PPOConfig, None, [f"output_dir={out_dir / name}", *overrides])
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
+    # The run's checkpoint and the version it publishes at its end go to a temporary folder: only
+    # its metrics are results.
+    scratch = tempfile.TemporaryDirectory(prefix=f"reward-head-rl-{name}-")
+    cfg = load_config(PPOConfig, None, [f"output_dir={scratch.name}", *overrides])
+    metrics_file = out_dir / name / "metrics.jsonl"
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text("")
     rows: list[dict] = []
 
@@ -55,7 +59,8 @@ def run(name: str, overrides: list[str], documents: list[str], out_dir: Path) ->
 
     roles = LocalRoles(cfg, threads=2)
     stream = PromptStream(lambda epoch: iter(documents))
-    PPOTrainer(cfg, roles, stream, log).run()
+    with scratch:
+        PPOTrainer(cfg, roles, stream, log).run()
     return rows
 
 
@@ -109,7 +114,7 @@ def main() -> None:
               f"reward.model.max_source_length={args.reward_max_source_length}",
               f"ppo.iterations={args.iterations}", f"ppo.max_new_tokens={args.max_new_tokens}",
               f"ppo.lr={args.lr}", f"ppo.kl_coef={args.kl_coef}", "ppo.minibatch_size=8",
-              "ppo.checkpoint_every=100000", "ppo.publish_every=100000"]
+              "ppo.checkpoint_every=100000", "ppo.publish_every=100000"]  # only at the end
     results, started = {}, time.time()
     for estimator in args.estimators:
         for head in HEADS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -59,10 +60,17 @@ def _bootstrap_address(address: str | None, temp_dir: str | None) -> str | None:
     """The GCS ``host:port`` that ``ray.init(address=address)`` would join; None: it starts a local Ray."""
     from ray._private import services
 
+    # Quiet: with several Ray instances on the machine, Ray warns here which one it would join;
+    # ray.init() warns the same when it joins, and a dead one becomes our one-line error instead.
+    log = logging.getLogger(services.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         return services.canonicalize_bootstrap_address(address, temp_dir)
     except ConnectionError as err:  # address="auto" and no Ray running on this machine
         raise InputError(f"ray address=auto: {err}") from None
+    finally:
+        log.setLevel(level)
 
 
 def _reachable(gcs: str, within_s: float) -> bool:

@@ -9,11 +9,16 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from rlhf.store import FeedbackStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -91,6 +96,57 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(*pg_ctl, "-m", "fast", "stop")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fresh_postgres_database(server_url: str) -> str:
+    """A new, empty database on the session's server, so tests do not see each other's rows."""
+    import sqlalchemy as sa
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    engine.dispose()
+    return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_url(request: pytest.FixtureRequest, tmp_path) -> Callable[[], str]:
+    """Makes URLs of empty feedback databases (not yet created by the store), of each kind:
+    a SQLite file, and a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return lambda: f"sqlite:///{tmp_path}/{uuid.uuid4().hex[:8]}/feedback.db"
+    server_url = request.getfixturevalue("postgres_url")
+    return lambda: _fresh_postgres_database(server_url)
+
+
+@pytest.fixture
+def url(new_url: Callable[[], str]) -> str:
+    """The URL of an empty feedback database of each kind."""
+    return new_url()
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[FeedbackStore]:
+    """A feedback store on ``url``, closed after the test."""
+    from rlhf.store import FeedbackStore
+
+    opened = FeedbackStore(url)
+    yield opened
+    opened.close()
+
+
+# Test files taking longest (pytest --durations), run first: `pytest -n 2 --dist loadfile` hands
+# out whole files in collection order, so starting the long ones first lets both workers finish
+# together instead of one waiting on the end-to-end test alone.
+LONGEST_FIRST = ("test_online_e2e.py", "test_train.py", "test_ppo.py", "test_dpo.py", "test_online.py",
+                 "test_ppo_lora.py", "test_serve.py", "test_lora.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Reorder by LONGEST_FIRST; the rest keep their order (a stable sort)."""
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def _running(proc: psutil.Process) -> bool:

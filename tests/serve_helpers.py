@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import requests
 import torch
 
 from rlhf.config.core import load_config
@@ -62,3 +66,31 @@ def serve_config(registry: Path, db: Path, *overrides: str) -> ServeConfig:
         "serve.host=127.0.0.1", f"serve.port={free_port()}", "serve.max_new_tokens=24",
         "serve.max_text_bytes=20000", "serve.reload_interval_s=0.5", *overrides,
     ])
+
+
+@contextmanager
+def summarize_stream(url: str, text: str, clients: int = 4) -> Iterator[list[str]]:
+    """``clients`` threads post /v1/summarize to ``url`` until the block ends; yields the versions
+    that answered, in order, as they come. Fails if any request failed."""
+    errors: list[str] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            answer = requests.post(url + "/v1/summarize", json={"text": f"{text} {n}"}, timeout=60)
+            if answer.status_code != 200:
+                errors.append(answer.text)
+            else:
+                versions.append(answer.json()["policy_version"])
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield versions
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []

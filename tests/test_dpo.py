@@ -184,13 +184,14 @@ def test_an_online_dpo_cycle_resumes_to_publish_and_the_gate_rejects_a_worse_upd
     assert policy.generate(["a post"], do_sample=False)
 
     _label(store, 24, offset=24)
-    measured = OnlineLoop._implicit_accuracy
+    measured = OnlineLoop._implicit_health
 
-    def worse_after_training(loop: OnlineLoop, policy: str, window) -> float | None:
-        accuracy = measured(loop, policy, window)  # the real measurement, made to look 0.5 worse
-        return accuracy - 0.5 if policy.endswith("dpo/model") else accuracy
+    def worse_after_training(loop: OnlineLoop, policy: str, window, probe):
+        health = measured(loop, policy, window, probe)  # the real measurement, made to look 0.5 worse
+        trained = policy.endswith("dpo/model")
+        return dataclasses.replace(health, accuracy=health.accuracy - 0.5) if trained else health
 
-    monkeypatch.setattr(OnlineLoop, "_implicit_accuracy", worse_after_training)
+    monkeypatch.setattr(OnlineLoop, "_implicit_health", worse_after_training)
     strict = online_config(tmp_path, *settings, "cycles=2", "feedback.max_accuracy_drop=0.1")
     (rejected,) = OnlineLoop(strict).run()
     assert rejected.cycle == 2 and rejected.done

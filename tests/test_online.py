@@ -97,7 +97,9 @@ def test_cycle_records_round_trip_through_json_and_the_ledger(tmp_path: Path) ->
     )
     keys = {"watermark_since", "watermark_until", "policy_before", "reward_before", "new_ids", "replay_ids",
             "holdout_ids", "accuracy_before", "accuracy_after", "reward_judged", "reward_kept", "reward_used",
-            "documents", "policy_version", "ppo_first", "ppo_last", "ppo"}
+            "documents", "policy_version", "ppo_first", "ppo_last", "ppo", "excluded_low_gold_accuracy",
+            "excluded_unscored", "calibration_before", "calibration_after", "probe_drift", "candidate",
+            "guard"}
     for record in (started, done):
         as_json = json.loads(json.dumps(record.to_record()))
         assert set(as_json) == keys and CycleRecord.from_record(as_json) == record
@@ -153,19 +155,25 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
     assert record.accuracy_before is not None and record.accuracy_after is not None
     assert record.reward_judged is False  # fewer held-out choices than feedback.min_holdout
     assert record.ppo_first is not None and record.ppo_last.response_length_mean > 0
+    assert record.guard is not None and record.guard.refused == []  # checked, and passed
+    assert record.calibration_after is not None and record.probe_drift is not None
 
+    log = [json.loads(line) for line in (tmp_path / "online" / "cycles.jsonl").read_text().splitlines()]
+    assert [entry["cycle"] for entry in log] == [1]
+    assert CycleRecord.from_record({k: v for k, v in log[0].items() if k != "cycle"}) == record
+
+    # The next cycle's reward update takes only the new rows (its PPO run is cycle 1's again).
     second = _label(store, 20, offset=24)
-    cfg2 = _config(tmp_path, "cycles=2")
-    (next_cycle,) = OnlineLoop(cfg2).run()
-    assert next_cycle.cycle == 2 and next_cycle.since == resumed[0].until
+    with monkeypatch.context() as patch:
+        patch.setattr(OnlineLoop, "_update_policy", killed)
+        with pytest.raises(Killed):
+            OnlineLoop(_config(tmp_path, "cycles=2")).run()
+    next_cycle = ledger.all()[-1]
+    assert (next_cycle.cycle, next_cycle.stage, next_cycle.since) == (2, "reward_done", resumed[0].until)
     new_ids = next_cycle.record.new_ids
     assert set(new_ids) == {i for i in second if i not in next_cycle.record.holdout_ids}
     assert not set(new_ids) & set(record.new_ids)  # nothing trained on twice as new
     assert set(next_cycle.record.replay_ids) <= set(record.new_ids)
-    assert PolicyRegistry(tmp_path / "registry").versions()[-1] == "v0003"
-    log = [json.loads(line) for line in (tmp_path / "online" / "cycles.jsonl").read_text().splitlines()]
-    assert [entry["cycle"] for entry in log] == [1, 2]
-    assert CycleRecord.from_record({k: v for k, v in log[1].items() if k != "cycle"}) == next_cycle.record
     assert next_cycle.until - next_cycle.since > timedelta(0)
 
 

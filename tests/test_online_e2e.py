@@ -1,7 +1,7 @@
 """The product loop end to end on a real local Ray cluster (tests/e2e/online_scenario.py): a PPO job
 publishes a version, Serve serves it, a simulated person who prefers shorter summaries compares and
-chooses over HTTP; an rm_ppo cycle (reward model, then PPO) and then a DPO cycle publish new
-versions that Serve picks up.
+chooses over HTTP; an rm_ppo cycle (reward model, then PPO) publishes a new version that Serve
+picks up.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ def test_choices_from_the_served_page_train_a_policy_that_matches_them_better(tm
     summary = json.loads(written.read_text()) if written.exists() else {}
     assert done.returncode == 0, summary.get("error", "") + done.stdout[-2000:] + done.stderr[-4000:]
 
-    assert (summary["served_before"], summary["served_after"]) == ("v0001", "v0003")  # Serve picked both up
-    rm_ppo, dpo = summary["cycles"]
-    assert (rm_ppo["cycle"], rm_ppo["policy_version"], dpo["cycle"], dpo["policy_version"]) == (
-        1, "v0002", 2, "v0003")
-    assert rm_ppo["new"] > 0 and dpo["new"] > 0 and rm_ppo["reward_kept"] and dpo["reward_kept"]
+    assert (summary["served_before"], summary["served_after"]) == ("v0001", "v0002")  # Serve picked it up
+    (cycle,) = summary["cycles"]
+    assert (cycle["cycle"], cycle["policy_version"]) == (1, "v0002")
+    assert cycle["new"] > 0 and cycle["reward_kept"]
     # The reward model learned the simulated preference: on held-out choices it never trained on.
     assert summary["held_out"]["rows"] >= 10 and summary["held_out"]["accuracy"] > 0.6
     # The person prefers each cycle's policy over the starting one's more often than chance.
     rates = summary["win_rate_vs_start"]
-    assert rates["v0001"] == 0.5 and rates["v0002"] > 0.55 and rates["v0003"] > 0.55, rates
+    assert rates["v0001"] == 0.5 and rates["v0002"] > 0.55, rates

@@ -24,6 +24,7 @@ from rlhf.ppo.experience import generate_rollout
 from rlhf.ppo.job import run_ppo
 from rlhf.ppo.roles import LocalRoles
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
+from rlhf.registry import PolicyRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -122,8 +123,9 @@ def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Pat
     records = [IterationMetrics.from_record(json.loads(line)) for line in lines]  # every key, no other
     assert [r.iteration for r in records] == [1, 2, 3]
     assert all(r.time_s >= r.time_generate_s + r.time_learn_s > 0 for r in records)
-    versions = sorted(p.name for p in (tmp_path / "run" / "registry").iterdir())
-    assert versions == ["v0001", "v0002"]  # published at iterations 2 and 3 (the last)
+    registry = PolicyRegistry(tmp_path / "run" / "registry")
+    assert registry.versions() == ["v0001", "v0002"]  # published at iterations 2 and 3 (the last)
+    assert registry.current() == registry.root / "v0002"
     assert (tmp_path / "run" / "registry" / "v0002" / "model.safetensors").is_file()
     published = json.loads((tmp_path / "run" / "registry" / "v0002" / "metrics.json").read_text())
     assert IterationMetrics.from_record(published).iteration == 3

@@ -70,41 +70,6 @@ def test_the_reference_is_the_base_with_the_adapter_off(tmp_path: Path) -> None:
     assert (policy - reference).abs().max() > 1e-2
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_a_sync_moves_the_adapters_alone_on_both_transports(tmp_path: Path) -> None:
-    """The first sync moves the whole policy; after an update only the adapters move, and every
-    rollout worker then holds exactly the learner's tensors (base and adapters)."""
-    cfg = _lora_cfg(tmp_path, "roles.weight_sync=collective",
-                    "roles.cpus_per_actor=0.25", "ppo.advantage=grpo", "ppo.samples_per_document=2",
-                    "ppo.rollout_batch_size=2")
-    roles = RayRoles(cfg)
-    try:
-        def perturb(role) -> int:  # runs in the learner actor: an adapter update, its size in bytes
-            adapters = [p for name, p in role.policy.model.named_parameters() if ".lora_" in name]
-            with torch.no_grad():
-                for parameter in adapters:
-                    parameter.add_(torch.randn_like(parameter) * 0.1)
-            return sum(p.numel() * p.element_size() for p in adapters)
-
-        for transport in ("collective", "object_store"):
-            adapter_bytes = ray.get(roles.learners[0].__ray_call__.remote(perturb))
-            if transport == "collective":
-                report = roles.sync()
-            else:
-                roles.version += 1
-                report = roles._send_through_object_store(roles.generators, every=False)
-            assert report.bytes == adapter_bytes, transport
-            expected = _policy_state(roles.learners[0])
-            for worker in roles.generators:
-                state = _policy_state(worker)
-                assert state.keys() == expected.keys()
-                assert all(torch.equal(state[k], expected[k]) for k in expected), transport
-        full = sum(t.numel() * t.element_size() for t in expected.values())  # tied ones counted twice
-        assert full > 10 * adapter_bytes  # what a full fine-tune would send each time
-    finally:
-        roles.shutdown()
-
-
 def test_a_lora_run_resumes_at_the_same_iteration_and_publishes_an_adapter(tmp_path: Path) -> None:
     overrides = ("ppo.iterations=3", "ppo.checkpoint_every=1", "lora.publish=adapter", "ppo.publish_every=3")
     cfg = _lora_cfg(tmp_path / "a", *overrides)
@@ -174,8 +139,9 @@ def test_zero3_learners_start_adapters_at_the_base_sync_them_alone_and_publish_b
 ) -> None:
     """Two ZeRO-3 ranks whose adapters are partitioned like the base, gathered 20 KiB at a time: the
     rollout worker starts from the learner's initial model, the base (B = 0); a sync then moves the
-    adapters alone; both publish modes are the trained model (the merged folder without peft).
-    With gae, so the value model's backbone carries partitioned adapters too."""
+    adapters alone, through the broadcast group and through the object store (which brings a worker
+    with stale adapters back to the learner's); both publish modes are the trained model (the merged
+    folder without peft). With gae, so the value model's backbone carries partitioned adapters too."""
     cfg = _lora_cfg(tmp_path, "ppo.iterations=1", "ppo.lr=3e-2", "roles.learner_workers=2",
                     "roles.deepspeed.zero_stage=3", "roles.cpus_per_actor=0.4",
                     "roles.weight_sync=collective", "roles.sync_bucket_mb=0.02")
@@ -184,6 +150,12 @@ def test_zero3_learners_start_adapters_at_the_base_sync_them_alone_and_publish_b
     def save_adapter(learner) -> None:  # every learner rank: gathers the adapters alone
         ds.save_policy(learner.policy, adapter_dir, "adapter", learner.gather, learner.bucket_mb)
 
+    def stale_adapters(generator) -> None:  # a rollout worker's adapters drift from the learner's
+        with torch.no_grad():
+            for name, parameter in generator.policy.model.named_parameters():
+                if ".lora_" in name:
+                    parameter.add_(1.0)
+
     roles = RayRoles(cfg)
     try:
         initial = _policy_state(roles.generators[0])  # the first sync: every tensor
@@ -191,6 +163,10 @@ def test_zero3_learners_start_adapters_at_the_base_sync_them_alone_and_publish_b
         roles.save_policy(str(merged_dir))  # lora.publish=merged, the default
         ray.get([learner.__ray_call__.remote(save_adapter) for learner in roles.learners])
         synced = _policy_state(roles.generators[0])
+        ray.get(roles.generators[0].__ray_call__.remote(stale_adapters))
+        roles.version += 1
+        resent = roles._send_through_object_store(roles.generators, every=False)
+        restored = _policy_state(roles.generators[0])
     finally:
         roles.shutdown()
     local = load_policy(cfg.policy, dropout=False, lora=rl_lora(cfg))
@@ -199,7 +175,11 @@ def test_zero3_learners_start_adapters_at_the_base_sync_them_alone_and_publish_b
     assert all(t.abs().sum() > 0 for name, t in initial.items() if ".lora_A." in name)
     torch.testing.assert_close(_logits(local, initial), _logits(base), rtol=0, atol=0)
     adapters = {name: t for name, t in synced.items() if ".lora_" in name}
-    assert metrics.sync_bytes == sum(t.numel() * t.element_size() for t in adapters.values())
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapters.values())
+    assert metrics.sync_bytes == resent.bytes == adapter_bytes
+    assert restored.keys() == synced.keys() and all(torch.equal(restored[k], t) for k, t in synced.items())
+    full = sum(t.numel() * t.element_size() for t in synced.values())  # tied ones counted twice
+    assert full > 10 * adapter_bytes  # what a full fine-tune would send each time
     assert any(not torch.equal(t, initial[name]) for name, t in adapters.items())  # trained
     saved = load_file(adapter_dir / "adapter_model.safetensors")  # PEFT drops the adapter name
     assert saved.keys() == {name.replace(".default.", ".") for name in adapters}

@@ -9,8 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
@@ -31,39 +30,6 @@ from rlhf.store import (
 from rlhf.store.engine import _enable_wal, create_engine, resolve_url
 from rlhf.store.queries import EXPORT_SCHEMA
 from rlhf.store.tables import MIGRATIONS, SCHEMA_VERSION, UTCDateTime
-
-
-def _fresh_postgres_database(server_url: str) -> str:
-    """A new, empty database on the session's server, so tests do not see each other's rows."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    engine.dispose()
-    return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def new_url(request: pytest.FixtureRequest, tmp_path) -> Callable[[], str]:
-    """Makes URLs of empty feedback databases (not yet created by the store), of each kind."""
-    if request.param == "sqlite":
-        return lambda: f"sqlite:///{tmp_path}/{uuid.uuid4().hex[:8]}/feedback.db"
-    server_url = request.getfixturevalue("postgres_url")
-    return lambda: _fresh_postgres_database(server_url)
-
-
-@pytest.fixture
-def url(new_url: Callable[[], str]) -> str:
-    """The URL of an empty feedback database of each kind."""
-    return new_url()
-
-
-@pytest.fixture
-def store(url: str) -> Iterator[FeedbackStore]:
-    opened = FeedbackStore(url)
-    yield opened
-    opened.close()
-
 
 POLICIES = ("v0001", "v0002")
 
@@ -419,6 +385,11 @@ class V1Database:
     prompts: list[dict]  # the rows of the old documents_table()
 
 
+def _v1_comparison(row: sa.RowMapping) -> Comparison:
+    """A version 1 comparison row as the current store reads it: a version 1 choice is a preference."""
+    return Comparison(**row, verdict=None if row["choice"] is None else "preference")
+
+
 def _build_v1_database(url: str) -> V1Database:
     """Two documents and four comparisons (one pending, one decided without a labeler, decided in
     another order than created) in a version 1 database, as version 1's store wrote them."""
@@ -454,7 +425,7 @@ def _build_v1_database(url: str) -> V1Database:
         )
         prompts = sa.select(docs.c.text.label("original_text")).order_by(docs.c.created_at, docs.c.id)
         database = V1Database(
-            comparisons=[Comparison(**row) for row in conn.execute(sa.select(old)).mappings()],
+            comparisons=[_v1_comparison(row) for row in conn.execute(sa.select(old)).mappings()],
             preferences=[dict(row) for row in conn.execute(preferences).mappings()],
             prompts=[dict(row) for row in conn.execute(prompts).mappings()],
         )
@@ -491,13 +462,14 @@ def test_a_version_1_database_is_migrated_keeping_every_row(url: str, caplog: py
 
     assert "from schema version 1 to 2" in caplog.text
     with store.engine.connect() as conn:
-        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION == 3
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION == 4
     inspector = sa.inspect(store.engine)
     assert set(inspector.get_table_names()) == {
-        "schema_version", "documents", "comparisons", "choices", "online_cycles"
+        "schema_version", "documents", "comparisons", "choices", "online_cycles", "labelers", "gold_pairs"
     }
     assert [column["name"] for column in inspector.get_columns("comparisons")] == [
-        "id", "document_id", "summary_0", "summary_1", "policy_0", "policy_1", "created_at"
+        "id", "document_id", "summary_0", "summary_1", "policy_0", "policy_1", "created_at",
+        "shown_to", "overlap_of", "gold_id", "gold_answer",
     ]
     # Every comparison, with its choice, labeler and decision time (or still pending).
     assert [store.get_comparison(comparison.id) for comparison in before.comparisons] == before.comparisons
@@ -538,7 +510,7 @@ def test_a_failed_upgrade_leaves_the_version_1_database_as_it_was(url: str, monk
     engine = create_engine(resolve_url(url))
     with engine.connect() as conn:
         assert conn.scalar(sa.select(V1_VERSION.c.version)) == 1
-        assert [Comparison(**row) for row in conn.execute(sa.select(V1_COMPARISONS)).mappings()] == (
+        assert [_v1_comparison(row) for row in conn.execute(sa.select(V1_COMPARISONS)).mappings()] == (
             before.comparisons
         )
     assert not sa.inspect(engine).has_table("choices")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from rlhf.config.core import load_config
 from rlhf.config.sections import ModelConfig
 from rlhf.models import load_reward_model
 from rlhf.train.config import RewardConfig, SFTConfig
+from rlhf.train.loop import STATE_FILE
 from rlhf.train.reward import bradley_terry_loss, run_reward
 from rlhf.train.sft import run_sft
 
@@ -79,11 +81,15 @@ def test_resume_continues_at_the_same_step_with_the_same_weights(tmp_path: Path)
     common = ("model.name_or_path=tiny-t5", "train.lr_schedule=constant", "train.save_every=3",
               "train.eval_every=100", "rouge_rows=0")
     straight = run_sft(_sft_config(tmp_path / "a", *common, "train.max_steps=6"))
-    run_sft(_sft_config(tmp_path / "b", *common, "train.max_steps=3"))
+    # The straight run's step-3 checkpoint, alone in a new output dir, is what a run killed after
+    # step 3 would have left.
+    (step_3,) = [state.parent for state in (tmp_path / "a").glob(f"ray_train-*/checkpoint_*/{STATE_FILE}")
+                 if json.loads(state.read_text())["step"] == 3]
+    shutil.copytree(step_3, tmp_path / "b" / "ray_train-killed" / step_3.name)
     resumed = run_sft(_sft_config(tmp_path / "b", *common, "train.max_steps=6"), resume=True)
     train_steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").open()
                    if json.loads(line)["event"] == "train"]
-    assert train_steps == [2, 3, 4, 6]  # resumed at 3: no step is trained twice
+    assert train_steps == [4, 6]  # resumed at 3: no step is trained twice
     a = load_file(straight.model_dir / "model.safetensors")
     b = load_file(resumed.model_dir / "model.safetensors")
     assert a.keys() == b.keys()

@@ -11,12 +11,14 @@ import torch
 
 from rlhf.config.sections import RewardHead, RewardHeads, RewardScore
 from rlhf.eval.correlation import pearson
+from rlhf.eval.health import calibration_error
 from rlhf.eval.rouge import rouge
 from rlhf.metrics import emit
 from rlhf.models import Policy, RewardModel
 
 SIMILAR_LENGTH = 0.2  # pairs whose lengths differ by less than this share are "similar length"
 SIMILAR_LENGTHS = (0.1, 0.2)  # the shares reported as similar_length_10_*, similar_length_20_*
+CALIBRATION_BINS = 10  # equal-width bins of σ(r_1 − r_0) behind calibration_error
 
 
 class PairScorer(Protocol):
@@ -88,10 +90,12 @@ def length_correlations(
 
 
 def evaluate_reward_model(
-    model: PairScorer, comparisons: pa.Table, batch_size: int, score: RewardHead = "quality"
+    model: PairScorer, comparisons: pa.Table, batch_size: int, score: RewardHead = "quality",
+    calibration_bins: int = CALIBRATION_BINS,
 ) -> dict:
     """Pairwise accuracy of ``model``'s ``score`` on canonical preference rows, beside the length
-    baseline, on all pairs and on pairs of similar length; and how much the scores follow length.
+    baseline, on all pairs and on pairs of similar length; how much the scores follow length; and
+    ``calibration_error``: the ECE of σ(r_1 − r_0) as P(summary_1 wins) (``rlhf.eval.health``).
 
     Lengths are in characters. ``similar_length_*`` (kept for the tools that read it) equals
     ``similar_length_20_*``: pairs whose lengths differ by less than 20%.
@@ -111,6 +115,7 @@ def evaluate_reward_model(
     return {
         "rows": len(choices),
         "accuracy": sum(correct) / max(len(correct), 1),
+        "calibration_error": calibration_error(torch.sigmoid(s1 - s0).tolist(), choices, calibration_bins),
         "length_baseline_accuracy": length_baseline(l0, l1, choices),
         **{key: value for name, share in similar.items()
            for key, value in similar_length_metrics(share, name, l0, l1, choices, correct).items()},

@@ -21,6 +21,8 @@ from rlhf.train.config import RewardTrainingConfig, TrainConfig
 # dpo: a DPO update of the served policy on the choices, no reward model.
 OnlineMethod = Literal["rm_ppo", "dpo", "rm_grpo"]
 KL_FIELDS = ("kl_in", "kl_kind")  # rl.ppo fields whose defaults depend on ppo.advantage
+# feedback.unscored_labelers: what a cycle does with choices of labelers gold pairs cannot judge yet.
+UnscoredLabelers = Literal["keep", "hold"]
 
 
 @dataclass
@@ -48,6 +50,65 @@ class FeedbackPolicyConfig:
         16, "Held-out choices needed before the accuracy gate applies; with fewer the update is kept "
         "(a handful of rows cannot tell two models apart).", ge=0
     )
+    min_gold_accuracy: float = option(
+        0.0, "Train and judge only on choices of labelers whose accuracy on gold pairs (serve.gold_rate) "
+        "decided up to the window's end is at least this; 0 = off (every labeler's choices count).",
+        ge=0, le=1
+    )
+    min_gold_answers: int = option(
+        5, "Gold answers a labeler needs before min_gold_accuracy judges them; with fewer (and for "
+        "'anonymous' choices) unscored_labelers decides.", gt=0
+    )
+    unscored_labelers: UnscoredLabelers = option(
+        "keep", "With min_gold_accuracy on, what happens to choices of labelers with too few gold "
+        "answers: keep (train on them) or hold (leave them out until the labeler is scored)."
+    )
+
+
+@dataclass
+class HealthConfig:
+    """What each cycle records about the reward model beside its held-out accuracy."""
+
+    calibration_bins: int = option(
+        10, "Equal-width bins of σ(r_1 − r_0) for the expected calibration error on held-out choices.", gt=0
+    )
+    probe_size: int = option(
+        64, "(document, summary) pairs in the fixed probe every cycle's reward model scores (chosen once "
+        "from the first cycle's window, held-out rows first, saved as output_dir/probe.jsonl); drift = "
+        "1 − Spearman of the update's probe scores against those of the model it continued from.", gt=1
+    )
+
+
+@dataclass
+class GuardConfig:
+    """The checks a cycle's new policy passes before it is published (rlhf.online.guard); defaults
+    catch gross reward hacking and leave the tiny default run alone."""
+
+    enabled: bool = option(True, "Check the new policy against the served one before publishing.")
+    documents: int = option(
+        16, "First stored documents (the same every cycle) both policies summarise (greedy, at "
+        "rl.ppo.max_new_tokens) for the length, repetition and unfinished checks.", gt=0
+    )
+    max_length_ratio: float = option(
+        1.5, "Refuse when the new policy's mean summary length (tokens) exceeds the served one's by "
+        "more than this factor.", gt=0
+    )
+    repetition_ngram: int = option(3, "Word n-gram size of the repetition share (1 - distinct/total).", gt=0)
+    max_repetition_increase: float = option(
+        0.1, "Refuse when the mean share of repeated word n-grams rose by more than this (absolute).", ge=0
+    )
+    max_unfinished_increase: float = option(
+        0.2, "Refuse when the share of summaries that hit max_new_tokens without eos rose by more than "
+        "this (absolute).", ge=0
+    )
+    min_win_rate: float = option(
+        0.4, "Refuse when people preferred the served version in fewer than this share of its decided "
+        "/v1/compare comparisons against another version.", ge=0, le=1
+    )
+    min_win_comparisons: int = option(
+        20, "Decided comparisons of the served version against another one needed before min_win_rate "
+        "applies; with fewer the check passes as 'not enough comparisons'.", gt=0
+    )
 
 
 @dataclass
@@ -67,6 +128,8 @@ class OnlineConfig:
     registry: str = option("runs/ppo/registry", "Policy registry Serve reads; new versions go here.")
     reward_registry: str = option("", "Reward-model versions; empty = output_dir/reward_registry.")
     feedback: FeedbackPolicyConfig = option(factory=FeedbackPolicyConfig, help="Cycle trigger and data.")
+    health: HealthConfig = option(factory=HealthConfig, help="Reward-model calibration and drift per cycle.")
+    guard: GuardConfig = option(factory=GuardConfig, help="Reward-hacking checks before publishing a policy.")
     reward: RewardTrainingConfig = option(
         factory=lambda: RewardTrainingConfig(
             train=TrainConfig(lr=5e-4, max_steps=20, eval_every=20, save_every=20)

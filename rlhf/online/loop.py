@@ -27,15 +27,16 @@ from rlhf.config.sections import DataSourceConfig, ModelConfig
 from rlhf.dpo.implicit import load_implicit_reward
 from rlhf.dpo.task import train_dpo_policy
 from rlhf.errors import InputError
-from rlhf.eval.metrics import evaluate_reward_model
 from rlhf.metrics import IterationMetrics, emit
 from rlhf.models.heads import load_reward_model
 from rlhf.online.config import FeedbackPolicyConfig, OnlineConfig
-from rlhf.online.feedback import FeedbackWindow, read_window
+from rlhf.online.feedback import FeedbackWindow, LabelerRule, read_window
+from rlhf.online.guard import check_policy
+from rlhf.online.health import PROBE_FILE, ScorerHealth, load_probe, measure, with_health
 from rlhf.ppo.config import PPOConfig, PPORewardConfig
 from rlhf.registry import PolicyRegistry
 from rlhf.runtime import derive_seed, init_ray
-from rlhf.store import Cycle, CycleLog, CycleRecord, FeedbackStore, PPOSummary, check_url
+from rlhf.store import Cycle, CycleLog, CycleRecord, FeedbackStore, GuardReport, PPOSummary, check_url
 from rlhf.store.tables import utcnow
 from rlhf.train.reward import train_reward_model
 
@@ -112,25 +113,34 @@ class OnlineLoop:
             learn, publish = self._update_dpo, self._publish_dpo
         if cycle.stage == "started":
             cycle = self.ledger.advance(cycle.cycle, "reward_done", learn(cycle, cycle_dir))
-        if self._current_policy() != cycle.record.policy_before:
-            # Killed between publishing and recording it: the version is this cycle's.
-            record = dataclasses.replace(cycle.record, policy_version=Path(self._current_policy()).name,
+        published = self._published_by(cycle)
+        if published is not None:  # killed between publishing and recording it
+            record = dataclasses.replace(cycle.record, policy_version=published,
                                          ppo="published before a restart")
         else:
             record = publish(cycle, cycle_dir)
         cycle = self.ledger.advance(cycle.cycle, "done", record)
         with (self.output_dir / "cycles.jsonl").open("a") as log:
             log.write(json.dumps({"cycle": cycle.cycle, **record.to_record()}) + "\n")
-        outcome = (f"published policy {record.policy_version}" if record.policy_version
-                   else f"nothing published: {record.ppo}")
         emit(f"online: cycle {cycle.cycle} done: reward accuracy {record.accuracy_before} -> "
-             f"{record.accuracy_after} ({'kept' if record.reward_kept else 'rejected'}), {outcome}")
+             f"{record.accuracy_after} ({'kept' if record.reward_kept else 'rejected'}), {_outcome(record)}")
         return cycle
+
+    def _published_by(self, cycle: Cycle) -> str | None:
+        """The version ``cycle`` published, if any: its metrics name the cycle and its window."""
+        mark = {"cycle": cycle.cycle, "watermark_until": cycle.record.watermark_until}
+        return next((version for version in reversed(self.policies.versions())
+                     if mark.items() <= self.policies.metrics(version).items()), None)
 
     def _window(self, cycle: Cycle) -> FeedbackWindow:
         fb = self.cfg.feedback
-        return read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
-                           derive_seed(self.cfg.seed, cycle.cycle))
+        window = read_window(self.store, cycle.since, cycle.until, fb.holdout_fraction, fb.replay_ratio,
+                             derive_seed(self.cfg.seed, cycle.cycle), LabelerRule.from_config(fb))
+        if window.excluded_low_gold_accuracy or window.excluded_unscored:
+            emit(f"online: cycle {cycle.cycle} leaves out {window.excluded_low_gold_accuracy} choices of "
+                 f"labelers below feedback.min_gold_accuracy and {window.excluded_unscored} of unscored "
+                 "labelers (feedback.unscored_labelers=hold)")
+        return window
 
     def _update_reward(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """Continue-train from the last kept reward model; keep the result only if held-out accuracy
@@ -145,32 +155,38 @@ class OnlineLoop:
         training = dataclasses.replace(self.cfg.reward, model=self._reward_config(base))
         trained = train_reward_model(training, window.train, validation, str(cycle_dir / "reward"),
                                      derive_seed(self.cfg.seed, cycle.cycle)).model_dir
-        before, after = self._accuracy(base, window), self._accuracy(str(trained), window)
-        judged, kept = keep_reward_update(before, after, window.holdout.num_rows, fb)
+        probe = self._probe(window)
+        before = self._reward_health(base, window, probe)
+        after = self._reward_health(str(trained), window, probe)
+        judged, kept = keep_reward_update(before.accuracy, after.accuracy, window.holdout.num_rows, fb)
         used = base
         if kept:
-            metrics = {"cycle": cycle.cycle, "accuracy_before": before, "accuracy_after": after}
+            metrics = {"cycle": cycle.cycle, "accuracy_before": before.accuracy,
+                       "accuracy_after": after.accuracy}
             def copy(folder: Path) -> None:
                 shutil.copytree(trained, folder, dirs_exist_ok=True)
 
             used = str(self.rewards.publish(copy, metrics))
-        return dataclasses.replace(
+        return with_health(dataclasses.replace(
             cycle.record, new_ids=window.new_ids, replay_ids=window.replay_ids,
-            holdout_ids=window.holdout_ids, accuracy_before=before, accuracy_after=after,
-            reward_judged=judged, reward_kept=kept, reward_used=used,
-        )
+            holdout_ids=window.holdout_ids, excluded_low_gold_accuracy=window.excluded_low_gold_accuracy,
+            excluded_unscored=window.excluded_unscored, reward_judged=judged, reward_kept=kept,
+            reward_used=used,
+        ), before, after)
 
-    def _accuracy(self, reward: str, window: FeedbackWindow) -> float | None:
-        """Pairwise accuracy on the held-out choices (None when there are none yet)."""
-        if not window.holdout.num_rows:
-            return None
+    def _probe(self, window: FeedbackWindow) -> pa.Table:
+        return load_probe(self.output_dir / PROBE_FILE, window, self.cfg.health.probe_size)
+
+    def _reward_health(self, reward: str, window: FeedbackWindow, probe: pa.Table) -> ScorerHealth:
+        """Held-out accuracy and calibration (None without held-out choices) and the probe's scores."""
         model = load_reward_model(self._reward_config(reward)).eval()
-        report = evaluate_reward_model(model, window.holdout, EVAL_BATCH, self.cfg.reward_head)
-        return round(report["accuracy"], 4)
+        return measure(model, window.holdout, probe, self.cfg.reward_head, self.cfg.health.calibration_bins,
+                       EVAL_BATCH)
 
     def _update_policy(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """M PPO iterations from the current policy on the stored documents with the reward model the
-        update chose, published at the end."""
+        update chose; the result (in the cycle's own candidates registry) is published if the guard
+        passes it."""
         from rlhf.ppo.job import run_ppo  # Ray roles: imported only when a cycle gets this far
 
         documents = cycle_dir / "documents.jsonl"
@@ -184,15 +200,16 @@ class OnlineLoop:
             training, output_dir=str(cycle_dir / "ppo"), seed=derive_seed(self.cfg.seed, cycle.cycle),
             reward=PPORewardConfig(model=self._reward_config(cycle.record.reward_used), fn="",
                                    head=self.cfg.reward_head),
-            prompts=DataSourceConfig(path=str(documents)), registry=self.cfg.registry,
+            prompts=DataSourceConfig(path=str(documents)), registry=str(cycle_dir / "candidates"),
         )
         validate(cfg)
         emit(f"online: cycle {cycle.cycle} PPO from {cfg.policy.name_or_path}: {cfg.ppo.iterations} "
              f"iterations on {n_documents} stored documents")
         history = run_ppo(cfg)
-        return dataclasses.replace(cycle.record, documents=n_documents,
-                                   policy_version=Path(self._current_policy()).name,
-                                   ppo_first=_summary(history[0]), ppo_last=_summary(history[-1]))
+        record = dataclasses.replace(cycle.record, documents=n_documents,
+                                     candidate=str(PolicyRegistry(cfg.registry).latest()),
+                                     ppo_first=_summary(history[0]), ppo_last=_summary(history[-1]))
+        return self._publish(cycle, record)
 
     def _update_dpo(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """DPO of the cycle's starting policy (also its reference) on the new and replayed choices;
@@ -206,34 +223,58 @@ class OnlineLoop:
             self._policy_config(start), self.cfg.dpo_train, self.cfg.dpo, window.train, validation,
             str(cycle_dir / "dpo"), derive_seed(self.cfg.seed, cycle.cycle),
         ).model_dir
-        before, after = self._implicit_accuracy(start, window), self._implicit_accuracy(str(trained), window)
-        judged, kept = keep_reward_update(before, after, window.holdout.num_rows, self.cfg.feedback)
-        return dataclasses.replace(
+        probe = self._probe(window)
+        before = self._implicit_health(start, window, probe)
+        after = self._implicit_health(str(trained), window, probe)
+        judged, kept = keep_reward_update(before.accuracy, after.accuracy, window.holdout.num_rows,
+                                          self.cfg.feedback)
+        return with_health(dataclasses.replace(
             cycle.record, new_ids=window.new_ids, replay_ids=window.replay_ids,
-            holdout_ids=window.holdout_ids, accuracy_before=before, accuracy_after=after,
-            reward_judged=judged, reward_kept=kept, reward_used=str(trained),
-        )
+            holdout_ids=window.holdout_ids, excluded_low_gold_accuracy=window.excluded_low_gold_accuracy,
+            excluded_unscored=window.excluded_unscored, reward_judged=judged, reward_kept=kept,
+            reward_used=str(trained),
+        ), before, after)
 
-    def _implicit_accuracy(self, policy: str, window: FeedbackWindow) -> float | None:
-        """Held-out accuracy of ``policy``'s implicit reward against rl.policy (None without held-out
-        rows): one fixed reference, so the policies before and after an update are comparable."""
-        if not window.holdout.num_rows:
-            return None
+    def _implicit_health(self, policy: str, window: FeedbackWindow, probe: pa.Table) -> ScorerHealth:
+        """``policy``'s implicit reward against rl.policy measured as ``_reward_health`` measures a
+        reward model: one fixed reference, so the policies before and after an update are comparable."""
         scorer = load_implicit_reward(self._policy_config(policy), self.cfg.rl.policy, self.cfg.dpo.beta)
-        return round(evaluate_reward_model(scorer, window.holdout, EVAL_BATCH)["accuracy"], 4)
+        return measure(scorer, window.holdout, probe, self.cfg.reward_head, self.cfg.health.calibration_bins,
+                       EVAL_BATCH)
 
     def _publish_dpo(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
-        """Publish the kept DPO policy as the next version Serve loads; a rejected one is not."""
+        """Publish the kept DPO policy as the next version Serve loads if the guard passes it; a
+        rejected one is not."""
         record = cycle.record
         if not record.reward_kept:
             return dataclasses.replace(record, ppo="the DPO update was rejected by the held-out gate")
-        metrics = {"cycle": cycle.cycle, "accuracy_before": record.accuracy_before,
+        return self._publish(cycle, dataclasses.replace(record, candidate=record.reward_used))
+
+    def _publish(self, cycle: Cycle, record: CycleRecord) -> CycleRecord:
+        """Publish ``record.candidate`` as the next (and current) version unless the guard refuses it;
+        its metrics keep the candidate's and name the cycle (``_published_by``)."""
+        guard = self._guard(record) if self.cfg.guard.enabled else None
+        if guard is not None and guard.refused:
+            return dataclasses.replace(record, guard=guard)
+        candidate = Path(record.candidate)
+        metrics = {**PolicyRegistry(candidate.parent).metrics(candidate.name), "cycle": cycle.cycle,
+                   "watermark_until": record.watermark_until, "accuracy_before": record.accuracy_before,
                    "accuracy_after": record.accuracy_after}
 
         def copy(folder: Path) -> None:
-            shutil.copytree(record.reward_used, folder, dirs_exist_ok=True)
+            shutil.copytree(candidate, folder, dirs_exist_ok=True)
 
-        return dataclasses.replace(record, policy_version=self.policies.publish(copy, metrics).name)
+        version = self.policies.publish(copy, metrics)
+        return dataclasses.replace(record, guard=guard, policy_version=version.name)
+
+    def _guard(self, record: CycleRecord) -> GuardReport:
+        """The candidate against the policy the cycle started from (named in /v1/compare by its
+        version when it came from the registry)."""
+        before = Path(record.policy_before)
+        served = before.name if before.parent == self.policies.root else None
+        return check_policy(self.store, self._policy_config(record.policy_before),
+                            self._policy_config(record.candidate), served, self.cfg.guard,
+                            self.cfg.rl.ppo.max_new_tokens)
 
     def _policy_config(self, name_or_path: str) -> ModelConfig:
         return dataclasses.replace(self.cfg.rl.policy, name_or_path=name_or_path)
@@ -242,12 +283,21 @@ class OnlineLoop:
         return dataclasses.replace(self.cfg.reward.model, name_or_path=name_or_path)
 
     def _current_policy(self) -> str:
-        latest = self.policies.latest()
-        return str(latest) if latest is not None else self.cfg.rl.policy.name_or_path
+        """The version Serve answers with (the registry's current, e.g. after a rollback)."""
+        current = self.policies.current()
+        return str(current) if current is not None else self.cfg.rl.policy.name_or_path
 
     def _current_reward(self) -> str:
-        latest = self.rewards.latest()
-        return str(latest) if latest is not None else self.cfg.reward.model.name_or_path
+        current = self.rewards.current()
+        return str(current) if current is not None else self.cfg.reward.model.name_or_path
+
+
+def _outcome(record: CycleRecord) -> str:
+    if record.policy_version:
+        return f"published policy {record.policy_version}"
+    if record.guard is not None and record.guard.refused:
+        return f"refused by the publish guard: {'; '.join(record.guard.refused)}"
+    return f"nothing published: {record.ppo}"
 
 
 def _summary(metrics: IterationMetrics) -> PPOSummary:

@@ -14,6 +14,8 @@ import hmac
 import io
 import json
 import random
+from dataclasses import asdict
+from datetime import datetime, timezone
 from importlib import resources
 from typing import Annotated, Literal
 
@@ -21,10 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi import FastAPI, File, Header, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rlhf.data.pdf import PdfError, extract_paper
+from rlhf.registry import PolicyRegistry, UnknownVersionError
+from rlhf.serve.access import Caller, LabelerGate, RateLimiter, queue_kind, too_many
 from rlhf.serve.config import ServeConfig
 from rlhf.serve.schemas import (
     CompareRequest,
@@ -33,11 +38,22 @@ from rlhf.serve.schemas import (
     DocumentSection,
     FeedbackRequest,
     FeedbackResponse,
+    GoldLine,
+    GoldStored,
+    LabelerCreate,
+    LabelerCreated,
+    LabelerInfo,
+    LabelerMe,
+    LabelerReport,
     PolicyInfo,
+    RollbackRequest,
     SummarizeRequest,
     SummarizeResponse,
 )
-from rlhf.store import AlreadyDecidedError, FeedbackStore, NotFoundError, StoreInputError
+from rlhf.store import AlreadyDecidedError, Comparison, FeedbackStore, NotFoundError, StoreInputError
+from rlhf.store.labelers import Labelers
+from rlhf.store.queue import GoldPair, LabelingQueue
+from rlhf.store.tables import ANONYMOUS
 
 PDF_MAGIC = b"%PDF"
 READY_TIMEOUT_S = 5.0
@@ -94,6 +110,25 @@ def _export_bytes(table: pa.Table, fmt: str) -> bytes:
     return "".join(f"{line}\n" for line in lines).encode()
 
 
+def _gold_lines(body: bytes) -> list[GoldPair]:
+    """POST /admin/gold's JSONL body as gold pairs; 422 naming the first bad line and field."""
+    pairs = []
+    for number, line in enumerate(body.decode(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            gold = GoldLine.model_validate_json(line)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"]) or "line"
+            raise HTTPException(422, f"line {number}: {field}: {error['msg']}") from None
+        pairs.append(GoldPair(gold.text, gold.summary_0, gold.summary_1, gold.answer, gold.title))
+    if not pairs:
+        raise HTTPException(422, "body: no gold pairs; send one JSON object per line with text, "
+                                 "summary_0, summary_1 and answer (0 or 1)")
+    return pairs
+
+
 @serve.deployment
 @serve.ingress(app)
 class FeedbackApi:
@@ -106,6 +141,12 @@ class FeedbackApi:
         self.rng = random.Random(cfg.seed)
         self.admin_token_sha256 = admin_token_sha256
         self.admin_token_env = cfg.serve.admin_token_env
+        self.registry = PolicyRegistry(cfg.registry)  # /admin/rollback moves its CURRENT pointer
+        self.labelers = Labelers(self.store)
+        self.queue = LabelingQueue(self.store)
+        self.gate = LabelerGate(self.labelers, cfg.serve.labeler_auth)
+        self.per_labeler = RateLimiter(cfg.serve.compare_per_minute_per_labeler)
+        self.per_address = RateLimiter(cfg.serve.compare_per_minute_per_address)
 
     def _check_text(self, text: str) -> None:
         size = len(text.encode())
@@ -124,30 +165,91 @@ class FeedbackApi:
         return SummarizeResponse(summary=summary.text, policy_version=summary.version,
                                  truncated=summary.truncated)
 
+    async def _labeler(self, authorization: str | None) -> Caller:
+        return await asyncio.to_thread(self.gate.identify, authorization)
+
+    async def _admit(self, request: Request, authorization: str | None) -> Caller:
+        """Rate limits (the address first: it needs no database read) and the labeler's identity."""
+        address = request.client.host if request.client else "unknown"
+        if wait := self.per_address.admit(address):
+            raise too_many("address", wait)
+        caller = await self._labeler(authorization)
+        if caller.id != ANONYMOUS and (wait := self.per_labeler.admit(caller.id)):
+            raise too_many("labeler", wait)
+        return caller
+
     @app.post("/v1/compare")
-    async def compare(self, body: CompareRequest) -> CompareResponse:
-        """Two summaries of the text, stored as a pending comparison before they are returned."""
+    async def compare(
+        self, body: CompareRequest, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> CompareResponse:
+        """Two summaries of the text, stored as a pending comparison shown to the caller before they
+        are returned; without text, the labeling queue's next pair."""
+        caller = await self._admit(request, authorization)
+        if body.text is None:
+            return await self._queued(caller, body.max_new_tokens)
         self._check_text(body.text)
-        pair = list(await self.policy.compare.remote(body.text, body.max_new_tokens))
+        return await self._fresh(caller, body.text, body.title, body.source, body.max_new_tokens)
+
+    async def _fresh(
+        self, caller: Caller, text: str, title: str | None, source: str, max_new_tokens: int | None
+    ) -> CompareResponse:
+        pair = list(await self.policy.compare.remote(text, max_new_tokens))
         if pair[0].text == pair[1].text or not all(s.text.strip() for s in pair):
             raise HTTPException(503, "the policy wrote an empty or the same summary twice; send the "
                                      "request again")
         self.rng.shuffle(pair)
         first, second = pair
-        document_id = await asyncio.to_thread(self.store.add_document, body.text, body.title, body.source)
+        document_id = await asyncio.to_thread(self.store.add_document, text, title, source)
         comparison_id = await asyncio.to_thread(
-            self.store.create_comparison, document_id, first.text, second.text, first.version, second.version
+            self.store.create_comparison, document_id, first.text, second.text, first.version,
+            second.version, caller.id,
         )
         return CompareResponse(comparison_id=comparison_id, summaries=(first.text, second.text),
-                               truncated=first.truncated)
+                               truncated=first.truncated, text=text, title=title)
+
+    async def _queued(self, caller: Caller, max_new_tokens: int | None) -> CompareResponse:
+        """A gold pair, a pair another labeler was shown, or a fresh pair of a stored document, drawn
+        from the seeded rng; each a new comparison with the same response shape."""
+        kind = queue_kind(self.rng.random(), self.limits.gold_rate, self.limits.overlap_rate)
+        picks = random.Random(self.rng.getrandbits(64))  # the thread's own rng: no shared state
+        show = {"gold": self.queue.show_gold, "overlap": self.queue.show_overlap}.get(kind)
+        shown = await asyncio.to_thread(show, caller.id, picks) if show else None
+        if shown is not None:
+            return await asyncio.to_thread(self._shown_response, shown)
+        document = await asyncio.to_thread(self.queue.random_document, picks)
+        if document is None:
+            raise HTTPException(404, "text: the labeling queue has no stored documents yet; send a text "
+                                     "to compare")
+        return await self._fresh(caller, document.text, document.title, "api", max_new_tokens)
+
+    def _shown_response(self, shown: Comparison) -> CompareResponse:
+        text, title = self.queue.document(shown.document_id)
+        return CompareResponse(comparison_id=shown.id, summaries=(shown.summary_0, shown.summary_1),
+                               truncated=False, text=text, title=title)
 
     @app.post("/v1/feedback")
-    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
-        """Record which summary was better; committed to the database before this answers."""
+    async def feedback(
+        self, body: FeedbackRequest, authorization: Annotated[str | None, Header()] = None
+    ) -> FeedbackResponse:
+        """Record the caller's answer to a comparison shown to them; committed to the database
+        before this answers."""
+        caller = await self._labeler(authorization)
         stored = await asyncio.to_thread(
-            self.store.record_choice, body.comparison_id, body.choice, body.labeler
+            self.store.record_choice, body.comparison_id, body.choice, caller.id, body.verdict,
+            body.confidence, body.note,
         )
-        return FeedbackResponse(comparison_id=stored.id, choice=stored.choice, decided_at=stored.decided_at)
+        return FeedbackResponse(comparison_id=stored.id, choice=stored.choice, verdict=stored.verdict,
+                                decided_at=stored.decided_at)
+
+    @app.get("/v1/labeler/me")
+    async def labeler_me(self, authorization: Annotated[str | None, Header()] = None) -> LabelerMe:
+        """Who the token belongs to and how many answers they recorded today (UTC); 401 tells the
+        page that it must ask for a token."""
+        caller = await self._labeler(authorization)
+        midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        today = await asyncio.to_thread(self.labelers.count_decided, caller.id, midnight)
+        return LabelerMe(labeler_id=caller.id, name=caller.name, labeler_auth=self.gate.required,
+                         decided_today=today)
 
     @app.post("/v1/documents")
     async def documents(
@@ -204,9 +306,23 @@ class FeedbackApi:
 
     @app.post("/admin/reload")
     async def reload(self, authorization: Annotated[str | None, Header()] = None) -> PolicyInfo:
-        """Switch a policy replica to the newest published version now (the others follow at their
+        """Switch a policy replica to the current published version now (the others follow at their
         next registry poll)."""
         self._check_admin(authorization)
+        return PolicyInfo(**await self.policy.reload.remote())
+
+    @app.post("/admin/rollback")
+    async def rollback(
+        self, body: RollbackRequest, authorization: Annotated[str | None, Header()] = None
+    ) -> PolicyInfo:
+        """Make an earlier published version current: the registry's CURRENT pointer moves (atomically),
+        one replica switches now and every other at its next registry poll, each loading the version
+        before it answers with it (no request fails). The online loop continues from it."""
+        self._check_admin(authorization)
+        try:
+            await asyncio.to_thread(self.registry.set_current, body.version)
+        except UnknownVersionError as exc:
+            raise HTTPException(404, str(exc)) from None
         return PolicyInfo(**await self.policy.reload.remote())
 
     @app.get("/admin/export")
@@ -222,3 +338,43 @@ class FeedbackApi:
         media = "application/vnd.apache.parquet" if format == "parquet" else "application/x-ndjson"
         return Response(_export_bytes(table, format), media_type=media,
                         headers={"Content-Disposition": f'attachment; filename="comparisons.{format}"'})
+
+    @app.post("/admin/labelers")
+    async def create_labeler(
+        self, body: LabelerCreate, authorization: Annotated[str | None, Header()] = None
+    ) -> LabelerCreated:
+        """A new labeler and their token, shown only in this answer (the database keeps its sha256)."""
+        self._check_admin(authorization)
+        labeler, token = await asyncio.to_thread(self.labelers.create, body.name)
+        return LabelerCreated(labeler_id=labeler.id, token=token)
+
+    @app.delete("/admin/labelers/{labeler_id}")
+    async def revoke_labeler(
+        self, labeler_id: str, authorization: Annotated[str | None, Header()] = None
+    ) -> LabelerInfo:
+        """Revoke a labeler's token (403 from then on); the labeler and their choices stay."""
+        self._check_admin(authorization)
+        labeler = await asyncio.to_thread(self.labelers.revoke, labeler_id)
+        return LabelerInfo(labeler_id=labeler.id, name=labeler.name, revoked=labeler.revoked)
+
+    @app.get("/admin/labelers")
+    async def labeler_reports(
+        self, authorization: Annotated[str | None, Header()] = None
+    ) -> list[LabelerReport]:
+        """Every labeler's volume and quality: gold accuracy, agreement on doubly shown pairs,
+        share of can't tell, median decision time."""
+        self._check_admin(authorization)
+        return [LabelerReport(**asdict(row)) for row in await asyncio.to_thread(self.labelers.stats)]
+
+    @app.post("/admin/gold")
+    async def add_gold(self, request: Request, authorization: Annotated[str | None, Header()] = None
+                       ) -> GoldStored:
+        """Known-answer pairs, one JSON object per line ({text, summary_0, summary_1, answer, title?});
+        nothing is stored unless every line is valid."""
+        self._check_admin(authorization)
+        body = await request.body()
+        if len(body) > self.limits.max_upload_bytes:
+            raise _too_large("body", len(body), self.limits.max_upload_bytes)
+        pairs = _gold_lines(body)
+        stored = await asyncio.to_thread(self.queue.add_gold, pairs)
+        return GoldStored(stored=len(stored))

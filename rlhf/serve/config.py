@@ -43,16 +43,41 @@ class ServingConfig:
     temperature: float = option(1.0, "Sampling temperature of /v1/compare summaries (/v1/summarize "
                                      "is greedy).", gt=0)
     top_p: float = option(0.95, "Nucleus sampling mass of /v1/compare summaries.", gt=0, le=1)
-    reload_interval_s: float = option(2.0, "How often replicas look for a newly published version.",
-                                      gt=0)
+    reload_interval_s: float = option(2.0, "How often replicas look for a newly published or "
+                                      "rolled-back version (the registry's CURRENT).", gt=0)
     admin_token_env: str = option(
         "RLHF_ADMIN_TOKEN", "Environment variable holding the admin token (reload, export); admin "
         "routes answer 503 while it is unset."
+    )
+    labeler_auth: bool = option(
+        False, "Require 'Authorization: Bearer <labeler token>' (POST /admin/labelers) on /v1/compare "
+        "and /v1/feedback and record the labeler's id with each choice; off, choices are recorded as "
+        "'anonymous' (a laptop default; turn it on wherever more than one person labels)."
+    )
+    compare_per_minute_per_labeler: int = option(
+        0, "/v1/compare requests one labeler may make per minute, bursts up to that many (429 with "
+        "Retry-After above it); per ingress replica; 0 = no limit; anonymous callers are limited by "
+        "address only.", ge=0
+    )
+    compare_per_minute_per_address: int = option(
+        0, "/v1/compare requests per minute from one client address (as the ingress sees it), bursts "
+        "up to that many; per ingress replica; 0 = no limit.", ge=0
+    )
+    gold_rate: float = option(
+        0.0, "Share of queue requests (/v1/compare without text) answered with a gold pair "
+        "(POST /admin/gold) to score the labeler.", ge=0, le=1
+    )
+    overlap_rate: float = option(
+        0.0, "Share of queue requests answered with a pair another labeler was shown, to measure "
+        "agreement (labeler_auth only: anonymous choices have no labeler to compare).", ge=0, le=1
     )
 
     def validate(self) -> None:
         if self.min_replicas > self.max_replicas:
             raise ConfigError("min_replicas", f"{self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.gold_rate + self.overlap_rate > 1:
+            raise ConfigError("gold_rate", f"gold_rate + overlap_rate = {self.gold_rate + self.overlap_rate} "
+                                           "exceeds 1; lower one of them")
 
 
 @dataclass
@@ -60,7 +85,8 @@ class ServeConfig:
     """jobs/serve.py: the policy over HTTP, the comparison page, choices into the feedback database."""
 
     output_dir: str = option("runs/serve", "The resolved config is saved here.")
-    seed: int = option(0, "Seed for the order summaries are shown in and for sampling.")
+    seed: int = option(0, "Seed for the order summaries are shown in, the labeling queue's picks and "
+                          "sampling.")
     registry: str = option("runs/ppo/registry", "Policy registry directory (jobs/ppo.py publishes into "
                                                 "output_dir/registry); the newest version is served.")
     policy: ModelConfig = option(

@@ -46,7 +46,7 @@ class PolicyDeployment:
             try:
                 self.versions.refresh()
             except Exception:  # noqa: BLE001 - keep serving the current version
-                logger.exception("could not load the newest policy version; still serving %s",
+                logger.exception("could not load the current policy version; still serving %s",
                                  self.versions.current)
 
     @serve.batch
@@ -88,6 +88,6 @@ class PolicyDeployment:
                 "metrics": self.versions.metrics(current)}
 
     def reload(self) -> dict:
-        """Switch to the newest version now instead of at the next poll."""
+        """Switch to the registry's current version now instead of at the next poll."""
         self.versions.refresh()
         return self.policy_info()

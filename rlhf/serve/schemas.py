@@ -9,7 +9,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+
+from rlhf.store.feedback import MAX_NOTE_CHARS
+from rlhf.store.tables import Verdict
 
 MAX_NEW_TOKENS_CAP = 1024  # per-request ceiling, whatever the config's default
 
@@ -34,28 +37,115 @@ class SummarizeResponse(BaseModel):
     truncated: bool = Field(description="The text was longer than the model's input window and was cut.")
 
 
-class CompareRequest(SummarizeRequest):
+class CompareRequest(BaseModel):
+    text: str | None = Field(None, description="The document to compare summaries of; leave it out to "
+                                               "get the next pair from the labeling queue.")
+    max_new_tokens: int | None = Field(None, gt=0, le=MAX_NEW_TOKENS_CAP,
+                                       description="Summary length in tokens; default from config.")
     title: str | None = Field(None, max_length=500, description="Section heading or document title.")
     source: Literal["paste", "pdf", "api"] = Field("api", description="Where the text came from.")
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value)
 
 
 class CompareResponse(BaseModel):
     comparison_id: str = Field(description="Pass it to /v1/feedback with the index of the better summary.")
     summaries: tuple[str, str] = Field(description="Two summaries in random order; versions stay hidden.")
     truncated: bool
+    text: str = Field(description="The document the summaries are of (the queue picks it when the "
+                                  "request has none).")
+    title: str | None
 
 
 class FeedbackRequest(BaseModel):
+    """A labeler's answer. Who answered comes from the Authorization header, never from the body:
+    a body naming a ``labeler`` is refused (422) rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
     comparison_id: str = Field(min_length=1, max_length=64)
-    choice: StrictInt = Field(ge=0, le=1, description="Index (0 or 1) of the better summary.")
-    labeler: str | None = Field(None, max_length=200, description="Who chose (optional).")
+    choice: StrictInt | None = Field(
+        None, ge=0, le=1, description="Index (0 or 1) of the better summary; null for other verdicts."
+    )
+    verdict: Verdict = Field("preference", description="preference (choice names the better summary), "
+                                                       "both_bad or cant_tell (never trained on).")
+    confidence: StrictInt | None = Field(None, ge=1, le=4, description="1 a guess, 2 somewhat sure, 3 "
+                                                                       "fairly sure, 4 certain.")
+    note: str | None = Field(None, max_length=MAX_NOTE_CHARS, description="A remark for the admins.")
 
 
 class FeedbackResponse(BaseModel):
     comparison_id: str
-    choice: int
+    choice: int | None
+    verdict: Verdict
     decided_at: datetime
     stored: bool = Field(True, description="The choice is committed to the database.")
+
+
+class LabelerCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="Who the token is for.")
+
+
+class LabelerCreated(BaseModel):
+    labeler_id: str
+    token: str = Field(description="Shown once: only its sha256 is stored. Send it as 'Authorization: "
+                                   "Bearer <token>'.")
+
+
+class LabelerInfo(BaseModel):
+    labeler_id: str
+    name: str
+    revoked: bool
+
+
+class LabelerMe(BaseModel):
+    labeler_id: str = Field(description="'anonymous' while serve.labeler_auth is off.")
+    name: str
+    labeler_auth: bool = Field(description="Whether /v1/compare and /v1/feedback need a labeler token.")
+    decided_today: int = Field(description="Answers recorded since 00:00 UTC.")
+
+
+class LabelerReport(BaseModel):
+    """GET /admin/labelers: one labeler's volume and quality (rlhf.store.labelers.LabelerStats)."""
+
+    labeler_id: str
+    name: str
+    revoked: bool
+    choices: int
+    gold_answered: int
+    gold_accuracy: float | None
+    overlap_pairs: int
+    agreement: float | None
+    cant_tell_share: float | None
+    median_decision_s: float | None
+
+
+class GoldLine(BaseModel):
+    """One line of POST /admin/gold's JSONL body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    summary_0: str = Field(min_length=1)
+    summary_1: str = Field(min_length=1)
+    answer: StrictInt = Field(ge=0, le=1, description="Index (0 or 1) of the better summary.")
+    title: str | None = Field(None, max_length=500)
+
+    _text = field_validator("text", "summary_0", "summary_1")(_not_blank)
+
+    @field_validator("summary_1")
+    @classmethod
+    def _different(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("summary_0"):
+            raise ValueError("is identical to summary_0; a gold pair needs two different summaries")
+        return value
+
+
+class GoldStored(BaseModel):
+    stored: int
 
 
 class DocumentSection(BaseModel):
@@ -73,3 +163,7 @@ class PolicyInfo(BaseModel):
     version: str
     versions: list[str] = Field(description="Every servable version, oldest first.")
     metrics: dict = Field(description="What PPO recorded when it published this version.")
+
+
+class RollbackRequest(BaseModel):
+    version: str = Field(min_length=1, max_length=64, description="A published version, e.g. 'v0002'.")

@@ -1,4 +1,5 @@
-"""Policy versions as the server sees them: the registry's newest is current, older ones on demand.
+"""Policy versions as the server sees them: the registry's current one (its newest unless rolled
+back) answers, the others are loaded on demand.
 
 A version is a full model or a LoRA adapter folder (``lora.publish=adapter``). Adapter versions
 of one base share that base in memory, each a named PEFT adapter on it, and requests for several
@@ -112,26 +113,27 @@ class PolicyVersions:
         # Loads and evictions (under it) are also all that change _backbones and their users.
         self._load_lock = threading.Lock()
         self._backbones: dict[str, Backbone] = {}  # by fingerprint: each base once
-        self.current = self._newest()
+        self.current = self._registry_current()
         self.get(self.current)
 
-    def _newest(self) -> str:
-        versions = self.registry.versions()
-        return versions[-1] if versions else BASE_VERSION
+    def _registry_current(self) -> str:
+        """The registry's current version (``PolicyRegistry.current``: newest, or rolled back to)."""
+        current = self.registry.current()
+        return current.name if current is not None else BASE_VERSION
 
     def known(self) -> list[str]:
         """Every version that can be served, oldest first."""
         return self.registry.versions() or [BASE_VERSION]
 
     def refresh(self) -> bool:
-        """Switch to the registry's newest version if it changed; True when it did."""
-        newest = self._newest()
-        if newest == self.current:
+        """Switch to the registry's current version if it changed; True when it did."""
+        wanted = self._registry_current()
+        if wanted == self.current:
             return False
-        self.get(newest)  # load first: requests keep using the old version meanwhile
+        self.get(wanted)  # load first: requests keep using the old version meanwhile
         with self._lock:
-            previous, self.current = self.current, newest
-        logger.info("serving policy %s (was %s)", newest, previous)
+            previous, self.current = self.current, wanted
+        logger.info("serving policy %s (was %s)", wanted, previous)
         return True
 
     def get(self, version: str, pin: bool = False) -> LoadedVersion:

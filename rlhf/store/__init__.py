@@ -2,7 +2,7 @@
 comparisons of two policy summaries, and their choices, read back as canonical training tables.
 """
 
-from rlhf.store.cycles import Cycle, CycleLog, CycleRecord, CycleStage, PPOSummary
+from rlhf.store.cycles import Cycle, CycleLog, CycleRecord, CycleStage, GuardReport, PPOSummary, SummaryStats
 from rlhf.store.dataset import feedback_dataset
 from rlhf.store.engine import check_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError, StoreInputError
@@ -16,10 +16,12 @@ __all__ = [
     "CycleRecord",
     "CycleStage",
     "FeedbackStore",
+    "GuardReport",
     "InvalidFeedbackError",
     "NotFoundError",
     "PPOSummary",
     "StoreInputError",
+    "SummaryStats",
     "check_url",
     "feedback_dataset",
 ]

@@ -31,6 +31,32 @@ class PPOSummary:
 
 
 @dataclass(frozen=True)
+class SummaryStats:
+    """How one policy writes on the publish guard's documents (greedy): what reward hacking inflates."""
+
+    length_mean: float  # tokens before eos (or max_new_tokens)
+    repetition: float  # mean share of repeated word n-grams per summary (rlhf.eval.health.repetition)
+    unfinished: float  # share of summaries that hit max_new_tokens without eos
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """The publish guard's measurements and verdict (rlhf.online.guard)."""
+
+    documents: int  # stored documents both policies summarised
+    before: SummaryStats  # the served policy the cycle started from
+    after: SummaryStats  # the cycle's new policy
+    win_rate: float | None  # people's choice of the served version against other versions; None: none decided
+    win_comparisons: int  # decided comparisons behind win_rate
+    refused: list[str]  # the failed checks, each naming its guard.* key; empty = published
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> GuardReport:
+        stats = {key: SummaryStats(**record[key]) for key in ("before", "after")}
+        return cls(**{**record, **stats})
+
+
+@dataclass(frozen=True)
 class CycleRecord:
     """What a cycle used and measured, filled in stage by stage (None = not reached yet); stored as
     JSON with the field names as keys, in ``online_cycles.record`` and the loop's cycles.jsonl."""
@@ -44,17 +70,25 @@ class CycleRecord:
     new_ids: list[str] | None = None  # comparison ids of the window trained on
     replay_ids: list[str] | None = None  # older comparison ids trained on again
     holdout_ids: list[str] | None = None  # comparison ids the update is judged on
+    # choices decided in the window left out by feedback.min_gold_accuracy, and as unscored (hold)
+    excluded_low_gold_accuracy: int | None = None
+    excluded_unscored: int | None = None
     accuracy_before: float | None = None  # held-out pairwise accuracy; also None with no held-out rows
     accuracy_after: float | None = None
     reward_judged: bool | None = None  # enough held-out rows to judge the update
     reward_kept: bool | None = None
     reward_used: str | None = None  # the reward model PPO scores with: the update or reward_before
+    calibration_before: float | None = None  # ECE of σ(r_1 − r_0) on the held-out choices (None: none)
+    calibration_after: float | None = None
+    probe_drift: float | None = None  # 1 − Spearman of the update's probe scores vs reward_before's
     # done: the PPO run and the version it published
     documents: int | None = None  # stored documents PPO sampled from
     policy_version: str | None = None  # e.g. "v0003"
     ppo_first: PPOSummary | None = None  # the first and last PPO iteration
     ppo_last: PPOSummary | None = None
     ppo: str | None = None  # why PPO did not run in this cycle (its version was published before a restart)
+    candidate: str | None = None  # the new policy's folder; outside the registry when the guard refused it
+    guard: GuardReport | None = None  # the publish guard's checks; None when guard.enabled is false
 
     def to_record(self) -> dict[str, Any]:
         """The JSON form: every key, null where a stage has not set it."""
@@ -63,9 +97,11 @@ class CycleRecord:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CycleRecord:
         """Read a record back; one written at an earlier stage, or by older code, lacks later keys."""
-        summaries = {key: PPOSummary(**record[key]) for key in ("ppo_first", "ppo_last")
-                     if record.get(key) is not None}
-        return cls(**{**record, **summaries})
+        nested = {key: PPOSummary(**record[key]) for key in ("ppo_first", "ppo_last")
+                  if record.get(key) is not None}
+        if record.get("guard") is not None:
+            nested["guard"] = GuardReport.from_record(record["guard"])
+        return cls(**{**record, **nested})
 
 
 @dataclass(frozen=True)

@@ -18,34 +18,56 @@ from rlhf.store.engine import WRITE_OPTION, create_engine, resolve_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError
 from rlhf.store.queries import (
     EXPORT_SCHEMA,
+    HAS_CHOICE,
+    TRAINABLE,
     comparison_query,
     export_query,
     preference_query,
     prompts_query,
     window,
 )
-from rlhf.store.tables import choices, comparisons, create_schema, documents, utcnow
+from rlhf.store.tables import VERDICTS, Verdict, choices, comparisons, create_schema, documents, utcnow
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two summaries of one document shown to a person, and their choice once made."""
+    """Two summaries of one document shown to a person, and their answer once made."""
 
     id: str
     document_id: str
     summary_0: str
     summary_1: str
-    policy_0: str  # policy version that wrote summary_0, e.g. "v0003"
+    policy_0: str  # policy version that wrote summary_0, e.g. "v0003"; "gold" for a gold pair
     policy_1: str
-    created_at: datetime  # aware UTC, like decided_at
-    choice: int | None  # None while pending, else the index (0 or 1) of the preferred summary
+    created_at: datetime  # aware UTC, like decided_at: when it was shown
+    choice: int | None  # the index (0 or 1) of the preferred summary; None while pending or not a preference
     labeler: str | None
     decided_at: datetime | None
+    shown_to: str | None = None  # labeler id (or ANONYMOUS) it was shown to; None = anyone may decide
+    overlap_of: str | None = None  # the comparison it shows again to a second labeler
+    gold_id: str | None = None  # the gold pair it shows, with the right answer in the shown order
+    gold_answer: int | None = None
+    verdict: Verdict | None = None  # None while pending
+    confidence: int | None = None  # 1-4, see CONFIDENCE_LEVELS
+    note: str | None = None
+    decision_s: float | None = None  # seconds from showing to deciding
 
     @property
     def pending(self) -> bool:
-        """No choice recorded yet."""
-        return self.choice is None
+        """No answer recorded yet."""
+        return self.decided_at is None
+
+
+# What each confidence level means: summarize_from_feedback's 1-9 scale (1 = surely A, 5 = no
+# preference, 9 = surely B) folded at its middle, whose "no preference" is our cant_tell verdict:
+# level k is their 5 - k or 5 + k.
+CONFIDENCE_LEVELS = {
+    1: "a guess: the chosen summary is barely better (their 4 or 6)",
+    2: "somewhat sure (3 or 7)",
+    3: "fairly sure (2 or 8)",
+    4: "certain: the other summary is clearly worse (1 or 9)",
+}
+MAX_NOTE_CHARS = 2000  # a note is a remark for admins, not a document
 
 
 def _require_text(field: str, value: str) -> None:
@@ -54,12 +76,27 @@ def _require_text(field: str, value: str) -> None:
         raise InvalidFeedbackError(field, f"must be a non-empty string, got {value!r}")
 
 
-def _check_choice(choice: int) -> None:
-    """A choice is an index into (summary_0, summary_1); booleans are refused as ambiguous."""
-    if isinstance(choice, bool) or choice not in (0, 1):
+def _check_choice(choice: int | None, verdict: Verdict) -> None:
+    """A preference needs an index into (summary_0, summary_1), the other verdicts none; booleans are
+    refused as ambiguous."""
+    if verdict not in VERDICTS:
+        raise InvalidFeedbackError("verdict", f"must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+    if verdict != "preference":
+        if choice is not None:
+            raise InvalidFeedbackError("choice", f"must be null for verdict {verdict!r} (no summary is "
+                                                 "preferred); send verdict 'preference' to pick one")
+    elif isinstance(choice, bool) or choice not in (0, 1):
         raise InvalidFeedbackError(
             "choice", f"must be 0 or 1 (the index of the preferred summary), got {choice!r}"
         )
+
+
+def _check_extras(confidence: int | None, note: str | None) -> None:
+    if confidence is not None and (isinstance(confidence, bool) or confidence not in CONFIDENCE_LEVELS):
+        raise InvalidFeedbackError("confidence", f"must be 1-4 or null, got {confidence!r}")
+    if note is not None and len(note) > MAX_NOTE_CHARS:
+        raise InvalidFeedbackError("note", f"{len(note)} characters is over the {MAX_NOTE_CHARS}-character "
+                                           "limit; shorten the note")
 
 
 def _new_id() -> str:
@@ -128,9 +165,11 @@ class FeedbackStore:
         return document_id
 
     def create_comparison(
-        self, document_id: str, summary_0: str, summary_1: str, policy_0: str, policy_1: str
+        self, document_id: str, summary_0: str, summary_1: str, policy_0: str, policy_1: str,
+        shown_to: str | None = None,
     ) -> str:
-        """Store a pending comparison of two different summaries of a stored document."""
+        """Store a pending comparison of two different summaries of a stored document, shown to the
+        labeler ``shown_to`` (only they may decide it; None = anyone, for scripts)."""
         for field, value in (("summary_0", summary_0), ("summary_1", summary_1),
                              ("policy_0", policy_0), ("policy_1", policy_1)):
             _require_text(field, value)
@@ -144,25 +183,36 @@ class FeedbackStore:
                                                    "add_document() first and pass the id it returns")
             conn.execute(comparisons.insert().values(
                 id=comparison_id, document_id=document_id, summary_0=summary_0, summary_1=summary_1,
-                policy_0=policy_0, policy_1=policy_1, created_at=utcnow(),
+                policy_0=policy_0, policy_1=policy_1, created_at=utcnow(), shown_to=shown_to,
             ))
         return comparison_id
 
-    def record_choice(self, comparison_id: str, choice: int, labeler: str | None = None) -> Comparison:
-        """Record which summary a person preferred; committed before returning.
+    def record_choice(
+        self, comparison_id: str, choice: int | None, labeler: str | None = None,
+        verdict: Verdict = "preference", confidence: int | None = None, note: str | None = None,
+    ) -> Comparison:
+        """Record a labeler's answer (a preferred summary, or both bad / can't tell); committed before
+        returning, with the seconds since the comparison was shown.
 
-        Sending the same choice again (a retried HTTP request) returns the stored comparison; a
-        different choice for a decided comparison raises AlreadyDecidedError.
+        A comparison shown to another labeler answers NotFoundError, exactly as an unknown id, so
+        ids cannot be probed. Sending the same answer again (a retried HTTP request) returns the
+        stored comparison; a different one for a decided comparison raises AlreadyDecidedError.
         """
-        _check_choice(choice)
+        _check_choice(choice, verdict)
+        _check_extras(confidence, note)
         try:
             with self.write() as conn:
                 # On SQLite this read holds the write lock (BEGIN IMMEDIATE), so no other choice can
                 # come between it and the insert.
                 stored = self._comparison(conn, comparison_id)
+                if stored is not None and stored.shown_to not in (None, labeler):
+                    stored = None
                 if stored is not None and stored.pending:
+                    now = utcnow()
                     conn.execute(choices.insert().values(
-                        comparison_id=comparison_id, choice=int(choice), labeler=labeler, decided_at=utcnow()
+                        comparison_id=comparison_id, choice=choice, labeler=labeler, decided_at=now,
+                        verdict=verdict, confidence=confidence, note=note,
+                        decision_s=(now - stored.created_at).total_seconds(),
                     ))
                     stored = self._comparison(conn, comparison_id)
         except sa.exc.IntegrityError:
@@ -173,9 +223,10 @@ class FeedbackStore:
         if stored is None:
             raise NotFoundError("comparison_id", f"no comparison {comparison_id!r}; use the id that "
                                                  "create_comparison() (POST /v1/compare) returned")
-        if stored.choice != choice:
+        if (stored.verdict, stored.choice) != (verdict, choice):
+            decided = stored.choice if stored.verdict == "preference" else stored.verdict
             raise AlreadyDecidedError(
-                "choice", f"comparison {comparison_id!r} was already decided as {stored.choice} at "
+                "choice", f"comparison {comparison_id!r} was already decided as {decided} at "
                 f"{stored.decided_at.isoformat()}; a decision cannot change, create a new comparison"
             )
         return stored
@@ -194,10 +245,12 @@ class FeedbackStore:
         return stored
 
     def count_decided(self, since: datetime | None = None, until: datetime | None = None) -> int:
-        """How many choices were recorded in ``(since, until]`` (None = unbounded): the online
-        loop's trigger."""
+        """How many trainable choices (preferences on non-gold comparisons) were recorded in
+        ``(since, until]`` (None = unbounded): the online loop's trigger."""
         decided = window(choices.c.decided_at, since, until)
-        query = sa.select(sa.func.count()).select_from(choices).where(*decided)
+        query = sa.select(sa.func.count()).select_from(comparisons.join(choices, HAS_CHOICE)).where(
+            *decided, *TRAINABLE
+        )
         with self._engine.connect() as conn:
             return conn.scalar(query)
 

@@ -27,6 +27,14 @@ EXPORT_SCHEMA = pa.schema([
     pa.field("choice", pa.int64()),  # null while pending, like labeler and decided_at
     pa.field("labeler", pa.string()),
     pa.field("decided_at", _UTC),
+    pa.field("shown_to", pa.string()),  # labeler id, "anonymous", or null (before schema v4)
+    pa.field("overlap_of", pa.string()),
+    pa.field("gold_id", pa.string()),
+    pa.field("gold_answer", pa.int64()),
+    pa.field("verdict", pa.string()),  # preference | both_bad | cant_tell; null while pending
+    pa.field("confidence", pa.int64()),
+    pa.field("note", pa.string()),
+    pa.field("decision_s", pa.float64()),
 ])
 
 
@@ -53,18 +61,24 @@ def window(
 
 
 # A comparison's choice, if any; comparisons are outer-joined with it to include the pending ones.
-_HAS_CHOICE = choices.c.comparison_id == comparisons.c.id
+HAS_CHOICE = choices.c.comparison_id == comparisons.c.id
+# Choices training may read: a preferred summary (not both bad / can't tell) on a pair whose answer
+# was not known beforehand (gold pairs only score labelers).
+TRAINABLE = (choices.c.verdict == "preference", comparisons.c.gold_id.is_(None))
+# The answer columns of a choice, after comparisons' own in the Comparison fields and export rows.
+_ANSWER = (choices.c.choice, choices.c.labeler, choices.c.decided_at)
+_DETAIL = (choices.c.verdict, choices.c.confidence, choices.c.note, choices.c.decision_s)
 
 
 def comparison_query() -> sa.Select:
     """Comparisons with the columns of their choice (NULL while pending): the Comparison fields."""
-    return sa.select(comparisons, choices.c.choice, choices.c.labeler, choices.c.decided_at).join_from(
-        comparisons, choices, _HAS_CHOICE, isouter=True
+    return sa.select(comparisons, *_ANSWER, *_DETAIL).join_from(
+        comparisons, choices, HAS_CHOICE, isouter=True
     )
 
 
 def preference_query(since: datetime | None = None, until: datetime | None = None) -> sa.Select:
-    """Decided comparisons as PREFERENCE_SCHEMA rows, oldest decision first."""
+    """Trainable choices (TRAINABLE) as PREFERENCE_SCHEMA rows, oldest decision first."""
     decided_at = choices.c.decided_at
     return (
         sa.select(
@@ -77,8 +91,8 @@ def preference_query(since: datetime | None = None, until: datetime | None = Non
             comparisons.c.policy_1,
         )
         .join_from(comparisons, documents, comparisons.c.document_id == documents.c.id)
-        .join(choices, _HAS_CHOICE)
-        .where(*window(decided_at, since, until))
+        .join(choices, HAS_CHOICE)
+        .where(*window(decided_at, since, until), *TRAINABLE)
         .order_by(decided_at, comparisons.c.id)
     )
 
@@ -99,12 +113,15 @@ def export_query(
             comparisons.c.policy_0,
             comparisons.c.policy_1,
             comparisons.c.created_at,
-            choices.c.choice,
-            choices.c.labeler,
-            choices.c.decided_at,
+            *_ANSWER,
+            comparisons.c.shown_to,
+            comparisons.c.overlap_of,
+            comparisons.c.gold_id,
+            comparisons.c.gold_answer,
+            *_DETAIL,
         )
         .join_from(comparisons, documents, comparisons.c.document_id == documents.c.id)
-        .join(choices, _HAS_CHOICE, isouter=include_pending)
+        .join(choices, HAS_CHOICE, isouter=include_pending)
         .order_by(comparisons.c.created_at, comparisons.c.id)
     )
     return query.where(*window(choices.c.decided_at, since, until))
@@ -129,3 +146,19 @@ def canonical_query(kind: Schema, since: datetime | None = None) -> sa.Select:
         return prompts_query(since)
     raise StoreInputError("kind", f"the feedback store holds no {kind.value!r} table; use "
                                   f"{Schema.PREFERENCE.value!r} or {Schema.PROMPTS.value!r}")
+
+
+def version_wins_query(version: str) -> sa.Select:
+    """One row (wins, decided): ``version``'s /v1/compare comparisons against another version with a
+    preference recorded (choice IS NOT NULL), and how many of them people decided for ``version``.
+    A version is shown only once published, so these are all decided since it was first served."""
+    side_0, side_1 = comparisons.c.policy_0 == version, comparisons.c.policy_1 == version
+    won = sa.or_(sa.and_(side_0, choices.c.choice == 0), sa.and_(side_1, choices.c.choice == 1))
+    return (
+        sa.select(sa.func.coalesce(sa.func.sum(sa.case((won, 1), else_=0)), 0).label("wins"),
+                  sa.func.count().label("decided"))
+        .select_from(comparisons)
+        .join(choices, choices.c.comparison_id == comparisons.c.id)
+        .where(sa.or_(side_0, side_1), comparisons.c.policy_0 != comparisons.c.policy_1,
+               choices.c.choice.is_not(None))
+    )

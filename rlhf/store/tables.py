@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Literal, get_args
 
 import sqlalchemy as sa
 
@@ -16,7 +17,7 @@ from rlhf.store.engine import URL_KEY, WRITE_OPTION
 from rlhf.store.errors import StoreInputError
 
 # Bump with a step in MIGRATIONS whenever the tables change.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The source column of preference rows that came from this store.
 FEEDBACK_SOURCE = "feedback"
 
@@ -61,9 +62,43 @@ documents = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 
-# A comparison records what was shown and never changes; a person's choice is a separate, later
-# event with its own table. Its primary key is the comparison id, so the database itself allows one
-# choice per comparison and recording a choice is a plain insert (a conflict means already decided).
+# What a labeler decided about a comparison (choices.verdict): a preference names the better summary in
+# ``choice``; the other two are stored for quality control and never trained on (choice is NULL).
+Verdict = Literal["preference", "both_bad", "cant_tell"]
+VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
+# choices.labeler and comparisons.shown_to while serve.labeler_auth is off: nobody is identified.
+ANONYMOUS = "anonymous"
+
+# People who label, each with a bearer token the server stores only as its sha256. Revoking sets
+# revoked_at and keeps the row, so the ids in choices.labeler always resolve to a name.
+labelers = sa.Table(
+    "labelers",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime),
+)
+
+# Known-answer pairs (POST /admin/gold): each showing is a new comparison row naming its gold pair,
+# with the answer for the order it was shown in.
+gold_pairs = sa.Table(
+    "gold_pairs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("document_id", sa.String(36), sa.ForeignKey("documents.id"), nullable=False),
+    sa.Column("summary_0", sa.Text, nullable=False),
+    sa.Column("summary_1", sa.Text, nullable=False),
+    sa.Column("answer", sa.SmallInteger, sa.CheckConstraint("answer IN (0, 1)", name="gold_answer_is_0_or_1"),
+              nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+# A comparison records what was shown, to whom, and never changes; a person's choice is a separate,
+# later event with its own table. Its primary key is the comparison id, so the database itself allows
+# one choice per comparison and recording a choice is a plain insert (a conflict means already
+# decided); showing the same pair again (overlap, gold) is a new comparison row.
 comparisons = sa.Table(
     "comparisons",
     metadata,
@@ -73,20 +108,34 @@ comparisons = sa.Table(
     sa.Column("summary_1", sa.Text, nullable=False),
     sa.Column("policy_0", sa.String(64), nullable=False),
     sa.Column("policy_1", sa.String(64), nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),  # when it was shown
+    # The labeler id it was shown to (ANONYMOUS without labeler auth); NULL before schema v4.
+    sa.Column("shown_to", sa.String(36), index=True),
+    # The comparison whose document and summaries this one shows again to another labeler.
+    sa.Column("overlap_of", sa.String(36), sa.ForeignKey("comparisons.id"), index=True),
+    sa.Column("gold_id", sa.String(36), sa.ForeignKey("gold_pairs.id"), index=True),
+    sa.Column("gold_answer", sa.SmallInteger),  # the right index in the order shown; NULL unless gold
+    sa.CheckConstraint("(gold_id IS NULL) = (gold_answer IS NULL) AND "
+                       "(gold_answer IS NULL OR gold_answer IN (0, 1))", name="gold_has_an_answer"),
 )
 
 choices = sa.Table(
     "choices",
     metadata,
     sa.Column("comparison_id", sa.String(36), sa.ForeignKey("comparisons.id"), primary_key=True),
-    # The index (0 or 1) of the preferred summary.
+    # The index (0 or 1) of the preferred summary; NULL exactly when the verdict is not a preference.
     sa.Column(
         "choice", sa.SmallInteger, sa.CheckConstraint("choice IN (0, 1)", name="choice_is_0_or_1"),
-        nullable=False,
     ),
-    sa.Column("labeler", sa.String(200)),
+    sa.Column("labeler", sa.String(200)),  # a labeler id, ANONYMOUS, or a name typed before schema v4
     sa.Column("decided_at", UTCDateTime, nullable=False, index=True),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("confidence", sa.SmallInteger,
+              sa.CheckConstraint("confidence BETWEEN 1 AND 4", name="confidence_is_1_to_4")),
+    sa.Column("note", sa.Text),
+    sa.Column("decision_s", sa.Float),  # seconds from showing to deciding; NULL before schema v4
+    sa.CheckConstraint(f"verdict IN {VERDICTS}", name="verdict_is_known"),
+    sa.CheckConstraint("(verdict = 'preference') = (choice IS NOT NULL)", name="choice_iff_preference"),
 )
 
 # The online loop's ledger (jobs/online.py): one row per cycle with the feedback window it trains
@@ -109,25 +158,52 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# comparisons and choices as schema versions 2 and 3 defined them, frozen for the steps that create or
+# read them; their indexes and constraints have the names the current tables reuse.
+_v3 = sa.MetaData()
+_V3_COMPARISONS = sa.Table(
+    "comparisons",
+    _v3,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("document_id", sa.String(36), sa.ForeignKey(documents.c.id), nullable=False, index=True),
+    sa.Column("summary_0", sa.Text, nullable=False),
+    sa.Column("summary_1", sa.Text, nullable=False),
+    sa.Column("policy_0", sa.String(64), nullable=False),
+    sa.Column("policy_1", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+_V3_CHOICES = sa.Table(
+    "choices",
+    _v3,
+    sa.Column("comparison_id", sa.String(36), sa.ForeignKey("comparisons.id"), primary_key=True),
+    sa.Column(
+        "choice", sa.SmallInteger, sa.CheckConstraint("choice IN (0, 1)", name="choice_is_0_or_1"),
+        nullable=False,
+    ),
+    sa.Column("labeler", sa.String(200)),
+    sa.Column("decided_at", UTCDateTime, nullable=False, index=True),
+)
+
+
 def _v1_to_v2(conn: sa.Connection) -> None:
     """Move the choice columns of ``comparisons`` into the ``choices`` table.
 
     SQLite cannot drop a column that a CHECK constraint or an index names, and a renamed table keeps
     its index names (on PostgreSQL also its primary key's ``comparisons_pkey``), which the new table
     needs. So: copy the rows aside (CREATE TABLE AS copies no constraints or indexes), drop the old
-    table, create the new ones, copy back, drop the copy. Uses the current definitions, which are
-    v2's; the next step that changes these tables must freeze a copy of them here.
+    table, create the new ones, copy back, drop the copy. Creates the frozen v2 definitions
+    (``_V3_*``, unchanged in v3), never the current ones.
     """
     conn.execute(sa.text("CREATE TABLE comparisons_v1 AS SELECT * FROM comparisons"))
     conn.execute(sa.text("DROP TABLE comparisons"))
-    metadata.create_all(conn, tables=[comparisons, choices])
-    shown = [column.name for column in comparisons.columns]
+    _v3.create_all(conn, tables=[_V3_COMPARISONS, _V3_CHOICES])
+    shown = [column.name for column in _V3_COMPARISONS.columns]
     old = sa.table("comparisons_v1", *map(sa.column, [*shown, "choice", "labeler", "decided_at"]))
-    conn.execute(comparisons.insert().from_select(shown, sa.select(*(old.c[name] for name in shown))))
+    conn.execute(_V3_COMPARISONS.insert().from_select(shown, sa.select(*(old.c[name] for name in shown))))
     decided = sa.select(old.c.id, old.c.choice, old.c.labeler, old.c.decided_at).where(
         old.c.choice.is_not(None)
     )
-    conn.execute(choices.insert().from_select([column.name for column in choices.columns], decided))
+    conn.execute(_V3_CHOICES.insert().from_select([column.name for column in _V3_CHOICES.columns], decided))
     conn.execute(sa.text("DROP TABLE comparisons_v1"))
 
 
@@ -136,8 +212,32 @@ def _v2_to_v3(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[online_cycles])
 
 
+def _v3_to_v4(conn: sa.Connection) -> None:
+    """Labelers, gold pairs, who each comparison was shown to, and the richer answers.
+
+    ``choices.choice`` becomes nullable and both tables gain CHECK constraints, which SQLite cannot
+    add to an existing table; so, as in ``_v1_to_v2``, copy both aside, drop them, create the
+    current tables and copy back. Old choices become preferences with no confidence, note or
+    decision time; old comparisons were shown to nobody known (``shown_to`` NULL). Uses the current
+    definitions, which are v4's; the next step that changes these tables must freeze a copy of them.
+    """
+    for old in ("choices", "comparisons"):
+        conn.execute(sa.text(f"CREATE TABLE {old}_v3 AS SELECT * FROM {old}"))
+    conn.execute(sa.text("DROP TABLE choices"))
+    conn.execute(sa.text("DROP TABLE comparisons"))
+    metadata.create_all(conn, tables=[labelers, gold_pairs, comparisons, choices])
+    for new, frozen, added in ((comparisons, _V3_COMPARISONS, {}),
+                               (choices, _V3_CHOICES, {"verdict": sa.literal("preference")})):
+        names = [column.name for column in frozen.columns]
+        old = sa.table(f"{new.name}_v3", *map(sa.column, names))
+        rows = sa.select(*(old.c[name] for name in names),
+                         *(value.label(key) for key, value in added.items()))
+        conn.execute(new.insert().from_select([*names, *added], rows))
+        conn.execute(sa.text(f"DROP TABLE {new.name}_v3"))
+
+
 # Step N upgrades a database from version N - 1 to N, inside the caller's write transaction.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _v1_to_v2, 3: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _v1_to_v2, 3: _v2_to_v3, 4: _v3_to_v4}
 
 
 def create_schema(engine: sa.Engine, attempts: int = 3) -> None:
