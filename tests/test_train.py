@@ -154,34 +154,23 @@ def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
     assert _evals(tmp_path / "more")[0]["val_accuracy"] >= 0.9
 
 
-def test_reward_with_zero3_on_two_workers(tmp_path: Path) -> None:
-    data = _easy_preferences(tmp_path / "easy.jsonl", 48)
-    cfg = load_config(RewardConfig, None, [
-        f"output_dir={tmp_path / 'run'}", f"data.path={data}", "model.max_source_length=64",
-        "model.max_target_length=32", "train.batch_size=4", "train.max_steps=3",
-        "train.num_workers=2", "train.deepspeed.zero_stage=3", "train.eval_every=3", "train.save_every=3",
-    ])
-    result = run_reward(cfg)
-    shards = sorted(p.name for p in (result.checkpoint_dir / "deepspeed").glob("*optim_states.pt"))
-    assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], shards  # state split over 2 ranks
-    model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
-    full = sum(p.numel() for p in model.parameters())
-    assert full > 10_000  # the saved model is whole, gathered from the shards
-    assert model.score(["d"], ["s"]).shape == (1,)
-
-
-def test_minilm_reward_backbone_trains_a_few_steps(tmp_path: Path) -> None:
-    """The real-model path of configs/reward_minilm.yaml, cut to a few steps on sample data."""
+def test_minilm_reward_backbone_trains_with_zero3_on_two_workers(tmp_path: Path) -> None:
+    """The real-model path of configs/reward_minilm.yaml, cut to a few steps on sample data, with
+    its state partitioned over two ZeRO-3 ranks and saved whole."""
     cfg = load_config(RewardConfig, str(ROOT / "configs" / "reward_minilm.yaml"), [
         f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_comparisons_sample.jsonl'}",
         "model.max_source_length=128", "train.batch_size=4", "train.max_steps=2",
         "train.warmup_steps=0", "train.eval_every=2", "train.save_every=2", "train.max_eval_rows=8",
-        "train.cpus_per_worker=1",
+        "train.num_workers=2", "train.cpus_per_worker=1", "train.deepspeed.zero_stage=3",
     ])
     result = run_reward(cfg)
     assert [e["step"] for e in _evals(tmp_path)] == [0, 2]
+    shards = sorted(p.name for p in (result.checkpoint_dir / "deepspeed").glob("*optim_states.pt"))
+    assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], shards  # state split over 2 ranks
     model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
     assert model.backbone.config.model_type == "bert" and model.backbone.config.num_hidden_layers == 6
+    assert sum(p.numel() for p in model.parameters()) > 20_000_000  # saved whole, gathered from the shards
+    assert model.score(["d"], ["s"]).shape == (1,)
 
 
 def test_bad_data_stops_the_job_with_one_line(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import random
+from collections import deque
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
@@ -31,6 +32,7 @@ from rlhf.data.pdf import PdfError, extract_paper
 from rlhf.registry import PolicyRegistry, UnknownVersionError
 from rlhf.serve.access import Caller, LabelerGate, RateLimiter, queue_kind, too_many
 from rlhf.serve.config import ServeConfig
+from rlhf.serve.rewards import CurrentRewardModel, Selection
 from rlhf.serve.schemas import (
     CompareRequest,
     CompareResponse,
@@ -47,9 +49,11 @@ from rlhf.serve.schemas import (
     LabelerReport,
     PolicyInfo,
     RollbackRequest,
+    SelectionInfo,
     SummarizeRequest,
     SummarizeResponse,
 )
+from rlhf.serve.versions import Summary
 from rlhf.store import AlreadyDecidedError, Comparison, FeedbackStore, NotFoundError, StoreInputError
 from rlhf.store.labelers import Labelers
 from rlhf.store.queue import GoldPair, LabelingQueue
@@ -57,6 +61,7 @@ from rlhf.store.tables import ANONYMOUS
 
 PDF_MAGIC = b"%PDF"
 READY_TIMEOUT_S = 5.0
+SELECTIONS_KEPT = 100  # uncertain selections GET /admin/selections shows, newest last
 
 app = FastAPI(
     title="rlhf summarizer",
@@ -129,6 +134,15 @@ def _gold_lines(body: bytes) -> list[GoldPair]:
     return pairs
 
 
+def _usable(pairs: list[list[Summary]]) -> list[list[Summary]]:
+    """The pairs a person can choose between (two different, non-empty summaries); 503 if none."""
+    usable = [pair for pair in pairs if pair[0].text != pair[1].text and all(s.text.strip() for s in pair)]
+    if not usable:
+        raise HTTPException(503, "the policy wrote an empty or the same summary twice; send the "
+                                 "request again")
+    return usable
+
+
 @serve.deployment
 @serve.ingress(app)
 class FeedbackApi:
@@ -147,6 +161,9 @@ class FeedbackApi:
         self.gate = LabelerGate(self.labelers, cfg.serve.labeler_auth)
         self.per_labeler = RateLimiter(cfg.serve.compare_per_minute_per_labeler)
         self.per_address = RateLimiter(cfg.serve.compare_per_minute_per_address)
+        uncertain = cfg.serve.pair_selection == "uncertain"
+        self.rewards = CurrentRewardModel(cfg.serve.reward_registry, cfg.policy) if uncertain else None
+        self.recent_selections: deque[tuple[str, Selection]] = deque(maxlen=SELECTIONS_KEPT)
 
     def _check_text(self, text: str) -> None:
         size = len(text.encode())
@@ -191,12 +208,15 @@ class FeedbackApi:
         return await self._fresh(caller, body.text, body.title, body.source, body.max_new_tokens)
 
     async def _fresh(
-        self, caller: Caller, text: str, title: str | None, source: str, max_new_tokens: int | None
+        self, caller: Caller, text: str, title: str | None, source: str, max_new_tokens: int | None,
+        select: bool = False,
     ) -> CompareResponse:
-        pair = list(await self.policy.compare.remote(text, max_new_tokens))
-        if pair[0].text == pair[1].text or not all(s.text.strip() for s in pair):
-            raise HTTPException(503, "the policy wrote an empty or the same summary twice; send the "
-                                     "request again")
+        """A new pair of the policy's stored and shown; ``select``: the least certain of several."""
+        selection = None
+        if select and self.rewards is not None and await asyncio.to_thread(self.rewards.refresh):
+            pair, selection = await self._least_certain_pair(text, max_new_tokens)
+        else:
+            pair = _usable([list(await self.policy.compare.remote(text, max_new_tokens))])[0]
         self.rng.shuffle(pair)
         first, second = pair
         document_id = await asyncio.to_thread(self.store.add_document, text, title, source)
@@ -204,6 +224,8 @@ class FeedbackApi:
             self.store.create_comparison, document_id, first.text, second.text, first.version,
             second.version, caller.id,
         )
+        if selection is not None:
+            self.recent_selections.append((comparison_id, selection))
         return CompareResponse(comparison_id=comparison_id, summaries=(first.text, second.text),
                                truncated=first.truncated, text=text, title=title)
 
@@ -220,7 +242,17 @@ class FeedbackApi:
         if document is None:
             raise HTTPException(404, "text: the labeling queue has no stored documents yet; send a text "
                                      "to compare")
-        return await self._fresh(caller, document.text, document.title, "api", max_new_tokens)
+        return await self._fresh(caller, document.text, document.title, "api", max_new_tokens, select=True)
+
+    async def _least_certain_pair(
+        self, text: str, max_new_tokens: int | None
+    ) -> tuple[list[Summary], Selection]:
+        """``pair_candidates`` pairs of the policy's (generated together: the policy replica batches
+        them), the one the current reward model is least sure about, and how it was chosen."""
+        calls = [self.policy.compare.remote(text, max_new_tokens) for _ in range(self.limits.pair_candidates)]
+        pairs = _usable([list(pair) for pair in await asyncio.gather(*calls)])
+        selection = await asyncio.to_thread(self.rewards.select, text, [(a.text, b.text) for a, b in pairs])
+        return pairs[selection.chosen], selection
 
     def _shown_response(self, shown: Comparison) -> CompareResponse:
         text, title = self.queue.document(shown.document_id)
@@ -338,6 +370,14 @@ class FeedbackApi:
         media = "application/vnd.apache.parquet" if format == "parquet" else "application/x-ndjson"
         return Response(_export_bytes(table, format), media_type=media,
                         headers={"Content-Disposition": f'attachment; filename="comparisons.{format}"'})
+
+    @app.get("/admin/selections")
+    async def selections(self, authorization: Annotated[str | None, Header()] = None) -> list[SelectionInfo]:
+        """The latest pairs ``pair_selection=uncertain`` chose, oldest first: every candidate pair
+        with its reward scores and which one was stored, to check what the selection shows people."""
+        self._check_admin(authorization)
+        return [SelectionInfo(comparison_id=comparison_id, **asdict(selection))
+                for comparison_id, selection in self.recent_selections]
 
     @app.post("/admin/labelers")
     async def create_labeler(

@@ -10,6 +10,8 @@ from rlhf.config.sections import ModelConfig, StoreConfig
 
 # What /v1/compare sets against the current policy (rlhf.serve.versions.PolicyVersions.pair).
 CompareStrategy = Literal["previous", "random_earlier", "samples"]
+# Which fresh pair a labeling-queue request shows (rlhf.serve.api.FeedbackApi._queued).
+PairSelection = Literal["random", "uncertain"]
 
 
 @dataclass
@@ -71,6 +73,18 @@ class ServingConfig:
         0.0, "Share of queue requests answered with a pair another labeler was shown, to measure "
         "agreement (labeler_auth only: anonymous choices have no labeler to compare).", ge=0, le=1
     )
+    pair_selection: PairSelection = option(
+        "random", "Which fresh pair a queue request shows: random (one pair of the document), or "
+        "uncertain (of pair_candidates pairs, the one the reward_registry's current reward model is "
+        "least sure about: the smallest |sigmoid(r_0 - r_1) - 0.5|; random while it is empty)."
+    )
+    pair_candidates: int = option(4, "Candidate pairs written per queue request with "
+                                     "pair_selection=uncertain.", ge=2)
+    reward_registry: str = option(
+        "", "Reward-model registry whose current version scores pair_selection=uncertain's candidates "
+        "(the online loop's reward_registry, by default its output_dir/reward_registry); re-read "
+        "like the policy registry."
+    )
 
     def validate(self) -> None:
         if self.min_replicas > self.max_replicas:
@@ -78,6 +92,10 @@ class ServingConfig:
         if self.gold_rate + self.overlap_rate > 1:
             raise ConfigError("gold_rate", f"gold_rate + overlap_rate = {self.gold_rate + self.overlap_rate} "
                                            "exceeds 1; lower one of them")
+        if self.pair_selection == "uncertain" and not self.reward_registry:
+            raise ConfigError("reward_registry", "pair_selection=uncertain needs a reward model: set "
+                                                 "serve.reward_registry to the online loop's reward "
+                                                 "registry, or use pair_selection=random")
 
 
 @dataclass

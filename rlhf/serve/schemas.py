@@ -167,3 +167,13 @@ class PolicyInfo(BaseModel):
 
 class RollbackRequest(BaseModel):
     version: str = Field(min_length=1, max_length=64, description="A published version, e.g. 'v0002'.")
+
+
+class SelectionInfo(BaseModel):
+    comparison_id: str = Field(description="The comparison the chosen pair was stored as.")
+    reward_version: str = Field(description="The reward model version that scored the candidates.")
+    pairs: list[tuple[str, str]] = Field(description="Every candidate pair, in the order generated "
+                                                     "(the stored comparison may show the chosen one "
+                                                     "swapped).")
+    scores: list[tuple[float, float]] = Field(description="Raw reward scores (r_0, r_1) of each pair.")
+    chosen: int = Field(description="Index of the stored pair: the smallest |sigmoid(r_0 - r_1) - 0.5|.")
