@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 import torch
 
@@ -94,3 +95,13 @@ def summarize_stream(url: str, text: str, clients: int = 4) -> Iterator[list[str
         for thread in threads:
             thread.join()
     assert errors == []
+
+
+def start_with_admin(cfg: ServeConfig, admin_token: str) -> str:
+    """Deploy the app of ``cfg`` with ``admin_token`` in the variable it reads (only while the driver
+    builds the app); its URL."""
+    from rlhf.serve.app import start_app
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(cfg.serve.admin_token_env, admin_token)
+        return start_app(cfg)

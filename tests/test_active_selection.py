@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from serve_helpers import publish_tiny, serve_config
+from serve_helpers import publish_tiny, serve_config, start_with_admin
 
 from rlhf.config.core import ConfigError, load_config, parse_cli
 from rlhf.config.sections import ModelConfig
@@ -85,17 +85,13 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """Two tiny policy versions, one tiny reward model, pair_selection=uncertain with 3 candidates."""
     from ray import serve
 
-    from rlhf.serve.app import start_app
-
     root = tmp_path_factory.mktemp("selection")
     publish_tiny(root / "registry", seed=1)
     publish_tiny(root / "registry", seed=2)
     cfg = serve_config(root / "registry", root / "feedback.db", "serve.pair_selection=uncertain",
                        f"serve.pair_candidates={CANDIDATES}", f"serve.reward_registry={root / 'rewards'}")
     _publish_reward(root / "rewards", cfg.policy, seed=1)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(cfg.serve.admin_token_env, ADMIN["Authorization"].removeprefix("Bearer "))
-        url = start_app(cfg)
+    url = start_with_admin(cfg, ADMIN["Authorization"].removeprefix("Bearer "))
     store = FeedbackStore(cfg.store.url)
     yield App(url, store, root / "rewards", cfg.policy)
     store.close()

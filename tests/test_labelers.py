@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from serve_helpers import publish_tiny, serve_config
+from serve_helpers import publish_tiny, serve_config, start_with_admin
 
 from rlhf.serve.access import RateLimiter, queue_kind
 from rlhf.store import FeedbackStore
@@ -53,8 +53,6 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """One app for the module: labeler auth on, gold_rate 0.5, overlap_rate 0.25, per-labeler limit."""
     from ray import serve
 
-    from rlhf.serve.app import start_app
-
     root = tmp_path_factory.mktemp("labelers")
     registry = root / "registry"
     publish_tiny(registry, seed=1)
@@ -62,9 +60,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     cfg = serve_config(registry, root / "feedback.db", "serve.labeler_auth=true", "serve.gold_rate=0.5",
                        "serve.overlap_rate=0.25", f"serve.compare_per_minute_per_labeler={PER_LABELER}",
                        "seed=3")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(cfg.serve.admin_token_env, ADMIN["Authorization"].removeprefix("Bearer "))
-        url = start_app(cfg)
+    url = start_with_admin(cfg, ADMIN["Authorization"].removeprefix("Bearer "))
     store = FeedbackStore(cfg.store.url)
     yield App(url, store)
     store.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from serve_helpers import publish_tiny, serve_config, summarize_stream
+from serve_helpers import publish_tiny, serve_config, start_with_admin, summarize_stream
 from test_online import _config as online_config
 from test_online import _label
 
@@ -53,17 +53,13 @@ class App:
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     from ray import serve
 
-    from rlhf.serve.app import start_app
-
     root = tmp_path_factory.mktemp("rollback")
     registry = root / "registry"
     for seed in (1, 2, 3):
         publish_tiny(registry, seed=seed)
     cfg = serve_config(registry, root / "feedback.db", "serve.replicas=2", "serve.cpus_per_replica=0.5",
                        "serve.reload_interval_s=0.5")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(cfg.serve.admin_token_env, ADMIN_TOKEN)
-        url = start_app(cfg)
+    url = start_with_admin(cfg, ADMIN_TOKEN)
     yield App(url, PolicyRegistry(registry))
     serve.shutdown()
 

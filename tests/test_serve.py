@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import requests
-from serve_helpers import publish_tiny, publish_tiny_adapter, serve_config, summarize_stream
+from serve_helpers import publish_tiny, publish_tiny_adapter, serve_config, start_with_admin, summarize_stream
 
 from rlhf.store import FeedbackStore
 
@@ -44,16 +44,12 @@ class App:
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     from ray import serve
 
-    from rlhf.serve.app import start_app
-
     root = tmp_path_factory.mktemp("serve")
     registry = root / "registry"
     publish_tiny(registry, seed=1)
     publish_tiny(registry, seed=2)
     cfg = serve_config(registry, root / "feedback.db")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(cfg.serve.admin_token_env, ADMIN_TOKEN)  # read by the driver when building the app
-        url = start_app(cfg)
+    url = start_with_admin(cfg, ADMIN_TOKEN)
     store = FeedbackStore(cfg.store.url)
     yield App(url, store, registry, cfg.serve.max_text_bytes)
     store.close()
