@@ -1,21 +1,24 @@
 """Active pair selection (``serve.pair_selection``): reward-model accuracy on held-out simulated
 choices after N labels, when each label's pair is the first of k candidates (random), the one the
-reward model trained so far is least sure about (uncertain: the margin of rlhf.serve.selection),
-or the one an ensemble of heads disagrees about most (ensemble: the alternative the margin was
-chosen over).
+reward model trained so far is least sure about (uncertain: ``rlhf.serve.selection.least_certain``,
+what the server runs), or the one an ensemble of heads disagrees about most (ensemble: the
+alternative the margin was chosen over).
 
 No Serve: the queue's draw and the reward update are library calls. The pool is built once: for
 each bundled TL;DR post (``rlhf/data/samples``) its human/policy summaries plus extracts of 1-2 of
 its sentences (no summarizer ships offline; random tiny policies write noise). The reward model
-is ``load_reward_model`` on all-MiniLM-L6-v2 with its backbone frozen: each (post, summary) is
-encoded once, and a retrain fits only the head, with ``bradley_terry_loss``, in well under a
-second. A simulated person labels the chosen pair: ``shorter`` (the online e2e scenario's user)
-or ``lead_overlap`` (prefers the summary whose content words come more from the post's first
-sentence: a hidden content rule), each with label noise p. The held-out choices come from
-posts the stream never shows.
+is a Bradley-Terry linear head on fixed features of (post, summary) that see wording and length:
+the all-MiniLM-L6-v2 sentence embedding of the summary (mean-pooled, as the checkpoint was trained),
+its elementwise product with the post's, and the summary's log length. A refit takes well under a
+second, so the selecting model is refitted every few labels. (A linear head on the backbone's
+frozen [CLS] state, the pooling ``RewardModel`` fine-tunes, stays at chance even on the length
+rule, and fine-tuning per point costs minutes.) A simulated person labels the chosen pair:
+``shorter`` (the online e2e scenario's user), ``lead_overlap`` (prefers the summary whose content
+words come more from the post's first sentence) or ``post_overlap`` (... from the whole post),
+each with label noise p. The held-out choices come from posts the stream never shows.
 
-    python benchmarks/active_selection.py [--seeds 0 1 2] [--labels 25 50 100 200 300]
-        [--preferences shorter:0 lead_overlap:0.1] [--features-cache runs/active_selection_features.pt]
+    python benchmarks/active_selection.py [--seeds 0 1 2] [--labels 10 20 40 80 160 320]
+        [--preferences shorter:0 post_overlap:0.1] [--features-cache runs/active_selection_features.pt]
         [--out benchmarks/results/active_selection.json]
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -35,7 +39,8 @@ ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "rlhf" / "data" / "samples"
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-Rule = Literal["shorter", "lead_overlap"]
+Rule = Literal["shorter", "lead_overlap", "post_overlap"]
+RULES: tuple[Rule, ...] = ("shorter", "lead_overlap", "post_overlap")
 Strategy = Literal["random", "uncertain", "ensemble"]
 STRATEGIES: tuple[Strategy, ...] = ("random", "uncertain", "ensemble")
 STOPWORDS = set("the and for that this with was were are you your have has had not but she her him his they "
@@ -58,6 +63,7 @@ class Preference:
 @dataclass(frozen=True)
 class Document:
     lead_words: frozenset[str]  # content words of the post's first sentence
+    post_words: frozenset[str]  # content words of the whole post
     summaries: tuple[str, ...]
     features: tuple[int, ...]  # row of each summary in the feature matrix
 
@@ -66,10 +72,10 @@ def content_words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2 and w not in STOPWORDS}
 
 
-def lead_share(summary: str, lead: frozenset[str]) -> float:
-    """Share of the summary's content words that occur in the post's first sentence."""
-    words = content_words(summary)
-    return len(words & lead) / max(len(words), 1)
+def overlap_share(summary: str, words: frozenset[str]) -> float:
+    """Share of the summary's content words that occur in ``words`` (a sentence's or post's)."""
+    own = content_words(summary)
+    return len(own & words) / max(len(own), 1)
 
 
 def sentences(post: str) -> list[str]:
@@ -95,40 +101,61 @@ def load_posts() -> dict[str, tuple[str, list[str]]]:
     return {post: ((sentences(post) or [post])[0], written) for post, written in posts.items()}
 
 
-def build_pool(seed: int, max_source_length: int, cache: Path | None):
-    """(documents, features (S, H), reward model): every pool summary encoded once (or read from
-    ``cache``, written by an earlier run with the same settings: encoding is most of the time)."""
+def build_pool(seed: int, cache: Path | None):
+    """(documents, features (S, F)): every pool summary's features (see ``encode``), computed once
+    or read from ``cache``, written by an earlier run with the same settings."""
     import torch
 
-    from rlhf.config.sections import ModelConfig
-    from rlhf.models import load_reward_model
-
     rng = random.Random(seed)
-    model = load_reward_model(ModelConfig(name_or_path=BACKBONE, max_source_length=max_source_length,
-                                          max_target_length=64), dropout=False)
-    texts, documents = [], []
+    posts, summaries, documents = [], [], []
     for post, (lead, written) in sorted(load_posts().items()):
-        summaries = candidate_summaries(post, written, rng)
-        if len(summaries) < 3:
+        candidates = candidate_summaries(post, written, rng)
+        if len(candidates) < 3:
             continue
-        rows = tuple(range(len(texts), len(texts) + len(summaries)))
-        texts += [(post, s) for s in summaries]
-        documents.append(Document(frozenset(content_words(lead)), tuple(summaries), rows))
+        rows = tuple(range(len(summaries), len(summaries) + len(candidates)))
+        posts += [post] * len(candidates)
+        summaries += candidates
+        documents.append(Document(frozenset(content_words(lead)), frozenset(content_words(post)),
+                                  tuple(candidates), rows))
     if cache is not None and cache.is_file():
-        return documents, torch.load(cache), model
-    features = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 32):
-            chunk = texts[start:start + 32]
-            batch = model.encode_pairs([p for p, _ in chunk], [s for _, s in chunk])
-            features.append(model.backbone(**batch).last_hidden_state[:, 0].float())  # (B, H): [CLS]
-            print(f"encoded {start + len(chunk)}/{len(texts)} summaries", flush=True)
-    features = torch.cat(features)  # (S, H)
-    check = model.score([p for p, _ in texts[:4]], [s for _, s in texts[:4]])
-    assert torch.allclose(check, model.head(features[:4]).squeeze(-1), atol=1e-4), "frozen features drifted"
+        return documents, torch.load(cache)
+    features = encode(posts, summaries)
     if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, cache)
-    return documents, features, model
+    return documents, features
+
+
+def encode(posts: list[str], summaries: list[str], max_summary_tokens: int = 64,
+           max_post_tokens: int = 256):
+    """Features (S, 2H + 1) of each (post, summary): the summary's sentence embedding e_s, e_s * e_p
+    (scaled by 10: a cosine's terms are ~1/H) and log(1 + characters), centred."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from rlhf.models.offline import resolve_name_or_path
+
+    name = resolve_name_or_path(BACKBONE)
+    tokenizer, backbone = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name).eval()
+
+    def embed(texts: list[str], max_tokens: int) -> torch.Tensor:  # (N, H), unit length
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(texts), 64):
+                batch = tokenizer(texts[start:start + 64], padding=True, truncation=True,
+                                  max_length=max_tokens, return_tensors="pt")
+                hidden = backbone(**batch).last_hidden_state  # (B, T, H)
+                mask = batch["attention_mask"][..., None].float()  # (B, T, 1)
+                rows.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+                print(f"embedded {start + len(rows[-1])}/{len(texts)}", flush=True)
+        return torch.cat(rows)
+
+    unique_posts = list(dict.fromkeys(posts))
+    post_embeddings = embed(unique_posts, max_post_tokens)
+    e_p = post_embeddings[[unique_posts.index(p) for p in posts]]  # (S, H)
+    e_s = embed(summaries, max_summary_tokens)  # (S, H)
+    length = torch.tensor([[math.log1p(len(s))] for s in summaries])  # (S, 1)
+    return torch.cat([e_s, 10 * e_s * e_p, length - length.mean()], dim=1)
 
 
 @dataclass(frozen=True)
@@ -172,7 +199,8 @@ def choose(preference: Preference, documents: list[Document], pair: Pair, draw: 
     if preference.rule == "shorter":
         value_a, value_b = -len(a), -len(b)
     else:
-        value_a, value_b = lead_share(a, doc.lead_words), lead_share(b, doc.lead_words)
+        words = doc.lead_words if preference.rule == "lead_overlap" else doc.post_words
+        value_a, value_b = overlap_share(a, words), overlap_share(b, words)
     tie = value_a == value_b
     choice = (draw.coin >= 0.5) if tie else int(value_b > value_a)
     return int(choice) ^ int(draw.flip < preference.noise), tie
@@ -187,17 +215,15 @@ def rows(documents: list[Document], pairs: list[Pair]):
     return torch.tensor(first), torch.tensor(second)
 
 
-def train_head(template, features, documents, pairs: list[Pair], choices: list[int], seed: int,
-               steps: int = 30, l2: float = 1.0):
-    """A fresh copy of the reward model's head fitted to the labels: the Bradley-Terry loss plus
-    ``l2``·|w|², minimised by L-BFGS (convex in the head; a few dozen steps converge)."""
-    import copy
-
+def train_head(features, documents, pairs: list[Pair], choices: list[int], seed: int,
+               steps: int = 100, l2: float = 1e-2):
+    """A fresh linear head (F -> 1) fitted to the labels: the Bradley-Terry loss of the reward
+    trainer plus ``l2``·|w|², minimised by L-BFGS (convex in the head; ~100 steps converge)."""
     import torch
 
     from rlhf.train.reward import bradley_terry_loss
 
-    head = copy.deepcopy(template)
+    head = torch.nn.Linear(features.shape[1], 1)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.weight.normal_(0.0, 1.0 / (head.in_features + 1) ** 0.5, generator=generator)
@@ -263,7 +289,7 @@ class Heldout:
     rule: list[int]
 
 
-def heldout(documents, pool: list[int], preference: Preference, seed: int, per_document: int = 4) -> Heldout:
+def heldout(documents, pool: list[int], preference: Preference, seed: int, per_document: int = 10) -> Heldout:
     """Fixed simulated choices on posts the stream never shows (rule ties left out)."""
     draws = stream(documents, pool, len(pool), per_document, seed)
     pairs, choices, rule = [], [], []
@@ -294,19 +320,19 @@ def select(strategy: Strategy, selectors: list, features, documents, candidates:
 
 
 def selectors(
-    strategy: Strategy, template, features, documents, pairs: list[Pair], choices: list[int],
+    strategy: Strategy, features, documents, pairs: list[Pair], choices: list[int],
     settings: Settings, seed: int,
 ):
     """The model(s) choosing the next pairs: one head on every label, or heads on bootstrap resamples."""
     if strategy == "random":
         return []
     if strategy == "uncertain":
-        return [train_head(template, features, documents, pairs, choices, seed)]
+        return [train_head(features, documents, pairs, choices, seed)]
     heads = []
     for member in range(settings.ensemble):
         rng = random.Random(seed * 1000 + member)
         picks = [rng.randrange(len(pairs)) for _ in pairs]
-        heads.append(train_head(template, features, documents, [pairs[i] for i in picks],
+        heads.append(train_head(features, documents, [pairs[i] for i in picks],
                                 [choices[i] for i in picks], seed * 1000 + member))
     return heads
 
@@ -314,11 +340,11 @@ def selectors(
 def run_strategy(strategy: Strategy, preference: Preference, data, draws: list[Draw], test: Heldout,
                  settings: Settings, seed: int) -> list[Point]:
     """Label the stream with ``strategy``; accuracy of a head fitted on the first N labels."""
-    documents, features, template = data
+    documents, features = data
     pairs, choices, ties, points, models = [], [], 0, [], []
     for t, draw in enumerate(draws):
         if t and t % settings.retrain_every == 0:
-            models = selectors(strategy, template, features, documents, pairs, choices, settings,
+            models = selectors(strategy, features, documents, pairs, choices, settings,
                                seed + t)
         pair = draw.candidates[select(strategy, models, features, documents, list(draw.candidates))]
         choice, tie = choose(preference, documents, pair, draw)
@@ -326,7 +352,7 @@ def run_strategy(strategy: Strategy, preference: Preference, data, draws: list[D
         choices.append(choice)
         ties += tie
         if t + 1 in settings.labels:
-            head = train_head(template, features, documents, pairs, choices, seed)
+            head = train_head(features, documents, pairs, choices, seed)
             points.append(Point(preference.name, strategy, seed, t + 1,
                                 accuracy(head, features, documents, test.pairs, test.choices),
                                 accuracy(head, features, documents, test.pairs, test.rule), ties / (t + 1)))
@@ -342,18 +368,27 @@ def shorter_baseline(documents, test: Heldout) -> float:
 
 def parse_preference(text: str) -> Preference:
     rule, _, noise = text.partition(":")
-    if rule not in ("shorter", "lead_overlap"):
-        raise SystemExit(f"--preferences: unknown rule {rule!r}; use shorter or lead_overlap, "
-                         "e.g. lead_overlap:0.1")
+    if rule not in RULES:
+        raise SystemExit(f"--preferences: unknown rule {rule!r}; use one of {', '.join(RULES)}, "
+                         "e.g. post_overlap:0.1")
     return Preference(rule, float(noise or 0))  # type: ignore[arg-type]
 
 
 def mean_table(points: list[dict]) -> list[dict]:
-    """Mean, min and max accuracy over seeds per (preference, strategy, N)."""
+    """Per (preference, strategy, N): mean, min and max accuracy over seeds, and the paired
+    difference to ``random`` on the same seed (mean, and on how many seeds it is ahead / behind)."""
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["preference"], p["strategy"], p["labels"]), []).append(p)
+
+    def versus_random(pref: str, n: int, group: list[dict]) -> dict:
+        baseline = {p["seed"]: p["accuracy"] for p in groups[(pref, "random", n)]}
+        gaps = [p["accuracy"] - baseline[p["seed"]] for p in group]
+        return {"vs_random_mean": sum(gaps) / len(gaps), "seeds_ahead": sum(g > 0 for g in gaps),
+                "seeds_behind": sum(g < 0 for g in gaps)}
+
     return [{"preference": pref, "strategy": strategy, "labels": n,
+             **versus_random(pref, n, group),
              "accuracy_mean": sum(p["accuracy"] for p in group) / len(group),
              "accuracy_min": min(p["accuracy"] for p in group),
              "accuracy_max": max(p["accuracy"] for p in group),
@@ -390,14 +425,14 @@ def main() -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--labels", type=int, nargs="+", default=[25, 50, 100, 200, 300])
-    parser.add_argument("--preferences", nargs="+", default=["shorter:0", "lead_overlap:0.1"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--labels", type=int, nargs="+", default=[10, 20, 40, 80, 160, 320])
+    parser.add_argument("--preferences", nargs="+",
+                        default=["shorter:0", "lead_overlap:0.1", "post_overlap:0.1"])
     parser.add_argument("--candidates", type=int, default=4, help="k, as serve.pair_candidates")
-    parser.add_argument("--retrain-every", type=int, default=50)
+    parser.add_argument("--retrain-every", type=int, default=10)
     parser.add_argument("--ensemble", type=int, default=4)
     parser.add_argument("--heldout-share", type=float, default=0.25)
-    parser.add_argument("--max-source-length", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/active_selection.json")
     parser.add_argument("--features-cache", type=Path, help="Where the pool's encoded features are kept "
                                                               "between runs (a .pt file; the same settings).")
@@ -408,11 +443,11 @@ def main() -> None:
     settings = Settings(args.candidates, args.retrain_every, args.ensemble, tuple(sorted(args.labels)))
     preferences = [parse_preference(p) for p in args.preferences]
     started = time.time()
-    documents, features, model = build_pool(0, args.max_source_length, args.features_cache)
+    documents, features = build_pool(0, args.features_cache)
     encoded_s = time.time() - started
     print(f"pool: {len(documents)} posts, {features.shape[0]} summaries encoded in {encoded_s:.0f} s",
           flush=True)
-    data = (documents, features, model.head)
+    data = (documents, features)
     points, baselines = [], []
     for seed in args.seeds:
         order = random.Random(seed).sample(range(len(documents)), len(documents))
@@ -432,7 +467,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "settings": {**asdict(settings), "seeds": args.seeds, "backbone": BACKBONE,
-                     "max_source_length": args.max_source_length, "heldout_share": args.heldout_share,
+                     "features": int(features.shape[1]), "heldout_share": args.heldout_share,
                      "posts": len(documents), "summaries": int(features.shape[0]),
                      "encode_s": round(encoded_s, 1), "total_s": round(time.time() - started, 1)},
         "baselines": baselines, "table": table, "points": points}, indent=2) + "\n")

@@ -48,6 +48,19 @@ def test_the_comparison_pair_follows_the_strategy(tmp_path: Path, strategy: str)
     assert pairs == expected
 
 
+@pytest.mark.parametrize(("rolled_back_to", "expected"), [("v0002", ("v0002", "v0001")),
+                                                         ("v0001", ("v0001", "v0001"))])
+def test_after_a_rollback_the_pair_never_shows_a_version_rolled_back_from(
+    tmp_path: Path, rolled_back_to: str, expected: tuple[str, str]
+):
+    for seed in (1, 2, 3):
+        publish_tiny(tmp_path / "registry", seed)
+    versions = _versions(tmp_path, "serve.compare_strategy=random_earlier")
+    versions.registry.set_current(rolled_back_to)
+    assert versions.refresh() is True
+    assert {versions.comparison_pair(random.Random(seed)) for seed in range(20)} == {expected}
+
+
 def test_a_single_version_is_compared_with_its_own_samples(tmp_path: Path):
     publish_tiny(tmp_path / "registry", seed=1)
     assert _versions(tmp_path).comparison_pair(random.Random(0)) == ("v0001", "v0001")

@@ -76,7 +76,8 @@ class ServingConfig:
     pair_selection: PairSelection = option(
         "random", "Which fresh pair a queue request shows: random (one pair of the document), or "
         "uncertain (of pair_candidates pairs, the one the reward_registry's current reward model is "
-        "least sure about: the smallest |sigmoid(r_0 - r_1) - 0.5|; random while it is empty)."
+        "least sure about: the smallest |sigmoid(r_0 - r_1) - 0.5|; random while it is empty). "
+        "Measured no better than random on simulated labelers (docs/benchmarks.md)."
     )
     pair_candidates: int = option(4, "Candidate pairs written per queue request with "
                                      "pair_selection=uncertain.", ge=2)

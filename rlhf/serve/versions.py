@@ -232,9 +232,12 @@ class PolicyVersions:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def comparison_pair(self, rng: random.Random) -> tuple[str, str]:
-        """(current, other) versions for /v1/compare under the configured strategy."""
+        """(current, other) versions for /v1/compare under the configured strategy. Only versions
+        older than the current one count as earlier: after a rollback, the versions it rolled back
+        from are not shown again."""
         current = self.current
-        earlier = [v for v in self.known() if v != current]
+        known = self.known()
+        earlier = known[:known.index(current)] if current in known else []
         strategy = self.serving.compare_strategy
         if strategy == "samples" or not earlier:
             return current, current
