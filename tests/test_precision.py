@@ -1,7 +1,8 @@
 """roles.dtype / train.dtype, and the learners they make: one-rank DeepSpeed (gloo) in this process.
 
-This CPU runs bf16, so the bf16 paths a GPU run takes (DeepSpeed bf16, ZeRO-3, bf16 frozen roles)
-are built here for real; a Ray Train run is not needed to reach ``deepspeed.initialize``.
+A CPU runs bf16 (slowly without native bf16, see ``has_native_bf16``), so the bf16 paths a GPU run
+takes (DeepSpeed bf16, ZeRO-3, bf16 frozen roles) are built here for real; a Ray Train run is not
+needed to reach ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from rlhf.config.core import ConfigError, load_config
 from rlhf.config.sections import DeepSpeedConfig, ModelConfig
 from rlhf.models import load_reward_model, resolve_dtype
+from rlhf.models import policy as policy_module
+from rlhf.models.policy import cpu_flags, has_native_bf16
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.roles import Learner, LocalRoles, ReferenceScorer, RewardScorer, free_port, init_process_group
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
@@ -37,6 +40,25 @@ def test_dtype_choices_resolve_per_device() -> None:
     for device in (CPU, CUDA):
         assert resolve_dtype("bf16", device) is torch.bfloat16
         assert resolve_dtype("fp32", device) is torch.float32
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named_in_a_warning(tmp_path: Path, caplog, monkeypatch) -> None:
+    avx2_only = tmp_path / "cpuinfo"
+    avx2_only.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n")
+    assert cpu_flags(avx2_only) == frozenset({"fpu", "sse2", "avx", "avx2", "fma"})
+    assert has_native_bf16(cpu_flags(avx2_only)) is False
+    assert has_native_bf16(frozenset({"avx2", "avx512_bf16"})) is True
+    assert has_native_bf16(cpu_flags(tmp_path / "absent")) is None  # unknown: no warning
+
+    monkeypatch.setattr(policy_module, "cpu_flags", lambda: cpu_flags(avx2_only))
+    policy_module._warn_if_slow_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger=policy_module.__name__):
+        assert resolve_dtype("bf16", CPU) is torch.bfloat16
+        assert resolve_dtype("bf16", CPU) is torch.bfloat16
+        resolve_dtype("fp32", CPU)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "dtype=bf16" in warnings[0] and "fp32" in warnings[0]
+    policy_module._warn_if_slow_bf16.cache_clear()
 
 
 def test_train_dtype_sets_the_deepspeed_bf16_flag() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -207,7 +208,36 @@ def resolve_dtype(setting: DType, device: torch.device) -> torch.dtype:
     """
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if setting == "bf16" and device.type == "cpu":
+        _warn_if_slow_bf16(cpu_flags())
     return torch.bfloat16 if setting == "bf16" else torch.float32
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first CPU's feature flags (empty where the system does not list them)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def has_native_bf16(flags: frozenset[str]) -> bool | None:
+    """Whether the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); None: unknown."""
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _warn_if_slow_bf16(flags: frozenset[str]) -> None:
+    """Once per process: bf16 on a CPU without native bf16 falls back to a kernel that measured
+    ~70x slower than fp32 (a 2048x768x768 matmul: 2.2 s against 31 ms, AVX2-only EPYC, torch 2.13)."""
+    if has_native_bf16(flags) is False:
+        logger.warning("dtype=bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): its "
+                       "matrix products run ~70x slower than fp32 here; set the dtype to fp32 (or auto) "
+                       "on this machine, bf16 on a GPU or a CPU that has them")
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
