@@ -162,18 +162,19 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
     assert [entry["cycle"] for entry in log] == [1]
     assert CycleRecord.from_record({k: v for k, v in log[0].items() if k != "cycle"}) == record
 
-    # The next cycle's reward update takes only the new rows (its PPO run is cycle 1's again).
+    # The next cycle's reward update takes only the new rows: its window, read as the update reads
+    # it, once the cycle is recorded (killed at the reward training, whose run cycle 1 tested).
     second = _label(store, 20, offset=24)
     with monkeypatch.context() as patch:
-        patch.setattr(OnlineLoop, "_update_policy", killed)
+        patch.setattr("rlhf.online.loop.train_reward_model", killed)
         with pytest.raises(Killed):
             OnlineLoop(_config(tmp_path, "cycles=2")).run()
     next_cycle = ledger.all()[-1]
-    assert (next_cycle.cycle, next_cycle.stage, next_cycle.since) == (2, "reward_done", resumed[0].until)
-    new_ids = next_cycle.record.new_ids
-    assert set(new_ids) == {i for i in second if i not in next_cycle.record.holdout_ids}
-    assert not set(new_ids) & set(record.new_ids)  # nothing trained on twice as new
-    assert set(next_cycle.record.replay_ids) <= set(record.new_ids)
+    assert (next_cycle.cycle, next_cycle.stage, next_cycle.since) == (2, "started", resumed[0].until)
+    window = OnlineLoop(_config(tmp_path, "cycles=2"))._window(next_cycle)
+    assert set(window.new_ids) == {i for i in second if i not in window.holdout_ids}
+    assert not set(window.new_ids) & set(record.new_ids)  # nothing trained on twice as new
+    assert window.replay_ids and set(window.replay_ids) <= set(record.new_ids)
     assert next_cycle.until - next_cycle.since > timedelta(0)
 
 
