@@ -22,7 +22,7 @@ from rlhf.config.sections import ModelConfig
 from rlhf.models import load_reward_model
 from rlhf.train.config import RewardConfig, SFTConfig
 from rlhf.train.loop import STATE_FILE
-from rlhf.train.reward import bradley_terry_loss, run_reward
+from rlhf.train.reward import RewardTask, bradley_terry_loss, run_reward
 from rlhf.train.sft import run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,15 +143,18 @@ def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
     scores = model.score(["post about cat"] * 2, ["cat dog rent job", "#$%&*@!?#$%&"])
     assert scores[0] > scores[1]
 
-    # The online loop continues from an existing reward checkpoint: its first evaluation
-    # already separates the pairs, so backbone and head were both restored.
+    # The online loop continues from an existing reward checkpoint: a reward job's task started
+    # from the saved folder already separates the pairs, so backbone and head were both restored.
     more = load_config(RewardConfig, None, [
         f"output_dir={tmp_path / 'more'}", f"data.path={data}", f"model.name_or_path={result.model_dir}",
         "model.max_source_length=64", "model.max_target_length=32", "train.batch_size=8",
-        "train.max_steps=2", "train.eval_every=2", "train.save_every=2",
     ])
-    run_reward(more)
-    assert _evals(tmp_path / "more")[0]["val_accuracy"] >= 0.9
+    task = RewardTask(more.model, more.train.batch_size, more.seed, more.heads, more.lora)
+    model = task.build_model().eval()
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    with torch.no_grad():
+        first_eval = task.evaluate(model, {key: [row[key] for row in rows] for key in rows[0]})
+    assert first_eval["val_accuracy"] >= 0.9, first_eval
 
 
 def test_minilm_reward_backbone_trains_with_zero3_on_two_workers(tmp_path: Path) -> None:
