@@ -150,9 +150,9 @@ def encode(posts: list[str], summaries: list[str], max_summary_tokens: int = 64,
                 print(f"embedded {start + len(rows[-1])}/{len(texts)}", flush=True)
         return torch.cat(rows)
 
-    unique_posts = list(dict.fromkeys(posts))
-    post_embeddings = embed(unique_posts, max_post_tokens)
-    e_p = post_embeddings[[unique_posts.index(p) for p in posts]]  # (S, H)
+    row_of_post = {post: row for row, post in enumerate(dict.fromkeys(posts))}
+    post_embeddings = embed(list(row_of_post), max_post_tokens)
+    e_p = post_embeddings[[row_of_post[p] for p in posts]]  # (S, H)
     e_s = embed(summaries, max_summary_tokens)  # (S, H)
     length = torch.tensor([[math.log1p(len(s))] for s in summaries])  # (S, 1)
     return torch.cat([e_s, 10 * e_s * e_p, length - length.mean()], dim=1)

@@ -213,8 +213,9 @@ def resolve_dtype(setting: DType, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if setting == "bf16" else torch.float32
 
 
+@functools.cache
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The first CPU's feature flags (empty where the system does not list them)."""
+    """The first CPU's feature flags (empty where the system does not list them); read once."""
     try:
         text = cpuinfo.read_text()
     except OSError:
