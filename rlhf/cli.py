@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rlhf.config.core import CliArgs, ConfigError, save_config
+from rlhf.config.sections import ModelConfig
 from rlhf.errors import InputError
 
 T = TypeVar("T")
@@ -28,7 +30,29 @@ def run_main(run: Callable[..., Any], args: CliArgs[T], prog: str) -> Any:
     logging.getLogger("rlhf").setLevel(logging.INFO)
     save_config(args.config, Path(args.config.output_dir) / "config.yaml")
     try:
+        prepare_models(args.config)
         return run(args.config, resume=True) if args.resume else run(args.config)
     except USER_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def prepare_models(config: Any) -> None:
+    """Resolve every model the config names, here in the driver before any worker starts: a packaged
+    model is converted once (``rlhf.models.offline``) instead of by each Ray actor at once, and a
+    model that cannot be had is one line and exit 2 rather than an actor's traceback."""
+    from rlhf.models.offline import resolve_name_or_path
+
+    for value in _sections(config):
+        if isinstance(value, ModelConfig):
+            resolve_name_or_path(value.name_or_path)
+
+
+def _sections(config: Any) -> list[Any]:
+    """``config`` and every dataclass section below it."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    found = [config]
+    for f in dataclasses.fields(config):
+        found += _sections(getattr(config, f.name))
+    return found

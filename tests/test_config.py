@@ -155,12 +155,15 @@ CHAINED = {
     "reward_tldr_qwen.yaml": ["model.name_or_path=tiny-gpt2"],
     "ppo_tldr_qwen.yaml": ["policy.name_or_path=tiny-gpt2", "value.name_or_path=tiny-gpt2",
                            "reward.model.name_or_path=tiny-gpt2"],
+    **{name: ["policy.name_or_path=tiny-llama", "reward.model.name_or_path=tiny-gpt2"]
+       for name in ("grpo_smollm.yaml", "ppo_smollm.yaml")},
+    "dpo_smollm.yaml": ["model.name_or_path=tiny-llama"],
 }
 
 
 def test_every_shipped_yaml_config_loads() -> None:
     jobs = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig, "ppo": PPOConfig,
-            "serve": ServeConfig, "online": OnlineConfig}
+            "grpo": PPOConfig, "dpo": DPOConfig, "serve": ServeConfig, "online": OnlineConfig}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cls = jobs[path.stem.split("_")[0]]
         text = path.read_text()

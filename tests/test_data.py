@@ -80,6 +80,26 @@ def test_comparisons_as_prompts_are_the_distinct_documents():
     assert result.skipped.counts == Counter({SkipReason.DUPLICATE_PROMPT: 42})
 
 
+def test_a_document_split_is_by_text_and_the_same_in_every_file(tmp_path):
+    full = load("tldr_sft_sample.jsonl").table
+    rest = load("tldr_sft_sample.jsonl", holdout_share=0.3).table
+    held = load("tldr_sft_sample.jsonl", holdout_share=0.3, part="holdout").table
+    texts = full.column("original_text").to_pylist()
+    assert 0 < held.num_rows < full.num_rows and rest.num_rows + held.num_rows == full.num_rows
+    assert sorted(rest.column("original_text").to_pylist() + held.column("original_text").to_pylist()) \
+        == sorted(texts)
+    assert load("tldr_sft_sample.jsonl", holdout_share=0.3, part="holdout").skipped.counts == Counter(
+        {SkipReason.OTHER_PART: rest.num_rows})  # counted, not warned about
+    # another file holding the same posts (as prompts) puts each on the same side
+    other = tmp_path / "posts.jsonl"
+    other.write_text("".join(json.dumps({"post": t, "summary": "x"}) + "\n" for t in reversed(texts)))
+    moved = load_source(DataSourceConfig(path=str(other), holdout_share=0.3, part="holdout"), Schema.PROMPTS)
+    held_texts = held.column("original_text").to_pylist()
+    assert set(moved.table.column("original_text").to_pylist()) == set(held_texts)
+    limited = load("tldr_sft_sample.jsonl", holdout_share=0.3, part="holdout", limit=2).table
+    assert limited.column("original_text").to_pylist() == held_texts[:2]
+
+
 def test_comparisons_as_sft_is_a_clear_error():
     with pytest.raises(DataError, match="comparisons data has no sft rows: load it as preference or prompts"):
         load("sff_comparisons_sample.jsonl", Schema.SFT)

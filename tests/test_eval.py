@@ -114,6 +114,12 @@ def test_eval_job_writes_reward_and_policy_metrics(tmp_path: Path) -> None:
     assert -1.0 <= report["length_correlation"] <= 1.0 and "length_correlation_quality" not in report
     assert report["policy"]["rows"] == 3
     assert {"rouge1", "rouge2", "rougeL", "summary_words_mean", "reward_mean"} <= set(report["policy"])
+    summaries = [json.loads(line) for line in (out / "summaries.jsonl").read_text().splitlines()]
+    assert [row["reference"] for row in summaries] == [
+        json.loads(line)["summary"] for line in (DATA / "tldr_sft_sample.jsonl").read_text().splitlines()[:3]
+    ]
+    mean_reward = sum(row["reward"] for row in summaries) / 3
+    assert abs(mean_reward - report["policy"]["reward_mean"]) < 1e-5
     assert "length_baseline_accuracy" in run.stdout  # the printed table
     assert "similar_length_10_baseline_accuracy" in run.stdout and "length_correlation" in run.stdout
     assert (out / "config.yaml").is_file()

@@ -13,10 +13,11 @@ from serve_helpers import publish_tiny
 
 from rlhf.config.core import load_config
 from rlhf.config.sections import DataSourceConfig
+from rlhf.data.holdout import in_holdout
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.online.config import OnlineConfig
-from rlhf.online.feedback import is_holdout, read_window
+from rlhf.online.feedback import read_window
 from rlhf.online.loop import OnlineLoop, keep_reward_update
 from rlhf.registry import PolicyRegistry
 from rlhf.store import CycleLog, CycleRecord, FeedbackStore, PPOSummary
@@ -43,10 +44,10 @@ def _label(store: FeedbackStore, n: int, offset: int = 0) -> list[str]:
 
 def test_holdout_is_a_stable_fraction_of_ids():
     ids = [f"id-{k}" for k in range(2000)]
-    held = [i for i in ids if is_holdout(i, 0.2)]
+    held = [i for i in ids if in_holdout(i, 0.2)]
     assert 0.17 < len(held) / len(ids) < 0.23
-    assert held == [i for i in ids if is_holdout(i, 0.2)]
-    assert not any(is_holdout(i, 0.0) for i in ids)
+    assert held == [i for i in ids if in_holdout(i, 0.2)]
+    assert not any(in_holdout(i, 0.0) for i in ids)
 
 
 def test_windows_tile_the_choices_and_replay_only_older_ones(tmp_path: Path):
@@ -58,7 +59,7 @@ def test_windows_tile_the_choices_and_replay_only_older_ones(tmp_path: Path):
     one = read_window(store, None, middle, 0.2, 1.0, seed=1)
     two = read_window(store, middle, end, 0.2, 1.0, seed=2)
     assert set(one.new_ids) | set(one.holdout_ids) == set(first)
-    assert set(two.new_ids) == {i for i in second if not is_holdout(i, 0.2)}
+    assert set(two.new_ids) == {i for i in second if not in_holdout(i, 0.2)}
     assert set(two.replay_ids) <= set(one.new_ids) and len(two.replay_ids) == len(two.new_ids)
     assert not set(one.holdout_ids) & (set(one.new_ids) | set(two.new_ids) | set(two.replay_ids))
     assert read_window(store, middle, end, 0.2, 1.0, seed=2) == two  # a resumed cycle sees the same rows

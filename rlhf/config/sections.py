@@ -21,6 +21,7 @@ RewardHeads = Literal["single", "disentangled"]
 RewardScore = Literal["total", "quality", "length"]
 LoraPublish = Literal["merged", "adapter"]  # lora.publish: what a LoRA run saves
 RewardHead = Literal["quality", "total"]  # what RL optimises (reward.head) and eval judges
+DocumentPart = Literal["rest", "holdout"]  # data.part: which side of a document-hash split to read
 
 
 @dataclass
@@ -46,6 +47,12 @@ class DataSourceConfig:
         None, "For axis data used as SFT pairs: keep summaries rated at least this overall (1-7).",
         ge=1, le=7,
     )
+    holdout_share: float = option(
+        0.0, "Set aside this share of documents by a hash of their text (0 = none): the same "
+        "document falls on the same side in every file and run, so SFT, RL and eval data split alike.",
+        ge=0, le=0.9,
+    )
+    part: DocumentPart = option("rest", "With holdout_share > 0: read the rest, or the held-out documents.")
 
 
 @dataclass

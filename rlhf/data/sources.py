@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from rlhf.config.core import looks_like_local_path
-from rlhf.config.sections import DataSourceConfig
+from rlhf.config.sections import DataSourceConfig, DocumentPart
+from rlhf.data.holdout import in_holdout
 from rlhf.data.schemas import Schema
 from rlhf.errors import InputError
 
@@ -64,11 +65,12 @@ class SkipReason(str, enum.Enum):
     BAD_CHOICE = "choice not 0 or 1"
     BELOW_MIN_RATING = "below min_rating"
     DUPLICATE_PROMPT = "duplicate prompt"
+    OTHER_PART = "in the other part of the document split"
 
     @property
     def is_filter(self) -> bool:
         """Filters drop good rows on purpose: counted, but not warned about nor fatal in strict."""
-        return self in (SkipReason.BELOW_MIN_RATING, SkipReason.DUPLICATE_PROMPT)
+        return self in (SkipReason.BELOW_MIN_RATING, SkipReason.DUPLICATE_PROMPT, SkipReason.OTHER_PART)
 
 
 @dataclass(frozen=True)
@@ -497,12 +499,16 @@ def _filter(
     schema: Schema,
     min_rating: int | None,
     seen: set[str],
+    split: tuple[float, DocumentPart] | None = None,
 ) -> None:
-    """Drop good rows the config asks to leave out: low-rated summaries, repeated prompts.
+    """Drop good rows the config asks to leave out: the other part of a document split (``split``:
+    holdout share and the part kept), low-rated summaries, repeated prompts.
 
     Prompts are de-duplicated because comparison data repeats each post once per pair judged,
     which would weight PPO towards the posts that happened to be judged most.
     """
+    if split is not None and in_holdout(row["original_text"], split[0]) != (split[1] == "holdout"):
+        raise _BadRow(SkipReason.OTHER_PART)
     if min_rating is not None:
         rating = record.get("rating")
         if not isinstance(rating, (int, float)) or rating < min_rating:
@@ -544,6 +550,7 @@ def _rows(
 ) -> Iterator[dict[str, Any]]:
     """Canonical rows of ``source``; bad ones go to ``report`` (or raise, in strict mode)."""
     min_rating = cfg.min_rating if schema is Schema.SFT else None
+    split = (cfg.holdout_share, cfg.part) if cfg.holdout_share > 0 else None
     seen: set[str] = set()
     for index, raw in source.rows:
         try:
@@ -551,7 +558,7 @@ def _rows(
                 raise raw
             record = layout.read(raw, cols)
             row, cut = _canonical(record, schema)
-            _filter(record, row, schema, min_rating, seen)
+            _filter(record, row, schema, min_rating, seen, split)
         except _BadRow as bad:
             _skip(report, SkippedRow(source.label, index, bad.reason, bad.detail), cfg.strict)
             continue

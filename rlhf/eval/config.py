@@ -12,7 +12,10 @@ from rlhf.config.sections import DataSourceConfig, ModelConfig, RewardHead
 class EvalConfig:
     """jobs/eval.py: reward-model accuracy and policy quality on held-out data."""
 
-    output_dir: str = option("runs/eval", "eval.json and the resolved config go here.")
+    output_dir: str = option(
+        "runs/eval", "eval.json, summaries.jsonl (the policy's summaries beside the references) and the "
+        "resolved config go here."
+    )
     seed: int = option(0, "Seed (generation is greedy; kept for a uniform interface).")
     reward_model: ModelConfig | None = option(
         None, "Reward checkpoint to evaluate on `comparisons`, and to score the policy's summaries."

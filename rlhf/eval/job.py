@@ -23,6 +23,12 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    emit(f"wrote {path}")
+
+
 def run_eval(cfg: EvalConfig, implicit_reward: PairScorer | None = None) -> dict:
     """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json.
 
@@ -38,7 +44,9 @@ def run_eval(cfg: EvalConfig, implicit_reward: PairScorer | None = None) -> dict
     if cfg.references is not None:
         pairs = load_source(cfg.references, Schema.SFT).table
         policy = load_policy(cfg.policy)
-        results["policy"] = evaluate_policy(policy, pairs, cfg.batch_size, reward_model, cfg.reward_head)
+        results["policy"], rows = evaluate_policy(policy, pairs, cfg.batch_size, reward_model,
+                                                  cfg.reward_head)
+        write_jsonl(Path(cfg.output_dir) / "summaries.jsonl", rows)
     emit(format_table(results))
     report = {**results.get("reward", {}), **({"policy": results["policy"]} if "policy" in results else {})}
     path = Path(cfg.output_dir) / "eval.json"

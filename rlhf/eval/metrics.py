@@ -126,14 +126,16 @@ def evaluate_reward_model(
 def evaluate_policy(
     policy: Policy, pairs: pa.Table, batch_size: int, reward_model: RewardModel | None = None,
     score: RewardHead = "quality",
-) -> dict:
-    """ROUGE against references, mean summary length, and mean reward (``score``) under ``reward_model``.
+) -> tuple[dict, list[dict]]:
+    """ROUGE against references, mean summary length, and mean reward (``score``) under
+    ``reward_model``; and every row as {document, reference, summary, reward?}, to read side by side.
 
     Summaries are greedy decodes, so the numbers are reproducible run to run.
     """
-    predictions, references, rewards = [], [], []
+    documents, predictions, references, rewards = [], [], [], []
     for rows in _batches(pairs, batch_size, "policy eval"):
         summaries = policy.generate(rows["original_text"], do_sample=False)
+        documents += rows["original_text"]
         predictions += summaries
         references += rows["summary"]
         if reward_model is not None:
@@ -148,4 +150,8 @@ def evaluate_policy(
         raw = torch.tensor(rewards)
         result["reward_mean"] = raw.mean().item()
         result["reward_normalized_mean"] = reward_model.normalize(raw, score).mean().item()
-    return result
+    rows = [{"document": d, "reference": r, "summary": p}
+            for d, r, p in zip(documents, references, predictions)]
+    for row, reward in zip(rows, rewards):
+        row["reward"] = reward
+    return result, rows

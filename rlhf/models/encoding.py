@@ -115,8 +115,12 @@ def pad_rows(rows: list[list[int]], value: int, side: str = "right") -> torch.Te
 
 
 def _causal_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """bos when distinct from eos (Llama); GPT-2's bos is its eos and is not prepended."""
-    return [] if tokenizer.bos_token_id in (None, tokenizer.eos_token_id) else [tokenizer.bos_token_id]
+    """The special tokens the tokenizer itself puts before a text: Llama's bos; none for GPT-2, Qwen
+    or SmolLM2, whose bos (``<|im_start|>``) opens a chat turn and was never trained before prose."""
+    plain = _text_ids(tokenizer, ["a"])[0]
+    full = tokenizer(["a"], verbose=False)["input_ids"][0]
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    return list(full[: starts[0]]) if starts else []
 
 
 def document_room(tokenizer: PreTrainedTokenizerBase, limit: int, causal: bool) -> int:
@@ -195,7 +199,7 @@ def encode_seq2seq_pairs(
 def _prompt_rows(
     tokenizer: PreTrainedTokenizerBase, documents: list[str], limit: int
 ) -> list[list[int]]:
-    """bos (only when distinct from eos, as in Llama) + document cut to fit + separator."""
+    """The tokenizer's own prefix (Llama's bos) + document cut to fit + separator."""
     prefix = _causal_prefix(tokenizer)
     separator = _text_ids(tokenizer, [CAUSAL_SEPARATOR])[0]
     room = document_room(tokenizer, limit, causal=True)

@@ -5,7 +5,6 @@ from labelers the gold pairs trust (``feedback.min_gold_accuracy``).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rlhf.data.holdout import in_holdout
 from rlhf.data.schemas import PREFERENCE_SCHEMA
 from rlhf.online.config import FeedbackPolicyConfig, UnscoredLabelers
 from rlhf.store import FeedbackStore
@@ -23,13 +23,6 @@ from rlhf.store.tables import ANONYMOUS, FEEDBACK_SOURCE
 
 # Why a labeler's choices are left out of a cycle (counted per cycle in CycleRecord).
 Exclusion = Literal["low_gold_accuracy", "unscored"]
-
-
-def is_holdout(comparison_id: str, fraction: float) -> bool:
-    """A stable coin per comparison: held-out rows stay held out in every cycle, so the reward
-    model is never judged on a row it was trained on."""
-    bucket = int(hashlib.sha256(comparison_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < fraction
 
 
 def trainable(export: pa.Table) -> pa.Array:
@@ -118,7 +111,7 @@ def read_window(
     decided = decided.filter(pa.array([reason is None for reason in excluded], pa.bool_()))
     ids = decided.column("comparison_id").to_pylist()
     times = decided.column("decided_at").to_pylist()
-    held = [is_holdout(i, holdout_fraction) for i in ids]
+    held = [in_holdout(i, holdout_fraction) for i in ids]  # held-out rows stay held out every cycle
     new = [k for k, t in enumerate(times) if not held[k] and (since is None or t > since)]
     older = [k for k, t in enumerate(times) if not held[k] and since is not None and t <= since]
     replay = sorted(random.Random(seed).sample(older, min(len(older), round(replay_ratio * len(new)))))

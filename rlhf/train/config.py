@@ -70,6 +70,15 @@ class SFTConfig:
     train: TrainConfig = option(factory=TrainConfig, help="Ray Train and DeepSpeed settings.")
     lora: LoraConfig = option(factory=LoraConfig, help="LoRA adapters instead of training every weight.")
     rouge_rows: int = option(8, "Validation documents summarised for ROUGE at each eval.", ge=0)
+    show_summaries: int = option(
+        0, "Print this many of those summaries (the same documents at every eval, the first before "
+        "any training) to watch them change.", ge=0,
+    )
+
+    def validate(self) -> None:
+        if self.show_summaries > self.rouge_rows:
+            raise ConfigError("show_summaries", f"shows some of the rouge_rows ({self.rouge_rows}) "
+                              f"summaries; set it <= rouge_rows, got {self.show_summaries}")
 
 
 @dataclass

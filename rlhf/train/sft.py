@@ -25,6 +25,14 @@ def _chunks(rows: Rows, size: int) -> list[Rows]:
     return [{k: v[i : i + size] for k, v in rows.items()} for i in range(0, n, size)]
 
 
+def _show(documents: list[str], summaries: list[str], count: int, width: int = 160) -> None:
+    """The first ``count`` (document, summary) pairs, one short line each, to watch them change."""
+    for i, (document, summary) in enumerate(zip(documents[:count], summaries[:count])):
+        post = " ".join(document.split())
+        shown = post[:width] + ("..." if len(post) > width else "")
+        emit(f"  [{i}] {shown}\n      -> {' '.join(summary.split())}")
+
+
 @dataclass
 class SFTTask:
     """Token-level cross-entropy on the summary given the document (the model's own loss)."""
@@ -34,6 +42,7 @@ class SFTTask:
     rouge_rows: int
     zero_stage: int
     lora: LoraConfig = field(default_factory=LoraConfig)
+    show_summaries: int = 0
     policy: Policy | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
@@ -58,6 +67,8 @@ class SFTTask:
             predictions = self.policy.generate(sample["original_text"], do_sample=False,
                                                synced_gpus=synced)
             metrics.update(rouge(predictions, sample["summary"]))
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                _show(sample["original_text"], predictions, self.show_summaries)
         return metrics
 
     def finalize(self, model: nn.Module) -> None:
@@ -73,6 +84,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
         cfg.data, cfg.eval_data, Schema.SFT, cfg.train.validation_fraction, cfg.seed
     )
     emit(f"sft: {train.num_rows} training pairs, {validation.num_rows} validation pairs")
-    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.deepspeed.zero_stage, cfg.lora)
+    task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.deepspeed.zero_stage, cfg.lora,
+                   cfg.show_summaries)
     settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
     return run_training(task, settings, train, validation, resume=resume)

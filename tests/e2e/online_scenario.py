@@ -200,14 +200,15 @@ def newest_preferred(db_url: str) -> dict[str, float]:
 def held_out_accuracy(db_url: str, reward_folder: str, holdout_fraction: float) -> dict:
     """The newest kept reward model on every held-out choice (never trained on), beside chance."""
     from rlhf.config.sections import ModelConfig
+    from rlhf.data.holdout import in_holdout
     from rlhf.eval.metrics import evaluate_reward_model
     from rlhf.models.heads import load_reward_model
-    from rlhf.online.feedback import is_holdout, preference_rows
+    from rlhf.online.feedback import preference_rows
     from rlhf.store import FeedbackStore
 
     export = FeedbackStore(db_url).export_table(include_pending=False)
     ids = export.column("comparison_id").to_pylist()
-    held = pa.array([i for i, cid in enumerate(ids) if is_holdout(cid, holdout_fraction)], pa.int64())
+    held = pa.array([i for i, cid in enumerate(ids) if in_holdout(cid, holdout_fraction)], pa.int64())
     rows = preference_rows(export.take(held))
     model = load_reward_model(ModelConfig(name_or_path=reward_folder, max_source_length=384)).eval()
     return evaluate_reward_model(model, rows, batch_size=16)
