@@ -111,7 +111,10 @@ def side_by_side(args: argparse.Namespace) -> dict:
     if "reward" in a[0] and "reward" in b[0]:
         report["reward_mean_a"] = statistics.mean(r["reward"] for r in a)
         report["reward_mean_b"] = statistics.mean(r["reward"] for r in b)
-        report["b_scores_higher"] = statistics.mean(rb["reward"] > ra["reward"] for ra, rb in zip(a, b))
+        gains = [rb["reward"] - ra["reward"] for ra, rb in zip(a, b)]
+        report["reward_gain"] = statistics.mean(gains)
+        report["reward_gain_standard_error"] = statistics.stdev(gains) / len(gains) ** 0.5  # paired, per post
+        report["b_scores_higher"] = statistics.mean(g > 0 for g in gains)
     lines = [f"| post | {Path(args.a).name} | {Path(args.b).name} |", "|---|---|---|"]
     for ra, rb in list(zip(a, b))[: args.show]:
         post = " ".join(ra["document"].split())

@@ -158,6 +158,7 @@ CHAINED = {
     **{name: ["policy.name_or_path=tiny-llama", "reward.model.name_or_path=tiny-gpt2"]
        for name in ("grpo_smollm.yaml", "ppo_smollm.yaml")},
     "dpo_smollm.yaml": ["model.name_or_path=tiny-llama"],
+    "online_smollm.yaml": ["reward.model.name_or_path=tiny-gpt2"],
 }
 
 

@@ -12,7 +12,7 @@ from rlhf.eval.plot import plot_run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf.eval")
     commands = parser.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot", help="reward, KL, entropy and length curves of a PPO run")
+    plot = commands.add_parser("plot", help="reward, KL, entropy, length and clip curves of a PPO run")
     plot.add_argument("run_dir", help="output_dir of a run (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)

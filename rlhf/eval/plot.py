@@ -24,6 +24,7 @@ PPO_PANELS = [
     (_field("kl_mean"), "KL to reference (per sequence)"),
     (_field("entropy"), "entropy (per token)"),
     (_field("response_length_mean"), "summary length (tokens)"),
+    (_field("clip_fraction"), "clipped tokens (share)"),
 ]
 ITERATION = _field("iteration")
 
@@ -36,7 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Reward, KL, entropy and length against iteration; returns the PNG path."""
+    """Reward, KL, entropy, length and clip fraction against iteration; returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers and CI
