@@ -7,6 +7,7 @@ mode without dropout, so at step 0 validation sees pi == pi_ref exactly (loss lo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from rlhf.train.data import human_comparisons
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, check_data_size, run_training
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the cached reference, one value per row
+PROGRESS_EVERY_S = 30.0  # a progress line at most this often while the reference scores
 ROW_COLUMN = "_dpo_row"  # restores the table's order after Ray Data scored it
 
 
@@ -143,7 +145,14 @@ def with_reference_logprobs(table: pa.Table, model_cfg: ModelConfig, train: Trai
         batch_size=train.batch_size, batch_format="pyarrow", concurrency=train.num_workers,
         num_cpus=train.cpus_per_worker, num_gpus=1 if train.use_gpu else 0,
     )
-    tables = ray.get(scored.to_arrow_refs())
+    tables, done, start, shown = [], 0, time.time(), time.time()
+    for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        tables.append(block)
+        done += block.num_rows
+        if done == table.num_rows or time.time() - shown > PROGRESS_EVERY_S:  # minutes at real size
+            emit(f"dpo: reference log-probs {done}/{table.num_rows} pairs | "
+                 f"{done / max(time.time() - start, 1e-9):.1f} pairs/s")
+            shown = time.time()
     return pa.concat_tables(tables).sort_by(ROW_COLUMN).drop_columns([ROW_COLUMN])
 
 
