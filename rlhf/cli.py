@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,13 +39,18 @@ def run_main(run: Callable[..., Any], args: CliArgs[T], prog: str) -> Any:
 
 
 def prepare_models(config: Any) -> None:
-    """Resolve every model the config names, here in the driver before any worker starts: a packaged
-    model is converted once (``rlhf.models.offline``) instead of by each Ray actor at once, and a
-    model that cannot be had is one line and exit 2 rather than an actor's traceback."""
+    """Resolve every model the config names, here in the driver before any worker starts: a local
+    folder becomes an absolute path (Ray Train workers run in another folder), a packaged model is
+    converted once (``rlhf.models.offline``) instead of by each Ray actor at once, and a model that
+    cannot be had is one line and exit 2 rather than an actor's traceback."""
     from rlhf.models.offline import resolve_name_or_path
 
     for value in _sections(config):
-        if isinstance(value, ModelConfig):
+        if not isinstance(value, ModelConfig):
+            continue
+        if Path(value.name_or_path).exists():
+            value.name_or_path = os.path.abspath(value.name_or_path)
+        else:
             resolve_name_or_path(value.name_or_path)
 
 

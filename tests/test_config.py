@@ -296,3 +296,18 @@ def test_role_settings_that_cannot_work_fail_in_config_validation(cls: type, rol
     if cls is OnlineConfig:  # the online reward update trains like jobs/reward.py
         with pytest.raises(ConfigError, match=r"^reward\.train\.deepspeed\.offload_params: needs zero"):
             load_config(cls, None, ["reward.train.deepspeed.offload_params=true"])
+
+
+def test_jobs_hand_workers_absolute_model_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train workers run in another folder: a relative model folder must reach them absolute."""
+    from rlhf.cli import prepare_models
+    from rlhf.dpo.config import DPOConfig
+
+    (tmp_path / "runs" / "sft" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DPOConfig, None, ["model.name_or_path=runs/sft/model"])
+    prepare_models(cfg)
+    assert cfg.model.name_or_path == str(tmp_path / "runs" / "sft" / "model")
+    tiny = load_config(SFTConfig, None, ["model.name_or_path=tiny-gpt2"])
+    prepare_models(tiny)
+    assert tiny.model.name_or_path == "tiny-gpt2"  # presets and hub names stay names
