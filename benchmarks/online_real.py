@@ -144,6 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
+    from rlhf.cli import prepare_models
     from rlhf.config.core import load_config
     from rlhf.online.config import OnlineConfig
     from rlhf.online.loop import run_online
@@ -155,6 +156,7 @@ def main() -> None:
         f"output_dir={args.workdir / 'online'}", f"registry={registry}", f"cycles={args.cycles}",
         f"store.url=sqlite:///{args.workdir / 'feedback.db'}", f"feedback.min_new={args.min_new}",
     ])
+    prepare_models(cfg)  # as jobs/online.py does: Ray Train workers need absolute model folders
     started = time.time()
     for cycle in range(args.cycles):  # one at a time: the person answers while no cycle trains
         person.allowed += args.min_new
