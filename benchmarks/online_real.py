@@ -123,7 +123,7 @@ def start(args: argparse.Namespace) -> tuple[str, Path]:
         f"output_dir={args.workdir / 'serve'}", f"serve.port={args.port}", "serve.max_new_tokens=48",
         "serve.threads_per_replica=2", "policy.max_source_length=256", "policy.max_target_length=48",
     ])
-    os.environ.setdefault(cfg.serve.admin_token_env, "online-real-benchmark")
+    os.environ.setdefault(cfg.serve.admin_token_env, "online-real-benchmark-admin-token-0123456789")
     return start_app(cfg), registry
 
 

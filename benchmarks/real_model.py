@@ -47,9 +47,8 @@ def chat_summaries(policy, posts: list[str], batch_size: int, max_new_tokens: in
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": CHAT_REQUEST.format(post=p)}],
                                                tokenize=False, add_generation_prompt=True)
                  for p in posts[start:start + batch_size]]
-        tokenizer.padding_side = "left"
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        tokenizer.padding_side = "right"
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                          add_special_tokens=False)
         with torch.no_grad():
             ids = policy.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                         pad_token_id=tokenizer.pad_token_id)

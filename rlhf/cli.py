@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rlhf.config.core import CliArgs, ConfigError, save_config
-from rlhf.config.sections import ModelConfig
+from rlhf.config.sections import ModelConfig, StoreConfig
 from rlhf.errors import InputError
 
 T = TypeVar("T")
@@ -29,7 +30,7 @@ def run_main(run: Callable[..., Any], args: CliArgs[T], prog: str) -> Any:
     # The one logging setup: rlhf's diagnostics at INFO, other libraries' at WARNING.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rlhf").setLevel(logging.INFO)
-    save_config(args.config, Path(args.config.output_dir) / "config.yaml")
+    save_config(without_secrets(args.config), Path(args.config.output_dir) / "config.yaml")
     try:
         prepare_models(args.config)
         return run(args.config, resume=True) if args.resume else run(args.config)
@@ -52,6 +53,18 @@ def prepare_models(config: Any) -> None:
             value.name_or_path = os.path.abspath(value.name_or_path)
         else:
             resolve_name_or_path(value.name_or_path)
+
+
+def without_secrets(config: T) -> T:
+    """A copy of ``config`` fit to save: a literal password in a ``store.url`` becomes ``***``
+    (``rlhf.store.redact_url``); the run itself keeps the real one."""
+    from rlhf.store import redact_url
+
+    saved = copy.deepcopy(config)
+    for value in _sections(saved):
+        if isinstance(value, StoreConfig):
+            value.url = redact_url(value.url)
+    return saved
 
 
 def _sections(config: Any) -> list[Any]:

@@ -37,10 +37,14 @@ class UnknownVersionError(InputError):
 
 
 class PolicyRegistry:
-    """A directory of published model versions (policies or reward models)."""
+    """A directory of published model versions (policies or reward models).
+
+    ``root`` is made absolute here, so every version folder it hands out can be opened by a Ray
+    worker, which runs in another working directory (a relative ``runs/...`` failed there as a
+    hub name)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
 
     def versions(self) -> list[str]:
         """Complete versions, oldest first."""

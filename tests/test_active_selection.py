@@ -21,7 +21,7 @@ from rlhf.serve.config import ServeConfig
 from rlhf.serve.selection import least_certain, preference_margin
 from rlhf.store import FeedbackStore
 
-ADMIN = {"Authorization": "Bearer selection-admin-token"}
+ADMIN = {"Authorization": "Bearer selection-admin-token-0123456789abcdef"}
 TEXT = "The council voted to close the old bridge to lorries after engineers found cracks in two piers."
 CANDIDATES = 3
 

@@ -172,8 +172,9 @@ def test_every_shipped_yaml_config_loads() -> None:
         overrides = [] if "../shared" not in text or (ROOT.parent / "shared").exists() else [
             f"data.path={ROOT / 'tests' / 'data' / 'tldr_comparisons_sample.jsonl'}"]
         if path.name in CHAINED:
-            with pytest.raises(ConfigError, match="file not found: (/mnt/shared/)?runs/"):
-                load_config(cls, str(path), overrides)
+            if not (ROOT / "runs").exists():  # where the chain ran, its folders exist
+                with pytest.raises(ConfigError, match="file not found: (/mnt/shared/)?runs/"):
+                    load_config(cls, str(path), overrides)
             overrides += CHAINED[path.name]
         load_config(cls, str(path), overrides)
 

@@ -16,7 +16,7 @@ from serve_helpers import publish_tiny, serve_config, start_with_admin
 from rlhf.serve.access import RateLimiter, queue_kind
 from rlhf.store import FeedbackStore
 
-ADMIN = {"Authorization": "Bearer labelers-admin-token"}
+ADMIN = {"Authorization": "Bearer labelers-admin-token-0123456789abcdef"}
 TEXT = "The harbour authority approved a plan to dredge the northern channel before the winter storms."
 PER_LABELER = 10
 
@@ -58,7 +58,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     publish_tiny(registry, seed=1)
     publish_tiny(registry, seed=2)
     cfg = serve_config(registry, root / "feedback.db", "serve.labeler_auth=true", "serve.gold_rate=0.5",
-                       "serve.overlap_rate=0.25", f"serve.compare_per_minute_per_labeler={PER_LABELER}",
+                       "serve.overlap_rate=0.25", f"serve.requests_per_minute_per_labeler={PER_LABELER}",
                        "seed=3")
     url = start_with_admin(cfg, ADMIN["Authorization"].removeprefix("Bearer "))
     store = FeedbackStore(cfg.store.url)
@@ -181,6 +181,9 @@ def test_the_queue_mixes_gold_and_overlap_pairs_and_admins_see_each_labelers_qua
              "answer": i % 2} for i in range(3)]
     stored = app.post("/admin/gold", data="\n".join(map(json.dumps, gold)) + "\n", headers=ADMIN)
     assert stored.json() == {"stored": 3}
+    queue = [{"text": f"Queue document {i}: the ferry timetable changes in May."} for i in range(3)]
+    added = app.post("/admin/documents", data="\n".join(map(json.dumps, queue)), headers=ADMIN)
+    assert added.json() == {"stored": 3}
     labelers = {app.labeler(f"{name} {i}"): name == "careful" for i in (1, 2)
                 for name in ("careful", "careless")}  # (id, token) -> answers gold pairs rightly
     kinds = {labeler_id: _label_queue(app, token, right, PER_LABELER)
@@ -284,7 +287,7 @@ def test_without_labeler_auth_choices_are_anonymous_and_one_address_is_rate_limi
 
     registry = tmp_path / "registry"
     publish_tiny(registry, seed=1)
-    cfg = serve_config(registry, tmp_path / "feedback.db", "serve.compare_per_minute_per_address=3")
+    cfg = serve_config(registry, tmp_path / "feedback.db", "serve.requests_per_minute_per_address=3")
     serve.run(build_app(cfg), name="open", route_prefix="/open")
     try:
         open_app = App(f"{app.url}/open", FeedbackStore(cfg.store.url))

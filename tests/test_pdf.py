@@ -3,21 +3,37 @@ and every bad-input case."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
 import json
 import os
 import re
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
+import psutil
 import pytest
 import reportlab
+from pdf_builders import piled_glyphs, raw_pdf, scattered_glyphs, text_page, zero_stream
 from pdfminer.high_level import extract_text
 from reportlab.lib.pagesizes import letter
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 
-from rlhf.data.pdf import Paper, PdfError, Section, clean_text, extract_paper
+from rlhf.data.pdf import (
+    Paper,
+    PdfError,
+    PdfLimits,
+    Section,
+    _worker_reply,
+    clean_text,
+    extract_paper,
+    extract_paper_isolated,
+)
 
 DATA = Path(__file__).parent / "data"
 REAL_PDF = DATA / "2023.eacl-main.121.pdf"
@@ -294,3 +310,205 @@ def test_error_image_only() -> None:
     c.circle(300, 600, 50)
     c.save()
     _expect(buf.getvalue(), "no extractable text.*OCR")
+
+
+# --- hostile PDFs (parser bombs, built by tests/pdf_builders.py) ----------------------------------
+
+
+def _refused(data: bytes, limits: PdfLimits, pattern: str, within_s: float) -> str:
+    start = time.perf_counter()
+    with pytest.raises(PdfError, match=pattern) as info:
+        extract_paper(data, limits)
+    assert time.perf_counter() - start < within_s
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_bomb_scattered_glyphs_refused_fast() -> None:
+    # 17 KB, 4,000 glyphs: 3,949 text boxes (2 min and 3 GB before the caps).
+    _refused(raw_pdf([scattered_glyphs(4000)]), PdfLimits(),
+             r"more than 2000 text lines on page 1 \(limit max_boxes_per_page=2000\)", 10)
+
+
+def test_bomb_scattered_words_parse_fast_with_caps_raised() -> None:
+    # Past the caps, layout and our own ordering/table rules stay near-linear in the boxes.
+    limits = PdfLimits(max_boxes_per_page=10_000)
+    title = text_page([(72, 740, "Scattered Words Everywhere")], size=20)
+    data = raw_pdf([title + b"\n" + scattered_glyphs(4000, "abc")])
+    start = time.perf_counter()
+    paper = extract_paper(data, limits)
+    assert time.perf_counter() - start < 10
+    assert paper.title == "Scattered Words Everywhere"
+    # Most share a baseline with another word in their column: dropped as table cells.
+    assert paper.sections and 100 < paper.sections[0].text.count("abc") < 4000
+
+
+def test_bomb_piled_glyphs() -> None:
+    # Over the line cap: refused before pdfminer groups the lines.
+    _refused(raw_pdf([piled_glyphs(4001)]), PdfLimits(), "max_boxes_per_page=2000", 10)
+    # Under it, grouping is quadratic, not cubic (1,600 piled glyphs took 25 s in pdfminer).
+    start = time.perf_counter()
+    with pytest.raises(PdfError, match="no line with more than two letters"):
+        extract_paper(raw_pdf([piled_glyphs(1600)]))
+    assert time.perf_counter() - start < 10
+
+
+def test_glyph_cap_names_page_and_limit() -> None:
+    pages = [scattered_glyphs(100, seed=1), scattered_glyphs(700, seed=2)]
+    _refused(raw_pdf(pages), PdfLimits(max_chars_per_page=500),
+             r"more than 500 glyphs on page 2 \(limit max_chars_per_page=500\)", 10)
+
+
+@pytest.fixture(scope="module")
+def zero_bomb() -> bytes:
+    """512 MB of zeros in two FlateDecode layers: a 2 KB PDF."""
+    return zero_stream(512 << 20, layers=2)
+
+
+def test_bomb_inflate_refused_before_unpacking(zero_bomb: bytes) -> None:
+    assert len(zero_bomb) < 10_000
+    # Behind ASCII85 (as reportlab writes streams) the 512 MB are one FlateDecode layer.
+    inner = zlib.decompress(zero_bomb.split(b"stream\n")[1].split(b"\nendstream")[0])
+    ascii85 = raw_pdf([base64.a85encode(inner) + b"~>"], layers=0).replace(
+        b"/Filter []", b"/Filter [/ASCII85Decode /FlateDecode]")
+    tracemalloc.start()
+    try:
+        for bomb in (zero_bomb, ascii85):
+            _refused(bomb, PdfLimits(), r"unpack to more than 100000000 bytes "
+                     r"\(limit max_inflated_bytes=100000000\)", 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20  # measured piece by piece: the zeros are never held in memory
+    one_layer = zero_stream(8 << 20, layers=1)
+    _refused(one_layer, PdfLimits(max_inflated_bytes=4_000_000), "max_inflated_bytes=4000000", 10)
+
+
+def test_inflate_cap_is_a_total_over_streams() -> None:
+    page = bytes(400_000)  # 400 KB of whitespace per page, no text
+    limits = PdfLimits(max_inflated_bytes=1_000_000)
+    _refused(raw_pdf([page] * 3), limits, "max_inflated_bytes=1000000", 10)
+    _refused(raw_pdf([page]), limits, "no extractable text", 10)
+
+
+def test_damaged_big_stream_refused_fast() -> None:
+    # pdfminer recovers a damaged zlib stream byte by byte in quadratic time (16 MB: 17 s).
+    stream = zlib.compress(b"0 0 m\n" * (3 << 20))
+    stream = stream[:-4] + bytes(b ^ 0xFF for b in stream[-4:])  # wrong checksum
+    _refused(raw_pdf([stream], layers=0, filters=1), PdfLimits(), "corrupt or truncated PDF", 5)
+
+
+def test_too_many_pages_refused_before_parsing() -> None:
+    pages = [text_page([(72, 700, f"Page {i} of a very long document")]) for i in range(101)]
+    _refused(raw_pdf(pages), PdfLimits(),
+             r"more than 100 pages \(limit max_pages=100\)", 5)
+    _refused(raw_pdf(pages[:4]), PdfLimits(max_pages=3), "limit max_pages=3", 5)
+
+
+def test_long_lines_stay_linear() -> None:
+    # A 6,000-letter word ahead of a paragraph (our line joining searched the whole paragraph
+    # with a backtracking regex at every line) and a 6,000-character line of dots (so did the
+    # page-number rule): 20 s before, now linear.
+    items = [(72, 740, "A Title Line")]
+    items += [(72, 700, "x" * 6000), (72, 688, "." * 6000 + "a")]
+    items += [(72, 676 - 6 * i, "more words on a line") for i in range(100)]
+    data = raw_pdf([text_page(items[:1], size=20) + b"\n" + text_page(items[1:])])
+    start = time.perf_counter()
+    paper = extract_paper(data)
+    assert time.perf_counter() - start < 5
+    assert paper.title == "A Title Line"
+    assert paper.sections[0].text.startswith("x" * 6000 + " " + "." * 6000 + "a more words")
+
+
+def test_lines_of_at_most_two_letters() -> None:
+    tokens = text_page([(72, 750 - 14 * i, "a b") for i in range(50)])
+    with pytest.raises(PdfError, match="no line with more than two letters"):
+        extract_paper(raw_pdf([tokens]))  # ValueError: max() arg is an empty sequence before
+    digits = text_page([(72, 750 - 14 * i, "12 ab") for i in range(50)])
+    with pytest.raises(PdfError, match="no line with more than two letters"):
+        extract_paper(raw_pdf([digits]))
+
+
+def test_page_of_single_words_is_a_paper() -> None:
+    words = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon"]
+    items = [(72, 700, "Single Words")] + [(72, 660 - 14 * i, w) for i, w in enumerate(words * 8)]
+    data = raw_pdf([text_page(items[:1], size=20) + b"\n" + text_page(items[1:])])
+    paper = extract_paper(data)
+    assert paper.title == "Single Words"
+    assert paper.sections[0].text == " ".join(words * 8)
+
+
+# --- the isolated parse ----------------------------------------------------------------------
+
+
+def _workers() -> list[psutil.Process]:
+    """Live pdf_worker children of this process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "rlhf.data.pdf_worker" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _isolated(data: bytes, limits: PdfLimits) -> Paper:
+    return asyncio.run(extract_paper_isolated(data, limits))
+
+
+def test_isolated_same_paper(real: Paper) -> None:
+    assert _isolated(REAL_PDF.read_bytes(), PdfLimits()) == real
+    assert not _workers()
+
+
+def test_isolated_passes_pdf_errors_through() -> None:
+    pages = [text_page([(72, 700, f"Page {i}")]) for i in range(5)]
+    with pytest.raises(PdfError) as info:
+        _isolated(raw_pdf(pages), PdfLimits(max_pages=3))
+    assert str(info.value) == (
+        "the PDF has more than 3 pages (limit max_pages=3); upload the paper without "
+        "supplementary material"
+    )
+
+
+def test_isolated_timeout_kills_the_child() -> None:
+    slow = raw_pdf([piled_glyphs(4000)])  # ~10 s with the line cap raised
+    start = time.perf_counter()
+    with pytest.raises(PdfError, match=r"^parsing stopped after 1 s \(limit timeout_s=1\)"):
+        _isolated(slow, PdfLimits(max_boxes_per_page=100_000, timeout_s=1))
+    assert time.perf_counter() - start < 5
+    assert not _workers()
+
+
+def test_isolated_memory_limit(zero_bomb: bytes) -> None:
+    # 512 MB unpacked at once by pdfminer, with the inflate cap lifted: over 400 MB of memory.
+    limits = PdfLimits(max_inflated_bytes=10**10, memory_mb=400)
+    with pytest.raises(PdfError, match=r"^parsing needed more than 400 MB \(limit memory_mb=400\)"):
+        _isolated(zero_bomb, limits)
+    assert not _workers()
+
+
+def test_isolated_cancel_kills_the_child() -> None:
+    async def cancel_while_parsing() -> None:
+        limits = PdfLimits(max_boxes_per_page=100_000, timeout_s=60)
+        task = asyncio.create_task(extract_paper_isolated(raw_pdf([piled_glyphs(4000)]), limits))
+        for _ in range(100):  # until the child runs
+            await asyncio.sleep(0.05)
+            if _workers():
+                break
+        assert _workers()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_while_parsing())
+    assert not _workers()
+
+
+def test_worker_failure_is_one_line() -> None:
+    traceback = b"Traceback (most recent call last):\n  ...\nIndexError: list index out of range\n"
+    for returncode, out in ((0, b'{"failure": "IndexError"}'), (1, b""), (-11, b"garbage")):
+        with pytest.raises(PdfError, match=r"^the PDF parser failed \(") as info:
+            _worker_reply(returncode, out, traceback, PdfLimits())
+        assert "\n" not in str(info.value) and "Traceback" not in str(info.value)

@@ -19,7 +19,7 @@ from rlhf.online.loop import OnlineLoop
 from rlhf.registry import CURRENT_FILE, PolicyRegistry, UnknownVersionError
 from rlhf.store import FeedbackStore
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdefghij"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TEXT = "The city council voted on Tuesday to extend the bike lane network across the river."
 
@@ -41,6 +41,15 @@ def test_current_is_the_newest_until_a_rollback_and_a_publish_moves_it_again(tmp
     (registry.root / CURRENT_FILE).write_text("v0002-deleted\n")  # a pointer to no version: newest
     assert registry.current().name == "v0003"
     assert sorted(p.name for p in registry.root.iterdir()) == ["CURRENT", "v0001", "v0002", "v0003"]
+
+
+def test_a_relative_registry_hands_out_absolute_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray workers run in another folder: the online loop's second reward update once failed on
+    ``runs/.../reward_registry/v0001`` read there as a hub name."""
+    monkeypatch.chdir(tmp_path)
+    publish_tiny(Path("runs/registry"), seed=1)
+    current = PolicyRegistry("runs/registry").current()
+    assert current == tmp_path / "runs" / "registry" / "v0001" and current.is_absolute()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from serve_helpers import publish_tiny, publish_tiny_adapter, serve_config, star
 from rlhf.store import FeedbackStore
 
 PDF = Path(__file__).parent / "data" / "2023.eacl-main.121.pdf"
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdefghij"
 TEXT = "The city council voted on Tuesday to extend the bike lane network across the river."
 
 

@@ -192,11 +192,11 @@ def test_gold_scores_overlap_agreement_and_stats(store: FeedbackStore):
             store.record_choice(shown.id, shown.gold_answer if correct else 1 - shown.gold_answer, labeler)
     original = _comparison(store, "doubly shown", ann.id)
     store.record_choice(original, 1, ann.id)
-    assert queue.show_overlap(ann.id, rng) is None  # never one's own pair
-    again = queue.show_overlap(bob.id, rng)
+    assert queue.show_overlap(ann.id, rng, False) is None  # never one's own pair
+    again = queue.show_overlap(bob.id, rng, False)
     assert (again.overlap_of, again.summary_0, again.shown_to) == (original, "doubly shown A", bob.id)
     store.record_choice(again.id, None, bob.id, verdict="cant_tell")
-    assert queue.show_overlap(bob.id, rng) is None  # each pair once per labeler
+    assert queue.show_overlap(bob.id, rng, False) is None  # each pair once per labeler
     scores = labelers.gold_scores()
     assert (scores[ann.id].accuracy, scores[bob.id].accuracy, scores[bob.id].answered) == (1.0, 0.0, 4)
     stats = {row.name: row for row in labelers.stats()}

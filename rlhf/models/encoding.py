@@ -12,6 +12,7 @@ document, so a long dataset does not flood the log.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 
@@ -83,6 +84,20 @@ def limits_for(config: PretrainedConfig, max_source_length: int, max_target_leng
     return Limits(min(wanted, positions), max_target_length)
 
 
+def new_token_room(config: PretrainedConfig, limits: Limits) -> int | None:
+    """Most tokens a generation may add after the longest prompt ``limits`` lets through, by the
+    model's position tables: causal, what the positions leave after ``limits.source``; seq2seq, the
+    decoder's positions less its start token; None where positions are relative (T5)."""
+    if model_kind(config) is ModelKind.DECODER:
+        positions = max_positions(config)
+        return None if positions is None else max(1, positions - limits.source)
+    for name in ("max_decoder_position_embeddings", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value - 1
+    return None
+
+
 _warned_limits: set[int] = set()
 
 
@@ -114,13 +129,19 @@ def pad_rows(rows: list[list[int]], value: int, side: str = "right") -> torch.Te
     return torch.tensor(padded, dtype=torch.long)
 
 
+_PREFIXES: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, list[int]] = weakref.WeakKeyDictionary()
+
+
 def _causal_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special tokens the tokenizer itself puts before a text: Llama's bos; none for GPT-2, Qwen
-    or SmolLM2, whose bos (``<|im_start|>``) opens a chat turn and was never trained before prose."""
-    plain = _text_ids(tokenizer, ["a"])[0]
-    full = tokenizer(["a"], verbose=False)["input_ids"][0]
-    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
-    return list(full[: starts[0]]) if starts else []
+    or SmolLM2, whose bos (``<|im_start|>``) opens a chat turn and was never trained before prose.
+    Found once per tokenizer (two tokenizer calls), not at every batch."""
+    if tokenizer not in _PREFIXES:
+        plain = _text_ids(tokenizer, ["a"])[0]
+        full = tokenizer(["a"], verbose=False)["input_ids"][0]
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        _PREFIXES[tokenizer] = list(full[: starts[0]]) if starts else []
+    return _PREFIXES[tokenizer]
 
 
 def document_room(tokenizer: PreTrainedTokenizerBase, limit: int, causal: bool) -> int:

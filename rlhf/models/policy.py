@@ -30,6 +30,7 @@ from rlhf.models.encoding import (
     encode_sources,
     led_attention_window,
     limits_for,
+    new_token_room,
     truncated_documents,
 )
 from rlhf.models.lora import (
@@ -114,6 +115,9 @@ class Policy:
         never picks an id the tokenizer cannot decode (``logits_processors``)."""
         batch = self.encode_documents(documents).to(self.model.device)
         gen_kwargs.setdefault("max_new_tokens", self.max_target_length)
+        room = new_token_room(self.model.config, self.limits)
+        if room is not None and gen_kwargs["max_new_tokens"] > room:  # past the position table
+            gen_kwargs["max_new_tokens"] = room
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs["logits_processor"] = self.logits_processors(gen_kwargs.get("logits_processor"))
         output = self.model.generate(**batch, **gen_kwargs)  # (B, T_out)

@@ -3,9 +3,11 @@ kept out of the routes so each piece is a small class a test can drive without S
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +18,7 @@ from rlhf.store.tables import ANONYMOUS
 
 # What a queue request (/v1/compare without text) is answered with.
 QueueKind = Literal["fresh", "gold", "overlap"]
-MAX_TRACKED_KEYS = 10_000  # a limiter forgets full buckets beyond this many keys
+MAX_TRACKED_KEYS = 10_000  # a limiter keeps at most this many buckets (least recently used go)
 
 
 class RateLimiter:
@@ -24,14 +26,18 @@ class RateLimiter:
     bursts up to ``per_minute``.
 
     State lives in this object, so each ingress replica limits on its own: with N replicas a
-    client may get up to N times the rate. ``clock`` (seconds) is injectable for tests.
+    client may get up to N times the rate. At most ``max_keys`` buckets are kept, the least
+    recently used forgotten first, so a flood of addresses cannot grow it. ``clock`` (seconds) is
+    injectable for tests.
     """
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = MAX_TRACKED_KEYS):
         self.capacity = float(per_minute)
         self.refill_per_s = per_minute / 60.0
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, as of time)
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, as of)
 
     def admit(self, key: str) -> float:
         """Take one token for ``key``: 0.0 when admitted, else the seconds until one is available.
@@ -39,28 +45,42 @@ class RateLimiter:
         if self.capacity <= 0:
             return 0.0
         now = self.clock()
-        tokens, since = self._buckets.get(key, (self.capacity, now))
+        tokens, since = self._buckets.pop(key, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - since) * self.refill_per_s)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            self._forget_full(now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.refill_per_s
+        admitted = tokens >= 1.0
+        self._buckets[key] = (tokens - admitted, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return 0.0 if admitted else (1.0 - tokens) / self.refill_per_s
 
-    def _forget_full(self, now: float) -> None:
-        """Bound memory: a key whose bucket has refilled is indistinguishable from a new one."""
-        if len(self._buckets) <= MAX_TRACKED_KEYS:
-            return
-        full_after = self.capacity / self.refill_per_s
-        self._buckets = {key: state for key, state in self._buckets.items() if now - state[1] < full_after}
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
-def too_many(field: str, wait_s: float) -> HTTPException:
+def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[str]) -> str:
+    """The address to rate-limit: the peer, unless it is a trusted proxy; then the last
+    ``X-Forwarded-For`` entry no trusted proxy wrote (entries to its left are the client's own
+    claims and can be forged)."""
+    networks = [ipaddress.ip_network(net, strict=False) for net in trusted]
+
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in net for net in networks)
+
+    if not is_trusted(peer) or not forwarded_for:
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    return next((hop for hop in reversed(hops) if not is_trusted(hop)), hops[0] if hops else peer)
+
+
+def too_many(field: str, route: str, wait_s: float) -> HTTPException:
     """429 with Retry-After in whole seconds (rounded up, so a client that waits gets through)."""
     seconds = max(1, math.ceil(wait_s))
-    return HTTPException(429, f"{field}: too many /v1/compare requests; retry in {seconds} s",
-                         headers={"Retry-After": str(seconds)})
+    return HTTPException(429, f"{field}: too many requests to {route} and the other generating "
+                              f"routes; retry in {seconds} s", headers={"Retry-After": str(seconds)})
 
 
 @dataclass(frozen=True)

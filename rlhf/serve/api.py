@@ -13,31 +13,46 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import random
+import secrets
 from collections import deque
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi import FastAPI, File, Header, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from rlhf.data.pdf import PdfError, extract_paper
+from rlhf.data.pdf import PdfError, extract_paper_isolated
 from rlhf.registry import PolicyRegistry, UnknownVersionError
-from rlhf.serve.access import Caller, LabelerGate, RateLimiter, queue_kind, too_many
+from rlhf.serve.access import (
+    Caller,
+    LabelerGate,
+    RateLimiter,
+    bearer_token,
+    client_address,
+    queue_kind,
+    too_many,
+)
 from rlhf.serve.config import ServeConfig
+from rlhf.serve.front_door import FrontDoor, FrontDoorRules
 from rlhf.serve.rewards import CurrentRewardModel, Selection
 from rlhf.serve.schemas import (
     CompareRequest,
     CompareResponse,
+    DocumentLine,
     DocumentResponse,
     DocumentSection,
+    DocumentsStored,
     FeedbackRequest,
     FeedbackResponse,
     GoldLine,
@@ -59,9 +74,13 @@ from rlhf.store.labelers import Labelers
 from rlhf.store.queue import GoldPair, LabelingQueue
 from rlhf.store.tables import ANONYMOUS
 
+logger = logging.getLogger(__name__)
+
 PDF_MAGIC = b"%PDF"
+LABELER_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what the store issues (uuid4); anything else is no labeler
 READY_TIMEOUT_S = 5.0
 SELECTIONS_KEPT = 100  # uncertain selections GET /admin/selections shows, newest last
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 app = FastAPI(
     title="rlhf summarizer",
@@ -86,8 +105,22 @@ async def _client_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(status, f"file: {exc}" if isinstance(exc, PdfError) else str(exc))
 
 
+app.add_middleware(FrontDoor)  # Host and body-size checks; FeedbackApi sets app.state.front_door
+
 for _error_class in ERROR_STATUS:
     app.add_exception_handler(_error_class, _client_error)
+
+
+async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without echoing the input (which may not even be encodable)."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+        problems.append(f"{field}: {error['msg']}")
+    return _error(422, "; ".join(problems))
+
+
+app.add_exception_handler(RequestValidationError, _invalid_request)
 
 
 def _too_large(field: str, size: int, limit: int) -> HTTPException:
@@ -115,23 +148,22 @@ def _export_bytes(table: pa.Table, fmt: str) -> bytes:
     return "".join(f"{line}\n" for line in lines).encode()
 
 
-def _gold_lines(body: bytes) -> list[GoldPair]:
-    """POST /admin/gold's JSONL body as gold pairs; 422 naming the first bad line and field."""
-    pairs = []
+def _jsonl_lines(body: bytes, schema: type[ModelT], expected: str) -> list[ModelT]:
+    """An admin upload's JSONL body, one ``schema`` per non-empty line; 422 naming the first bad
+    line and field, or ``expected`` when there is no line."""
+    rows = []
     for number, line in enumerate(body.decode(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            gold = GoldLine.model_validate_json(line)
+            rows.append(schema.model_validate_json(line))
         except ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(part) for part in error["loc"]) or "line"
             raise HTTPException(422, f"line {number}: {field}: {error['msg']}") from None
-        pairs.append(GoldPair(gold.text, gold.summary_0, gold.summary_1, gold.answer, gold.title))
-    if not pairs:
-        raise HTTPException(422, "body: no gold pairs; send one JSON object per line with text, "
-                                 "summary_0, summary_1 and answer (0 or 1)")
-    return pairs
+    if not rows:
+        raise HTTPException(422, f"body: nothing to store; send one JSON object per line with {expected}")
+    return rows
 
 
 def _usable(pairs: list[list[Summary]]) -> list[list[Summary]]:
@@ -149,18 +181,20 @@ class FeedbackApi:
     """Routes requests to the policy deployment and records comparisons and choices."""
 
     def __init__(self, policy: DeploymentHandle, cfg: ServeConfig, admin_token_sha256: str | None):
+        app.state.front_door = FrontDoorRules.of(cfg.serve)
         self.policy = policy
         self.limits = cfg.serve
         self.store = FeedbackStore(cfg.store.url)
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(cfg.seed)  # the queue's draws: reproducible for a seed
+        self.order_rng = secrets.SystemRandom()  # which summary is shown first: unpredictable
         self.admin_token_sha256 = admin_token_sha256
         self.admin_token_env = cfg.serve.admin_token_env
         self.registry = PolicyRegistry(cfg.registry)  # /admin/rollback moves its CURRENT pointer
         self.labelers = Labelers(self.store)
         self.queue = LabelingQueue(self.store)
         self.gate = LabelerGate(self.labelers, cfg.serve.labeler_auth)
-        self.per_labeler = RateLimiter(cfg.serve.compare_per_minute_per_labeler)
-        self.per_address = RateLimiter(cfg.serve.compare_per_minute_per_address)
+        self.per_labeler = RateLimiter(cfg.serve.requests_per_minute_per_labeler)
+        self.per_address = RateLimiter(cfg.serve.requests_per_minute_per_address)
         uncertain = cfg.serve.pair_selection == "uncertain"
         self.rewards = CurrentRewardModel(cfg.serve.reward_registry, cfg.policy) if uncertain else None
         self.recent_selections: deque[tuple[str, Selection]] = deque(maxlen=SELECTIONS_KEPT)
@@ -175,8 +209,11 @@ class FeedbackApi:
         return resources.files("rlhf.serve").joinpath("static/index.html").read_text()
 
     @app.post("/v1/summarize")
-    async def summarize(self, body: SummarizeRequest) -> SummarizeResponse:
+    async def summarize(
+        self, body: SummarizeRequest, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> SummarizeResponse:
         """A summary by the current policy."""
+        await self._admit(request, authorization)
         self._check_text(body.text)
         summary = await self.policy.summarize.remote(body.text, body.max_new_tokens)
         return SummarizeResponse(summary=summary.text, policy_version=summary.version,
@@ -186,13 +223,15 @@ class FeedbackApi:
         return await asyncio.to_thread(self.gate.identify, authorization)
 
     async def _admit(self, request: Request, authorization: str | None) -> Caller:
-        """Rate limits (the address first: it needs no database read) and the labeler's identity."""
-        address = request.client.host if request.client else "unknown"
+        """For every route that generates or parses: the rate limits (the address first: it needs
+        no database read) and the labeler's identity."""
+        peer = request.client.host if request.client else "unknown"
+        address = client_address(peer, request.headers.get("x-forwarded-for"), self.limits.trusted_proxies)
         if wait := self.per_address.admit(address):
-            raise too_many("address", wait)
+            raise too_many("address", request.url.path, wait)
         caller = await self._labeler(authorization)
         if caller.id != ANONYMOUS and (wait := self.per_labeler.admit(caller.id)):
-            raise too_many("labeler", wait)
+            raise too_many("labeler", request.url.path, wait)
         return caller
 
     @app.post("/v1/compare")
@@ -212,12 +251,8 @@ class FeedbackApi:
         select: bool = False,
     ) -> CompareResponse:
         """A new pair of the policy's stored and shown; ``select``: the least certain of several."""
-        selection = None
-        if select and self.rewards is not None and await asyncio.to_thread(self.rewards.refresh):
-            pair, selection = await self._least_certain_pair(text, max_new_tokens)
-        else:
-            pair = _usable([list(await self.policy.compare.remote(text, max_new_tokens))])[0]
-        self.rng.shuffle(pair)
+        pair, selection = await self._pair(text, max_new_tokens, select)
+        self.order_rng.shuffle(pair)
         first, second = pair
         document_id = await asyncio.to_thread(self.store.add_document, text, title, source)
         comparison_id = await asyncio.to_thread(
@@ -229,19 +264,30 @@ class FeedbackApi:
         return CompareResponse(comparison_id=comparison_id, summaries=(first.text, second.text),
                                truncated=first.truncated, text=text, title=title)
 
+    async def _pair(
+        self, text: str, max_new_tokens: int | None, select: bool
+    ) -> tuple[list[Summary], Selection | None]:
+        """Two summaries of ``text`` by the policy; ``select``: the least certain of several."""
+        if select and self.rewards is not None and await asyncio.to_thread(self.rewards.refresh):
+            return await self._least_certain_pair(text, max_new_tokens)
+        return _usable([list(await self.policy.compare.remote(text, max_new_tokens))])[0], None
+
     async def _queued(self, caller: Caller, max_new_tokens: int | None) -> CompareResponse:
         """A gold pair, a pair another labeler was shown, or a fresh pair of a stored document, drawn
-        from the seeded rng; each a new comparison with the same response shape."""
+        from the seeded rng; each a new comparison with the same response shape and the same cost."""
         kind = queue_kind(self.rng.random(), self.limits.gold_rate, self.limits.overlap_rate)
         picks = random.Random(self.rng.getrandbits(64))  # the thread's own rng: no shared state
-        show = {"gold": self.queue.show_gold, "overlap": self.queue.show_overlap}.get(kind)
-        shown = await asyncio.to_thread(show, caller.id, picks) if show else None
+        shown = None
+        if kind == "gold":
+            shown = await asyncio.to_thread(self.queue.show_gold, caller.id, picks)
+        elif kind == "overlap":
+            shown = await asyncio.to_thread(self.queue.show_overlap, caller.id, picks, self.gate.required)
         if shown is not None:
-            return await asyncio.to_thread(self._shown_response, shown)
-        document = await asyncio.to_thread(self.queue.random_document, picks)
+            return await self._stored_pair_response(shown, max_new_tokens)
+        document = await asyncio.to_thread(self.queue.random_document, picks, self.gate.required)
         if document is None:
-            raise HTTPException(404, "text: the labeling queue has no stored documents yet; send a text "
-                                     "to compare")
+            raise HTTPException(404, "text: the labeling queue has no documents yet; an admin adds them "
+                                     "with POST /admin/documents (or send a text to compare)")
         return await self._fresh(caller, document.text, document.title, "api", max_new_tokens, select=True)
 
     async def _least_certain_pair(
@@ -254,10 +300,14 @@ class FeedbackApi:
         selection = await asyncio.to_thread(self.rewards.select, text, [(a.text, b.text) for a, b in pairs])
         return pairs[selection.chosen], selection
 
-    def _shown_response(self, shown: Comparison) -> CompareResponse:
-        text, title = self.queue.document(shown.document_id)
+    async def _stored_pair_response(self, shown: Comparison, max_new_tokens: int | None) -> CompareResponse:
+        """A gold or overlap pair answered like a fresh one: the same generation runs on its document
+        and is thrown away, so neither latency nor ``truncated`` tells a labeler which pairs are
+        checked (they could answer only those with care)."""
+        text, title = await asyncio.to_thread(self.queue.document, shown.document_id)
+        decoy, _ = await self._pair(text, max_new_tokens, select=True)
         return CompareResponse(comparison_id=shown.id, summaries=(shown.summary_0, shown.summary_1),
-                               truncated=False, text=text, title=title)
+                               truncated=decoy[0].truncated, text=text, title=title)
 
     @app.post("/v1/feedback")
     async def feedback(
@@ -285,15 +335,19 @@ class FeedbackApi:
 
     @app.post("/v1/documents")
     async def documents(
-        self, file: Annotated[UploadFile, File(description="A paper as PDF.")]
+        self, file: Annotated[UploadFile, File(description="A paper as PDF.")], request: Request,
+        authorization: Annotated[str | None, Header()] = None,
     ) -> DocumentResponse:
-        """A PDF's sections (abstract first), each cut to the text limit so it can go to /v1/compare."""
+        """A PDF's sections (abstract first), each cut to the text limit so it can go to /v1/compare.
+        The parse runs in a child process with a time and memory limit (``serve.pdf``), so a parser
+        bomb costs one killed process and a 422, and every other request is answered meanwhile."""
+        await self._admit(request, authorization)
         data = await file.read(self.limits.max_upload_bytes + 1)
         if len(data) > self.limits.max_upload_bytes:
             raise _too_large("file", len(data), self.limits.max_upload_bytes)
         if not data.startswith(PDF_MAGIC):
             raise HTTPException(415, "file: not a PDF (no %PDF header); upload the paper as a .pdf file")
-        paper = await asyncio.to_thread(extract_paper, data)
+        paper = await extract_paper_isolated(data, self.limits.pdf)
         parts = ([("Abstract", paper.abstract)] if paper.abstract else []) + [
             (section.heading, section.text) for section in paper.sections
         ]
@@ -319,18 +373,21 @@ class FeedbackApi:
     @app.get("/readyz")
     async def ready(self) -> JSONResponse:
         """Readiness: the database answers and a policy replica is up."""
+        part = "database"
         try:
             await asyncio.to_thread(self.store.count_comparisons)
+            part = "policy replica"
             info = await asyncio.wait_for(self.policy.policy_info.remote(), READY_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with the reason
-            return _error(503, f"not ready: {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - any failure means "not ready"; the reason goes to the log
+            logger.exception("readiness check: the %s did not answer", part)
+            return _error(503, f"not ready: the {part} did not answer (details in the server log)")
         return JSONResponse({"status": "ready", "version": info["version"]})
 
     def _check_admin(self, authorization: str | None) -> None:
         if self.admin_token_sha256 is None:
             raise HTTPException(503, f"admin routes are off: set {self.admin_token_env} where "
                                      "jobs/serve.py starts")
-        token = (authorization or "").removeprefix("Bearer ").strip()
+        token = bearer_token(authorization)
         digest = hashlib.sha256(token.encode()).hexdigest()
         if not token or not hmac.compare_digest(digest, self.admin_token_sha256):
             raise HTTPException(401, "Authorization: send 'Bearer <admin token>'",
@@ -390,7 +447,8 @@ class FeedbackApi:
 
     @app.delete("/admin/labelers/{labeler_id}")
     async def revoke_labeler(
-        self, labeler_id: str, authorization: Annotated[str | None, Header()] = None
+        self, labeler_id: Annotated[str, PathParam(pattern=LABELER_ID)],
+        authorization: Annotated[str | None, Header()] = None,
     ) -> LabelerInfo:
         """Revoke a labeler's token (403 from then on); the labeler and their choices stay."""
         self._check_admin(authorization)
@@ -412,9 +470,28 @@ class FeedbackApi:
         """Known-answer pairs, one JSON object per line ({text, summary_0, summary_1, answer, title?});
         nothing is stored unless every line is valid."""
         self._check_admin(authorization)
+        lines = _jsonl_lines(await self._upload(request), GoldLine,
+                             "text, summary_0, summary_1 and answer (0 or 1)")
+        pairs = [GoldPair(line.text, line.summary_0, line.summary_1, line.answer, line.title)
+                 for line in lines]
+        stored = await asyncio.to_thread(self.queue.add_gold, pairs)
+        return GoldStored(stored=len(stored))
+
+    @app.post("/admin/documents")
+    async def add_documents(
+        self, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> DocumentsStored:
+        """Documents for the labeling queue, one JSON object per line ({text, title?}); with labeler
+        auth the queue writes fresh pairs only for these, never for a text someone pasted. Nothing is
+        stored unless every line is valid."""
+        self._check_admin(authorization)
+        lines = _jsonl_lines(await self._upload(request), DocumentLine, "text (and optionally title)")
+        ids = await asyncio.to_thread(self.queue.add_documents, [(line.text, line.title) for line in lines])
+        return DocumentsStored(stored=len(set(ids)))
+
+    async def _upload(self, request: Request) -> bytes:
+        """An admin upload's body (the proxy already refused one over max_upload_bytes)."""
         body = await request.body()
         if len(body) > self.limits.max_upload_bytes:
             raise _too_large("body", len(body), self.limits.max_upload_bytes)
-        pairs = _gold_lines(body)
-        stored = await asyncio.to_thread(self.queue.add_gold, pairs)
-        return GoldStored(stored=len(stored))
+        return body

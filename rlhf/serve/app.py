@@ -8,21 +8,31 @@ import time
 
 from ray import serve
 
+from rlhf.config.core import ConfigError
 from rlhf.metrics import emit
 from rlhf.runtime import init_ray
 from rlhf.serve.api import FeedbackApi
 from rlhf.serve.config import ServeConfig
 from rlhf.serve.policy import PolicyDeployment
-from rlhf.store import check_url
+from rlhf.store import check_url, redact_url
 
 APP_NAME = "rlhf"
+MIN_ADMIN_TOKEN_BYTES = 32  # as long as a labeler token: guessing either is hopeless
 
 
 def _admin_token_digest(env_name: str) -> str | None:
     """SHA-256 of the admin token, read here on the driver: only the digest reaches the replicas,
-    so the secret never appears in Serve's deployment config or the dashboard."""
+    so the secret never appears in Serve's deployment config or the dashboard. A short token is
+    refused before anything starts."""
     token = os.environ.get(env_name, "")
-    return hashlib.sha256(token.encode()).hexdigest() if token else None
+    if not token:
+        return None
+    if len(token.encode()) < MIN_ADMIN_TOKEN_BYTES:
+        raise ConfigError(
+            "serve.admin_token_env", f"the token in {env_name} has {len(token.encode())} bytes; use at least "
+            f"{MIN_ADMIN_TOKEN_BYTES}, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
@@ -43,12 +53,23 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     return api.bind(policy, cfg, _admin_token_digest(serving.admin_token_env))
 
 
+def http_options(cfg: ServeConfig) -> dict:
+    """Serve's HTTP proxy options: address and TLS."""
+    serving = cfg.serve
+    options: dict = {"host": serving.host, "port": serving.port}
+    if serving.ssl_certfile:
+        options |= {"ssl_certfile": serving.ssl_certfile, "ssl_keyfile": serving.ssl_keyfile}
+    return options
+
+
 def start_app(cfg: ServeConfig) -> str:
     """Deploy on the connected (or a new local) Ray cluster; returns the base URL."""
+    app = build_app(cfg)  # reads the admin token first: a bad one stops before Ray starts
     init_ray()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+    serve.start(http_options=http_options(cfg))
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    scheme = "https" if cfg.serve.ssl_certfile else "http"
+    return f"{scheme}://{cfg.serve.host}:{cfg.serve.port}"
 
 
 def run_serve(cfg: ServeConfig) -> None:
@@ -59,7 +80,7 @@ def run_serve(cfg: ServeConfig) -> None:
         policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)
         version = policy.policy_info.remote().result()["version"]
         emit(f"serving policy {version} at {url}/ (API docs at {url}/docs); registry {cfg.registry}, "
-             f"feedback in {cfg.store.url}")
+             f"feedback in {redact_url(cfg.store.url)}")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ class PolicyDeployment:
         torch.manual_seed(cfg.seed)
         device = torch.device("cuda" if serving.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu")
         self.versions = PolicyVersions(cfg.registry, cfg.policy, serving, device)
-        self.default_max_new_tokens = serving.max_new_tokens
+        self.max_new_tokens = serving.max_new_tokens
         self.rng = random.Random(cfg.seed)
         self._generate_batch.set_max_batch_size(serving.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
@@ -50,16 +50,25 @@ class PolicyDeployment:
                                  self.versions.current)
 
     @serve.batch
-    async def _generate_batch(self, requests: list[SummaryRequest]) -> list[Summary]:
+    async def _generate_batch(self, requests: list[SummaryRequest]) -> list[Summary | Exception]:
         # Off the event loop, so health checks and queued requests are answered while generating.
         return await asyncio.to_thread(self.versions.generate, requests)
 
+    async def _generate(self, request: SummaryRequest) -> Summary:
+        """One request through the batch; its own failure raises here, never in its batch mates."""
+        result = await self._generate_batch(request)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     def _request(self, text: str, version: str, sample: bool, max_new_tokens: int | None) -> SummaryRequest:
-        return SummaryRequest(text, version, sample, max_new_tokens or self.default_max_new_tokens)
+        """A request at most ``serve.max_new_tokens`` long (the model may cut it further: Policy.generate)."""
+        length = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+        return SummaryRequest(text, version, sample, length)
 
     async def summarize(self, text: str, max_new_tokens: int | None = None) -> Summary:
         """A greedy summary by the current version."""
-        return await self._generate_batch(self._request(text, self.versions.current, False, max_new_tokens))
+        return await self._generate(self._request(text, self.versions.current, False, max_new_tokens))
 
     async def compare(self, text: str, max_new_tokens: int | None = None) -> tuple[Summary, Summary]:
         """(current version's summary, the other one) under the configured strategy, both sampled:
@@ -68,8 +77,8 @@ class PolicyDeployment:
         current version: a person cannot choose between them and the store refuses them."""
         current, other = self.versions.comparison_pair(self.rng)
         pair = list(await asyncio.gather(
-            self._generate_batch(self._request(text, current, True, max_new_tokens)),
-            self._generate_batch(self._request(text, other, True, max_new_tokens)),
+            self._generate(self._request(text, current, True, max_new_tokens)),
+            self._generate(self._request(text, other, True, max_new_tokens)),
         ))
         for _ in range(DISTINCT_ATTEMPTS):
             unusable = [i for i, s in enumerate(pair) if not s.text.strip()]
@@ -78,7 +87,7 @@ class PolicyDeployment:
             if not unusable:
                 break
             resampled = self._request(text, current, True, max_new_tokens)
-            pair[unusable[0]] = await self._generate_batch(resampled)
+            pair[unusable[0]] = await self._generate(resampled)
         return pair[0], pair[1]
 
     def policy_info(self) -> dict:

@@ -6,8 +6,9 @@ limits that come from config (413) are checked by the routes.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
@@ -15,6 +16,24 @@ from rlhf.store.feedback import MAX_NOTE_CHARS
 from rlhf.store.tables import Verdict
 
 MAX_NEW_TOKENS_CAP = 1024  # per-request ceiling, whatever the config's default
+# Valid JSON that is not storable text: NUL (PostgreSQL refuses it) and lone UTF-16 surrogates
+# (JSON allows "\ud800"; no UTF-8 encoding exists for it).
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+class RequestBody(BaseModel):
+    """Every request body: an unknown field is a 422 naming it (a typo such as ``txt`` must not
+    silently become a different request), and no text field holds NUL or a lone surrogate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _storable_text(cls, value: Any) -> Any:
+        if isinstance(value, str) and (bad := _NOT_TEXT.search(value)):
+            raise ValueError(f"holds the character U+{ord(bad.group()):04X}, which is not text; send "
+                             "valid Unicode without NUL")
+        return value
 
 
 def _not_blank(value: str) -> str:
@@ -23,7 +42,7 @@ def _not_blank(value: str) -> str:
     return value
 
 
-class SummarizeRequest(BaseModel):
+class SummarizeRequest(RequestBody):
     text: str = Field(description="The document to summarise.")
     max_new_tokens: int | None = Field(None, gt=0, le=MAX_NEW_TOKENS_CAP,
                                        description="Summary length in tokens; default from config.")
@@ -37,7 +56,7 @@ class SummarizeResponse(BaseModel):
     truncated: bool = Field(description="The text was longer than the model's input window and was cut.")
 
 
-class CompareRequest(BaseModel):
+class CompareRequest(RequestBody):
     text: str | None = Field(None, description="The document to compare summaries of; leave it out to "
                                                "get the next pair from the labeling queue.")
     max_new_tokens: int | None = Field(None, gt=0, le=MAX_NEW_TOKENS_CAP,
@@ -60,11 +79,9 @@ class CompareResponse(BaseModel):
     title: str | None
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(RequestBody):
     """A labeler's answer. Who answered comes from the Authorization header, never from the body:
     a body naming a ``labeler`` is refused (422) rather than silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
     comparison_id: str = Field(min_length=1, max_length=64)
     choice: StrictInt | None = Field(
@@ -85,7 +102,7 @@ class FeedbackResponse(BaseModel):
     stored: bool = Field(True, description="The choice is committed to the database.")
 
 
-class LabelerCreate(BaseModel):
+class LabelerCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200, description="Who the token is for.")
 
 
@@ -123,10 +140,8 @@ class LabelerReport(BaseModel):
     median_decision_s: float | None
 
 
-class GoldLine(BaseModel):
+class GoldLine(RequestBody):
     """One line of POST /admin/gold's JSONL body."""
-
-    model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1)
     summary_0: str = Field(min_length=1)
@@ -148,6 +163,20 @@ class GoldStored(BaseModel):
     stored: int
 
 
+class DocumentLine(RequestBody):
+    """One line of POST /admin/documents' JSONL body: a document for the labeling queue."""
+
+    text: str = Field(min_length=1)
+    title: str | None = Field(None, max_length=500)
+
+    _text = field_validator("text")(_not_blank)
+
+
+class DocumentsStored(BaseModel):
+    stored: int = Field(description="Distinct documents the upload names (a text stored before "
+                                    "counts once).")
+
+
 class DocumentSection(BaseModel):
     heading: str
     text: str
@@ -165,7 +194,7 @@ class PolicyInfo(BaseModel):
     metrics: dict = Field(description="What PPO recorded when it published this version.")
 
 
-class RollbackRequest(BaseModel):
+class RollbackRequest(RequestBody):
     version: str = Field(min_length=1, max_length=64, description="A published version, e.g. 'v0002'.")
 
 

@@ -243,12 +243,13 @@ class PolicyVersions:
             return current, current
         return current, earlier[-1] if strategy == "previous" else rng.choice(earlier)
 
-    def generate(self, requests: list[SummaryRequest]) -> list[Summary]:
+    def generate(self, requests: list[SummaryRequest]) -> list[Summary | Exception]:
         """Summaries for a batch of requests, in the order of ``requests``: one ``generate`` call
         per (model, sampling, length) group, so adapter versions of one base and the base itself
         share a call, each row with its own adapter (PEFT's mixed-adapter batch; one call per
-        version for a family that cannot mix them, see ``mixes_adapters``)."""
-        results: list[Summary | None] = [None] * len(requests)
+        version for a family that cannot mix them, see ``mixes_adapters``). A request that fails
+        gets its exception in its place; the others in its batch still get their summaries."""
+        results: list[Summary | Exception | None] = [None] * len(requests)
         with self._pinned({r.version for r in requests}) as loaded:
             def key(i: int) -> tuple[int, str, bool, int]:
                 request, backbone = requests[i], loaded[requests[i].version].backbone
@@ -258,9 +259,22 @@ class PolicyVersions:
             for _, group in groupby(sorted(range(len(requests)), key=key), key):
                 indices = list(group)
                 rows = [(requests[i], loaded[requests[i].version]) for i in indices]
-                for i, summary in zip(indices, self._generate_rows(rows)):
+                for i, summary in zip(indices, self._generate_isolated(rows)):
                     results[i] = summary
         return results
+
+    def _generate_isolated(
+        self, rows: list[tuple[SummaryRequest, LoadedVersion]]
+    ) -> list[Summary | Exception]:
+        """``_generate_rows``; when the call fails, each row again on its own, so one bad request
+        fails alone."""
+        try:
+            return self._generate_rows(rows)
+        except Exception as exc:  # noqa: BLE001 - returned to the request that caused it
+            if len(rows) == 1:
+                logger.warning("a summary request failed: %s: %s", type(exc).__name__, exc)
+                return [exc]
+        return [result for row in rows for result in self._generate_isolated([row])]
 
     def _generate_rows(self, rows: list[tuple[SummaryRequest, LoadedVersion]]) -> list[Summary]:
         """One ``generate`` call for requests on one backbone with the same sampling and length."""

@@ -4,7 +4,7 @@ comparisons of two policy summaries, and their choices, read back as canonical t
 
 from rlhf.store.cycles import Cycle, CycleLog, CycleRecord, CycleStage, GuardReport, PPOSummary, SummaryStats
 from rlhf.store.dataset import feedback_dataset
-from rlhf.store.engine import check_url
+from rlhf.store.engine import check_url, redact_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError, StoreInputError
 from rlhf.store.feedback import Comparison, FeedbackStore
 
@@ -24,4 +24,5 @@ __all__ = [
     "SummaryStats",
     "check_url",
     "feedback_dataset",
+    "redact_url",
 ]

@@ -77,6 +77,18 @@ def _absolute_sqlite(url: sa.URL) -> sa.URL:
     return url.set(database=str(path))
 
 
+def redact_url(url: str) -> str:
+    """``store.url`` fit to print or save: a literal password becomes ``***`` (a ``${VAR}`` stays,
+    since it names the secret without holding it); an unparsable URL is returned unchanged."""
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return url
+    if parsed.password is None or str(parsed.password).startswith("${"):
+        return url
+    return parsed.render_as_string(hide_password=True)
+
+
 def resolve_url(url: str) -> sa.URL:
     """Parse ``store.url``, expand ``${VAR}`` secrets (not in the port) and fix SQLite paths."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,10 +71,24 @@ CONFIDENCE_LEVELS = {
 MAX_NOTE_CHARS = 2000  # a note is a remark for admins, not a document
 
 
+# NUL (PostgreSQL refuses it in text) and lone UTF-16 surrogates (no UTF-8 form): valid Python
+# strings that are not storable text.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
 def _require_text(field: str, value: str) -> None:
-    """Empty texts would become empty training rows; refuse them at the door."""
+    """Empty texts would become empty training rows, and NUL or a lone surrogate fails on one of
+    the databases: refuse them at the door, alike on both."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidFeedbackError(field, f"must be a non-empty string, got {value!r}")
+    check_storable(field, value)
+
+
+def check_storable(field: str, value: str | None) -> None:
+    """InvalidFeedbackError when ``value`` holds NUL or a lone surrogate."""
+    if value is not None and (bad := _NOT_TEXT.search(value)):
+        raise InvalidFeedbackError(field, f"holds U+{ord(bad.group()):04X}, which is not text; send "
+                                          "valid Unicode without NUL")
 
 
 def _check_choice(choice: int | None, verdict: Verdict) -> None:
@@ -94,9 +109,14 @@ def _check_choice(choice: int | None, verdict: Verdict) -> None:
 def _check_extras(confidence: int | None, note: str | None) -> None:
     if confidence is not None and (isinstance(confidence, bool) or confidence not in CONFIDENCE_LEVELS):
         raise InvalidFeedbackError("confidence", f"must be 1-4 or null, got {confidence!r}")
+    check_storable("note", note)
     if note is not None and len(note) > MAX_NOTE_CHARS:
         raise InvalidFeedbackError("note", f"{len(note)} characters is over the {MAX_NOTE_CHARS}-character "
                                            "limit; shorten the note")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _new_id() -> str:
@@ -140,17 +160,21 @@ class FeedbackStore:
     def add_document(self, text: str, title: str | None = None, source: str = "paste") -> str:
         """Store a document and return its id; the same text again returns the first id (the
         first title and source are kept), so repeated pastes do not weight PPO prompts."""
-        _require_text("text", text)
-        digest = hashlib.sha256(text.encode()).hexdigest()
         try:
             with self.write() as conn:
-                return self._document_id(conn, digest) or self._insert_document(
-                    conn, text, digest, title, source
-                )
+                return self.document_in(conn, text, title, source)
         except sa.exc.IntegrityError:
             # PostgreSQL only (SQLite writers are serialised): a concurrent call stored it first.
             with self._engine.connect() as conn:
-                return self._document_id(conn, digest)
+                return self._document_id(conn, _digest(text))
+
+    def document_in(self, conn: sa.Connection, text: str, title: str | None, source: str) -> str:
+        """``add_document`` inside the caller's write transaction (several documents and the rows
+        that name them commit together, or none do)."""
+        _require_text("text", text)
+        check_storable("title", title)
+        digest = _digest(text)
+        return self._document_id(conn, digest) or self._insert_document(conn, text, digest, title, source)
 
     @staticmethod
     def _document_id(conn: sa.Connection, digest: str) -> str | None:
@@ -196,8 +220,10 @@ class FeedbackStore:
 
         A comparison shown to another labeler answers NotFoundError, exactly as an unknown id, so
         ids cannot be probed. Sending the same answer again (a retried HTTP request) returns the
-        stored comparison; a different one for a decided comparison raises AlreadyDecidedError.
+        stored comparison; any other answer for a decided comparison, even one that differs only in
+        confidence or note, raises AlreadyDecidedError: a decision is stored once, as first sent.
         """
+        check_storable("comparison_id", comparison_id)
         _check_choice(choice, verdict)
         _check_extras(confidence, note)
         try:
@@ -223,10 +249,12 @@ class FeedbackStore:
         if stored is None:
             raise NotFoundError("comparison_id", f"no comparison {comparison_id!r}; use the id that "
                                                  "create_comparison() (POST /v1/compare) returned")
-        if (stored.verdict, stored.choice) != (verdict, choice):
+        answer = (verdict, choice, confidence, note)
+        if (stored.verdict, stored.choice, stored.confidence, stored.note) != answer:
             decided = stored.choice if stored.verdict == "preference" else stored.verdict
             raise AlreadyDecidedError(
-                "choice", f"comparison {comparison_id!r} was already decided as {decided} at "
+                "choice", f"comparison {comparison_id!r} was already decided as {decided} (confidence "
+                f"{stored.confidence}, note {'set' if stored.note else 'none'}) at "
                 f"{stored.decided_at.isoformat()}; a decision cannot change, create a new comparison"
             )
         return stored

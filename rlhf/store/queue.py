@@ -20,6 +20,7 @@ from rlhf.store.queries import HAS_CHOICE
 from rlhf.store.tables import ANONYMOUS, choices, comparisons, documents, gold_pairs, utcnow
 
 GOLD_SOURCE = "gold"  # documents.source of gold documents; the queue writes no fresh pairs for them
+QUEUE_SOURCE = "queue"  # documents.source of documents an admin added for labeling (POST /admin/documents)
 GOLD_POLICY = "gold"  # policy_0/policy_1 of a shown gold pair: no policy wrote it
 OVERLAP_CANDIDATES = 500  # overlap re-shows one of the newest this many eligible comparisons
 
@@ -49,24 +50,35 @@ class LabelingQueue:
         self._store = store
 
     def add_gold(self, pairs: Sequence[GoldPair]) -> list[str]:
-        """Store gold pairs (their documents too); the ids of the new gold pairs."""
+        """Store gold pairs and their documents in one transaction (all or none); the ids of the
+        new gold pairs."""
         for pair in pairs:
             if pair.answer not in (0, 1) or isinstance(pair.answer, bool):
                 raise InvalidFeedbackError("answer", f"must be 0 or 1, got {pair.answer!r}")
             if pair.summary_0 == pair.summary_1:
                 raise InvalidFeedbackError("summary_1", "is identical to summary_0")
-        rows = [{"id": str(uuid.uuid4()), "summary_0": pair.summary_0, "summary_1": pair.summary_1,
-                 "answer": pair.answer, "created_at": utcnow(),
-                 "document_id": self._store.add_document(pair.text, pair.title, GOLD_SOURCE)}
-                for pair in pairs]
-        if rows:
-            with self._store.write() as conn:
+        with self._store.write() as conn:
+            rows = [{"id": str(uuid.uuid4()), "summary_0": pair.summary_0, "summary_1": pair.summary_1,
+                     "answer": pair.answer, "created_at": utcnow(),
+                     "document_id": self._store.document_in(conn, pair.text, pair.title, GOLD_SOURCE)}
+                    for pair in pairs]
+            if rows:
                 conn.execute(gold_pairs.insert(), rows)
         return [row["id"] for row in rows]
 
-    def random_document(self, rng: random.Random) -> QueuedDocument | None:
-        """A stored document (gold documents excluded) to write a fresh pair for; None if none."""
-        eligible = documents.c.source != GOLD_SOURCE
+    def add_documents(self, texts: Sequence[tuple[str, str | None]]) -> list[str]:
+        """Store (text, title) documents for labeling in one transaction; their ids. A text stored
+        before keeps its id and is now meant for labeling too (unless it is a gold document)."""
+        with self._store.write() as conn:
+            ids = [self._store.document_in(conn, text, title, QUEUE_SOURCE) for text, title in texts]
+            conn.execute(documents.update().where(documents.c.id.in_(ids), documents.c.source != GOLD_SOURCE)
+                         .values(source=QUEUE_SOURCE))
+        return ids
+
+    def random_document(self, rng: random.Random, queue_only: bool) -> QueuedDocument | None:
+        """A stored document to write a fresh pair for (gold documents never; with ``queue_only``,
+        only those an admin added for labeling, never a text someone pasted); None if none."""
+        eligible = documents.c.source == QUEUE_SOURCE if queue_only else documents.c.source != GOLD_SOURCE
         with self._store.engine.connect() as conn:
             count = conn.scalar(sa.select(sa.func.count()).select_from(documents).where(eligible))
             if not count:
@@ -98,15 +110,18 @@ class LabelingQueue:
                           policy_0=GOLD_POLICY, policy_1=GOLD_POLICY, shown_to=labeler,
                           gold_id=pair.id, gold_answer=1 - pair.answer if swap else pair.answer)
 
-    def show_overlap(self, labeler: str, rng: random.Random) -> Comparison | None:
+    def show_overlap(self, labeler: str, rng: random.Random, queue_only: bool) -> Comparison | None:
         """A decided pair another identified labeler was shown, again, as a new comparison for
-        ``labeler`` (same order, so answers compare index to index); None if there is none."""
+        ``labeler`` (same order, so answers compare index to index); with ``queue_only``, only
+        pairs of documents meant for labeling; None if there is none."""
         again = comparisons.alias("again")
         shown_before = sa.exists().where(again.c.overlap_of == comparisons.c.id, again.c.shown_to == labeler)
+        of_queue = sa.exists().where(documents.c.id == comparisons.c.document_id,
+                                     documents.c.source == QUEUE_SOURCE)
         query = (
             sa.select(comparisons.c.id).join(choices, HAS_CHOICE)
             .where(comparisons.c.shown_to.not_in([labeler, ANONYMOUS]), comparisons.c.gold_id.is_(None),
-                   comparisons.c.overlap_of.is_(None), ~shown_before)
+                   comparisons.c.overlap_of.is_(None), ~shown_before, of_queue if queue_only else sa.true())
             .order_by(comparisons.c.created_at.desc(), comparisons.c.id).limit(OVERLAP_CANDIDATES)
         )
         with self._store.engine.connect() as conn:
