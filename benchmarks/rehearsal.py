@@ -62,6 +62,11 @@ PPO_CUTS = ["ppo.iterations=2", "ppo.checkpoint_every=1", "ppo.publish_every=1",
             "roles.gpus_per_actor=0", "roles.cpus_per_actor=0.4", "roles.rollout_workers=1",
             "roles.dtype=bf16"]
 TWO_RANKS = "roles.learner_workers=2"  # configs with more learners; one-learner configs keep one
+# The SmolLM2 chain runs on the real weights (converted offline, rlhf.models.offline) from the base
+# model and the packaged MiniLM, not the runs/ folders of the chain before it.
+SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM_RL = (f"policy.name_or_path={SMOLLM}", f"reward.model.name_or_path={MINILM}", *PPO_CUTS)
 LED = {key: "allenai/led-base-16384" for key in
        ("policy.name_or_path", "value.name_or_path", "reward.model.name_or_path")}
 
@@ -131,6 +136,11 @@ CASES = (
                                   "reward.model.name_or_path": "Qwen/Qwen2.5-0.5B"},
          (*LOCAL_PROMPTS, *PPO_CUTS, "ppo.rollout_batch_size=4", "ppo.minibatch_size=2",
           "roles.weight_sync=object_store")),
+    Case("sft_smollm", "sft", cuts=("train.dtype=bf16", *TRAIN_STEPS)),
+    Case("sft_smollm_quick", "sft", cuts=("train.dtype=bf16", *TRAIN_STEPS)),
+    Case("grpo_smollm", "ppo", cuts=SMOLLM_RL),
+    Case("ppo_smollm", "ppo", cuts=SMOLLM_RL),
+    Case("dpo_smollm", "dpo", cuts=(f"model.name_or_path={SMOLLM}", "train.dtype=bf16", *TRAIN_STEPS)),
     Case("serve_cluster", "serve", {"policy.name_or_path": "google/flan-t5-large"},
          ("store.url=sqlite:///{workdir}/feedback.db", "serve.gpus_per_replica=0",
           "serve.cpus_per_replica=1", "serve.min_replicas=1", "serve.max_replicas=1",

@@ -140,7 +140,7 @@ def store(url: str) -> Iterator[FeedbackStore]:
 # out whole files in collection order, so starting the long ones first lets both workers finish
 # together instead of one waiting on the end-to-end test alone.
 LONGEST_FIRST = ("test_online_e2e.py", "test_train.py", "test_ppo.py", "test_pretrained.py", "test_dpo.py",
-                 "test_online.py", "test_ppo_lora.py", "test_serve.py", "test_lora.py")
+                 "test_online.py", "test_ppo_lora.py", "test_serve.py", "test_front_door.py", "test_lora.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

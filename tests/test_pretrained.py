@@ -154,7 +154,7 @@ def test_grpo_with_lora_on_ray_publishes_a_version_that_serve_answers_from(
     assert len(history) == 1 and history[0].sync_bytes < 5e6  # the adapters moved, not 538 MB
     registry = tmp_path / "grpo" / "registry"
     assert (registry / "v0001" / "model.safetensors").exists()  # merged: loads without peft
-    url = start_with_admin(serve_config(registry, tmp_path / "feedback.db"), "admin")
+    url = start_with_admin(serve_config(registry, tmp_path / "feedback.db"), "pretrained-admin-" + "0" * 32)
     try:
         post = _rows(1)[0]["post"]
         answer = requests.post(url + "/v1/summarize", json={"text": post, "max_new_tokens": 12}, timeout=120)

@@ -43,7 +43,7 @@ def test_current_is_the_newest_until_a_rollback_and_a_publish_moves_it_again(tmp
     assert sorted(p.name for p in registry.root.iterdir()) == ["CURRENT", "v0001", "v0002", "v0003"]
 
 
-def test_a_relative_registry_hands_out_absolute_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_relative_registry_hands_out_absolute_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Ray workers run in another folder: the online loop's second reward update once failed on
     ``runs/.../reward_registry/v0001`` read there as a hub name."""
     monkeypatch.chdir(tmp_path)

@@ -174,3 +174,23 @@ def test_an_adapter_whose_base_changed_is_refused_naming_the_folder_and_the_fix(
         _versions(tmp_path)  # serving v0001 loads it
     with pytest.raises(InputError, match=expected):
         load_policy(ModelConfig(name_or_path=str(adapter)))
+
+
+def test_a_summary_never_carries_nul_and_a_request_past_the_models_positions_is_cut(tmp_path: Path):
+    """A byte-level policy that may only write NUL or "a": what it serves has no NUL (no database
+    stores it as text); a causal policy asked for more tokens than its positions leave writes what
+    fits instead of failing its batch."""
+    from rlhf.models import load_tokenizer
+    from rlhf.models.policy import Policy
+    from rlhf.registry import PolicyRegistry
+
+    model, tokenizer = build_tiny_lm("tiny-gpt2", seed=3), load_tokenizer("tiny-gpt2")
+    allowed = {tokenizer.convert_tokens_to_ids("\x00"), tokenizer.convert_tokens_to_ids("a")}
+    model.generation_config.suppress_tokens = [i for i in range(model.config.vocab_size) if i not in allowed]
+    PolicyRegistry(tmp_path / "registry").publish(Policy(model, tokenizer, 480, 32).save, {})
+    versions = _versions(tmp_path, "policy.name_or_path=tiny-gpt2", "policy.max_source_length=480")
+    long_text = " ".join(["word"] * 600)
+    summaries = versions.generate([SummaryRequest(TEXTS[0], "v0001", True, 24),
+                                   SummaryRequest(long_text, "v0001", False, 1000)])
+    assert all(isinstance(s.text, str) and "\x00" not in s.text for s in summaries), summaries
+    assert summaries[1].truncated and 0 < len(summaries[1].text) <= 32

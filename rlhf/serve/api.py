@@ -198,6 +198,7 @@ class FeedbackApi:
         uncertain = cfg.serve.pair_selection == "uncertain"
         self.rewards = CurrentRewardModel(cfg.serve.reward_registry, cfg.policy) if uncertain else None
         self.recent_selections: deque[tuple[str, Selection]] = deque(maxlen=SELECTIONS_KEPT)
+        self.pdf_parses = asyncio.Semaphore(cfg.serve.parallel_pdf_parses)
 
     def _check_text(self, text: str) -> None:
         size = len(text.encode())
@@ -347,7 +348,8 @@ class FeedbackApi:
             raise _too_large("file", len(data), self.limits.max_upload_bytes)
         if not data.startswith(PDF_MAGIC):
             raise HTTPException(415, "file: not a PDF (no %PDF header); upload the paper as a .pdf file")
-        paper = await extract_paper_isolated(data, self.limits.pdf)
+        async with self.pdf_parses:
+            paper = await extract_paper_isolated(data, self.limits.pdf)
         parts = ([("Abstract", paper.abstract)] if paper.abstract else []) + [
             (section.heading, section.text) for section in paper.sections
         ]

@@ -286,5 +286,7 @@ class PolicyVersions:
             policy = backbone.policy
             with adapters_for_rows(policy.model, [loaded.adapter for _, loaded in rows]) as adapters:
                 outputs = policy.generate(texts, max_new_tokens=first.max_new_tokens, **options, **adapters)
-        return [Summary(output, request.version, cut)
+        # A byte-level model can write NUL, which no database stores as text (the store refuses it):
+        # what people are shown and what is stored is the summary without it.
+        return [Summary(output.replace("\x00", ""), request.version, cut)
                 for (request, _), output, cut in zip(rows, outputs, policy.truncated(texts))]

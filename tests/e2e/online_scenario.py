@@ -111,12 +111,23 @@ class SimulatedUser(threading.Thread):
         self.url, self.documents = url, documents
         self.stop = threading.Event()
         self.answered = self.retried = 0
+        self.error = ""
         self.allowed = 0
 
     def allow(self, more: int) -> None:
         self.allowed += more
 
     def run(self) -> None:
+        """Answer until stopped; an unexpected answer ends the thread, kept in ``error`` for the
+        scenario's failure message."""
+        try:
+            self._answer()
+        except requests.RequestException as exc:
+            body = exc.response.text[:500] if exc.response is not None else ""
+            self.error = f"{type(exc).__name__}: {exc} {body}"
+            raise
+
+    def _answer(self) -> None:
         k = 0
         while not self.stop.is_set():
             if self.answered >= self.allowed:
@@ -247,6 +258,7 @@ def main() -> None:
     ray("start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
         *(f"--{name}={port}" for name, port in node_ports.items()))
+    user = None
     try:
         started = time.monotonic()
         ppo_log = submit(address, "ppo.py", f"output_dir={work / 'ppo'}", f"registry={registry}",
@@ -295,6 +307,8 @@ def main() -> None:
         ray("job", "stop", "--address", address, serve_job)
     except BaseException as failure:  # noqa: BLE001 - recorded for the test's message, then re-raised
         summary["error"] = f"{type(failure).__name__}: {failure}"[-6000:]
+        if user is not None and user.error:
+            summary["error"] = f"simulated user: {user.error}; {summary['error']}"
         raise
     finally:
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
