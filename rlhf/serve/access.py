@@ -3,6 +3,7 @@ kept out of the routes so each piece is a small class a test can drive without S
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -57,11 +58,17 @@ class RateLimiter:
         return len(self._buckets)
 
 
+@functools.lru_cache(maxsize=8)
+def _networks(trusted: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Parsed once per list, not per request."""
+    return [ipaddress.ip_network(net, strict=False) for net in trusted]
+
+
 def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[str]) -> str:
     """The address to rate-limit: the peer, unless it is a trusted proxy; then the last
     ``X-Forwarded-For`` entry no trusted proxy wrote (entries to its left are the client's own
     claims and can be forged)."""
-    networks = [ipaddress.ip_network(net, strict=False) for net in trusted]
+    networks = _networks(tuple(trusted))
 
     def is_trusted(address: str) -> bool:
         try:

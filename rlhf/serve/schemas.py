@@ -6,19 +6,15 @@ limits that come from config (413) are checked by the routes.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
-from rlhf.store.feedback import MAX_NOTE_CHARS
+from rlhf.store.feedback import MAX_NOTE_CHARS, NOT_TEXT
 from rlhf.store.tables import Verdict
 
 MAX_NEW_TOKENS_CAP = 1024  # per-request ceiling, whatever the config's default
-# Valid JSON that is not storable text: NUL (PostgreSQL refuses it) and lone UTF-16 surrogates
-# (JSON allows "\ud800"; no UTF-8 encoding exists for it).
-_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class RequestBody(BaseModel):
@@ -30,7 +26,7 @@ class RequestBody(BaseModel):
     @field_validator("*")
     @classmethod
     def _storable_text(cls, value: Any) -> Any:
-        if isinstance(value, str) and (bad := _NOT_TEXT.search(value)):
+        if isinstance(value, str) and (bad := NOT_TEXT.search(value)):
             raise ValueError(f"holds the character U+{ord(bad.group()):04X}, which is not text; send "
                              "valid Unicode without NUL")
         return value

@@ -73,7 +73,7 @@ MAX_NOTE_CHARS = 2000  # a note is a remark for admins, not a document
 
 # NUL (PostgreSQL refuses it in text) and lone UTF-16 surrogates (no UTF-8 form): valid Python
 # strings that are not storable text.
-_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 def _require_text(field: str, value: str) -> None:
@@ -86,7 +86,7 @@ def _require_text(field: str, value: str) -> None:
 
 def check_storable(field: str, value: str | None) -> None:
     """InvalidFeedbackError when ``value`` holds NUL or a lone surrogate."""
-    if value is not None and (bad := _NOT_TEXT.search(value)):
+    if value is not None and (bad := NOT_TEXT.search(value)):
         raise InvalidFeedbackError(field, f"holds U+{ord(bad.group()):04X}, which is not text; send "
                                           "valid Unicode without NUL")
 
