@@ -52,7 +52,7 @@ MACHINE_BUDGET_GIB = 22.0  # of 24 GiB: the OS, page cache and Ray's own process
 # learner trains, and the machine runs out (on a GPU each role's memory is its device's).
 JOB_ENV = {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false",
-           "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
+           "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20), "RLHF_ADMIN_TOKEN": "rehearsal-admin-token-" + "0" * 32}
 TLDR_POSTS = "rlhf/data/samples/tldr_comparisons.jsonl"
 TLDR_SFT = "rlhf/data/samples/tldr_sft.jsonl"
 LOCAL_PROMPTS = [f"prompts.path={TLDR_POSTS}", "prompts.hub_config="]
@@ -355,15 +355,20 @@ def serve_probe(port: int, deadline: float) -> dict:
             pass
         time.sleep(2)
     document = {"text": json.loads((ROOT / TLDR_POSTS).read_text().splitlines()[0])["post"]}
+    # A labeler token from the admin route (configs with serve.labeler_auth=true need one).
+    admin = {"Authorization": f"Bearer {JOB_ENV['RLHF_ADMIN_TOKEN']}"}
+    labeler = requests.post(url + "/admin/labelers", json={"name": "rehearsal"}, headers=admin, timeout=60)
+    labeler.raise_for_status()
+    auth = {"Authorization": f"Bearer {labeler.json()['token']}"}
     probe: dict = {}
     for route in ("/v1/summarize", "/v1/compare"):
         start = time.perf_counter()
-        answer = requests.post(url + route, json=document, timeout=900)
+        answer = requests.post(url + route, json=document, headers=auth, timeout=900)
         probe[route] = {"status": answer.status_code, "s": round(time.perf_counter() - start, 1)}
-    requests.post(url + "/v1/summarize", json=document, timeout=900).raise_for_status()
+    requests.post(url + "/v1/summarize", json=document, headers=auth, timeout=900).raise_for_status()
     if probe["/v1/compare"]["status"] == 200:
         choice = {"comparison_id": answer.json()["comparison_id"], "choice": 0}
-        stored = requests.post(url + "/v1/feedback", json=choice, timeout=60)
+        stored = requests.post(url + "/v1/feedback", json=choice, headers=auth, timeout=60)
         probe["/v1/feedback"] = {"status": stored.status_code}
     else:
         probe["/v1/compare"]["detail"] = answer.json().get("detail", "")[:120]
