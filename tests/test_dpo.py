@@ -26,6 +26,7 @@ from rlhf.dpo.implicit import run_eval
 from rlhf.dpo.task import DPOTask, _ReferenceScorer, run_dpo
 from rlhf.eval.config import EvalConfig
 from rlhf.models import load_policy
+from rlhf.online.dpo_cycle import DPOCycle
 from rlhf.online.loop import OnlineLoop
 from rlhf.registry import PolicyRegistry
 from rlhf.store import CycleLog, FeedbackStore
@@ -164,39 +165,39 @@ def test_an_online_dpo_cycle_resumes_to_publish_and_the_gate_rejects_a_worse_upd
     store, registry = FeedbackStore(cfg.store.url), PolicyRegistry(tmp_path / "registry")
     labelled = _label(store, 24)
     with monkeypatch.context() as patch:
-        patch.setattr(OnlineLoop, "_publish_dpo", _killed)
+        patch.setattr(DPOCycle, "publish", _killed)
         with pytest.raises(Killed):
             OnlineLoop(cfg).run()
     (interrupted,) = CycleLog(store).all()
     assert interrupted.stage == "reward_done" and registry.versions() == ["v0001"]
 
     with monkeypatch.context() as patch:
-        patch.setattr("rlhf.online.loop.train_dpo_policy", _killed)  # a resume must not train again
+        patch.setattr("rlhf.online.dpo_cycle.train_dpo_policy", _killed)  # a resume must not train again
         (cycle,) = OnlineLoop(cfg).run()
     record = cycle.record
     assert cycle.done and set(record.new_ids) | set(record.holdout_ids) == set(labelled)
-    assert record.reward_judged and record.reward_kept  # judged on >= 2 held-out choices
+    assert record.dpo_judged and record.dpo_kept  # judged on >= 2 held-out choices
     assert record.accuracy_before is not None and record.accuracy_after is not None
-    assert record.reward_used == interrupted.record.reward_used and record.reward_used.endswith("dpo/model")
+    assert record.dpo_policy == interrupted.record.dpo_policy and record.dpo_policy.endswith("dpo/model")
     assert registry.versions() == ["v0001", "v0002"] and record.policy_version == "v0002"
     assert not (tmp_path / "online" / "reward_registry").exists()  # no reward model in method=dpo
     policy = load_policy(ModelConfig(name_or_path=str(registry.latest()), max_target_length=8))
     assert policy.generate(["a post"], do_sample=False)
 
     _label(store, 24, offset=24)
-    measured = OnlineLoop._implicit_health
+    measured = DPOCycle.health
 
-    def worse_after_training(loop: OnlineLoop, policy: str, window, probe):
-        health = measured(loop, policy, window, probe)  # the real measurement, made to look 0.5 worse
+    def worse_after_training(method: DPOCycle, policy: str, window, probe):
+        health = measured(method, policy, window, probe)  # the real measurement, made to look 0.5 worse
         trained = policy.endswith("dpo/model")
         return dataclasses.replace(health, accuracy=health.accuracy - 0.5) if trained else health
 
-    monkeypatch.setattr(OnlineLoop, "_implicit_health", worse_after_training)
+    monkeypatch.setattr(DPOCycle, "health", worse_after_training)
     strict = online_config(tmp_path, *settings, "cycles=2", "feedback.max_accuracy_drop=0.1")
     (rejected,) = OnlineLoop(strict).run()
     assert rejected.cycle == 2 and rejected.done
-    assert rejected.record.reward_judged and not rejected.record.reward_kept
+    assert rejected.record.dpo_judged and not rejected.record.dpo_kept
     assert rejected.record.accuracy_after < rejected.record.accuracy_before
     assert registry.versions() == ["v0001", "v0002"]  # Serve keeps the version it had
     assert rejected.record.policy_version is None
-    assert "rejected by the held-out gate" in rejected.record.ppo
+    assert "rejected by the held-out gate" in rejected.record.publish_skipped

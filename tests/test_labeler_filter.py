@@ -87,7 +87,7 @@ def test_the_loops_window_step_applies_the_feedback_keys_and_records_the_counts(
     record = CycleRecord(watermark_since=None, watermark_until=utcnow().isoformat(), policy_before="p",
                          reward_before="r")
     cycle = CycleLog(store).start(1, None, utcnow(), record)
-    window = loop._window(cycle)
+    window = loop.context.window(cycle)
     assert set(window.new_ids) == set(labelled["trusted"])
     assert (window.excluded_low_gold_accuracy, window.excluded_unscored) == (3, 5)
     logged = CycleRecord(**{**record.to_record(), "excluded_low_gold_accuracy": 3, "excluded_unscored": 5})

@@ -11,19 +11,22 @@ from pathlib import Path
 import pytest
 from serve_helpers import publish_tiny
 
-from rlhf.config.core import load_config
+from rlhf.config.core import load_config, parse_cli
 from rlhf.config.sections import DataSourceConfig
 from rlhf.data.holdout import in_holdout
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.online.config import OnlineConfig
+from rlhf.online.cycle import keep_update
 from rlhf.online.feedback import read_window
-from rlhf.online.loop import OnlineLoop, keep_reward_update
+from rlhf.online.loop import OnlineLoop
+from rlhf.online.reward_cycle import RewardModelCycle
 from rlhf.registry import PolicyRegistry
 from rlhf.store import CycleLog, CycleRecord, FeedbackStore, PPOSummary
 from rlhf.store.tables import online_cycles, utcnow
 
-DATA = Path(__file__).parent / "data" / "tldr_sft_sample.jsonl"
+ROOT = Path(__file__).parent.parent
+DATA = ROOT / "tests" / "data" / "tldr_sft_sample.jsonl"
 
 
 def _label(store: FeedbackStore, n: int, offset: int = 0) -> list[str]:
@@ -70,10 +73,30 @@ def test_windows_tile_the_choices_and_replay_only_older_ones(tmp_path: Path):
 def test_the_reward_gate_judges_only_with_enough_held_out_choices():
     overrides = ["feedback.min_holdout=16", "feedback.max_accuracy_drop=0.02"]
     fb = load_config(OnlineConfig, None, overrides).feedback
-    assert keep_reward_update(0.80, 0.79, 16, fb) == (True, True)  # within the allowed drop
-    assert keep_reward_update(0.80, 0.70, 16, fb) == (True, False)  # fell too far: rejected
-    assert keep_reward_update(0.80, 0.70, 15, fb) == (False, True)  # too few rows to judge
-    assert keep_reward_update(None, None, 0, fb) == (False, True)
+    assert keep_update(0.80, 0.79, 16, fb) == (True, True)  # within the allowed drop
+    assert keep_update(0.80, 0.70, 16, fb) == (True, False)  # fell too far: rejected
+    assert keep_update(0.80, 0.70, 15, fb) == (False, True)  # too few rows to judge
+    assert keep_update(None, None, 0, fb) == (False, True)
+
+
+def test_the_rl_estimator_is_rl_ppo_advantage_with_its_own_kl_defaults_checked_before_ray(capsys):
+    """method=reward_model with rl.ppo.advantage=grpo resolves as jobs/ppo.py would (KL in the loss as
+    k3 unless given), and GRPO's k >= 2 check fails jobs/online.py's parse, before Ray starts."""
+    grpo = parse_cli(OnlineConfig, ["rl.ppo.advantage=grpo", "rl.ppo.samples_per_document=4"],
+                     prog="online.py").config
+    assert (grpo.method, grpo.rl.ppo.kl_in, grpo.rl.ppo.kl_kind) == ("reward_model", "loss", "k3")
+    given = load_config(OnlineConfig, None, ["rl.ppo.advantage=grpo", "rl.ppo.samples_per_document=4",
+                                             "rl.ppo.kl_kind=k2"])
+    assert (given.rl.ppo.kl_in, given.rl.ppo.kl_kind) == ("loss", "k2")
+    smollm = load_config(OnlineConfig, str(ROOT / "configs" / "online_smollm.yaml"),
+                         ["reward.model.name_or_path=tiny-gpt2"])
+    assert (smollm.method, smollm.rl.ppo.advantage, smollm.rl.ppo.kl_in, smollm.rl.ppo.kl_kind) == (
+        "reward_model", "grpo", "loss", "k3")
+    with pytest.raises(SystemExit) as exited:
+        parse_cli(OnlineConfig, ["rl.ppo.advantage=grpo"], prog="online.py")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "online.py: error: rl.ppo.samples_per_document: ppo.advantage=grpo needs >= 2 summaries")
 
 
 def _config(tmp_path: Path, *overrides: str) -> OnlineConfig:
@@ -98,7 +121,8 @@ def test_cycle_records_round_trip_through_json_and_the_ledger(tmp_path: Path) ->
     )
     keys = {"watermark_since", "watermark_until", "policy_before", "reward_before", "new_ids", "replay_ids",
             "holdout_ids", "accuracy_before", "accuracy_after", "reward_judged", "reward_kept", "reward_used",
-            "documents", "policy_version", "ppo_first", "ppo_last", "ppo", "excluded_low_gold_accuracy",
+            "dpo_judged", "dpo_kept", "dpo_policy", "documents", "policy_version", "ppo_first", "ppo_last",
+            "publish_skipped", "excluded_low_gold_accuracy",
             "excluded_unscored", "calibration_before", "calibration_after", "probe_drift", "candidate",
             "guard"}
     for record in (started, done):
@@ -119,6 +143,9 @@ def test_cycle_records_round_trip_through_json_and_the_ledger(tmp_path: Path) ->
         conn.execute(online_cycles.insert().values(cycle=2, until=utcnow(), stage="started",
                                                    record=json.dumps(old), started_at=utcnow()))
     assert [(c.stage, c.record) for c in ledger.all()] == [("done", done), ("started", started)]
+    # Older code wrote why PPO did not run under "ppo" (now publish_skipped).
+    older_done = {**old, "ppo": "published before a restart"}
+    assert CycleRecord.from_record(older_done).publish_skipped == "published before a restart"
 
 
 class Killed(Exception):
@@ -137,7 +164,7 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(OnlineLoop, "_update_policy", killed)
+        patch.setattr(RewardModelCycle, "publish", killed)
         with pytest.raises(Killed):
             OnlineLoop(cfg).run()
     ledger = CycleLog(store)
@@ -167,12 +194,12 @@ def test_a_cycle_killed_before_ppo_resumes_without_retraining_and_the_next_takes
     # it, once the cycle is recorded (killed at the reward training, whose run cycle 1 tested).
     second = _label(store, 20, offset=24)
     with monkeypatch.context() as patch:
-        patch.setattr("rlhf.online.loop.train_reward_model", killed)
+        patch.setattr("rlhf.online.reward_cycle.train_reward_model", killed)
         with pytest.raises(Killed):
             OnlineLoop(_config(tmp_path, "cycles=2")).run()
     next_cycle = ledger.all()[-1]
     assert (next_cycle.cycle, next_cycle.stage, next_cycle.since) == (2, "started", resumed[0].until)
-    window = OnlineLoop(_config(tmp_path, "cycles=2"))._window(next_cycle)
+    window = OnlineLoop(_config(tmp_path, "cycles=2")).context.window(next_cycle)
     assert set(window.new_ids) == {i for i in second if i not in window.holdout_ids}
     assert not set(window.new_ids) & set(record.new_ids)  # nothing trained on twice as new
     assert window.replay_ids and set(window.replay_ids) <= set(record.new_ids)

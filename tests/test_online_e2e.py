@@ -1,6 +1,6 @@
 """The product loop end to end on a real local Ray cluster (tests/e2e/online_scenario.py): a PPO job
 publishes a version, Serve serves it, a simulated person who prefers shorter summaries compares and
-chooses over HTTP; an rm_ppo cycle (reward model, then PPO) publishes a new version that Serve
+chooses over HTTP; a reward_model cycle (reward model, then PPO) publishes a new version that Serve
 picks up.
 """
 

@@ -42,9 +42,9 @@ def _cycle_ready_to_publish(loop: OnlineLoop, number: int, candidate: Path) -> N
     """Ledger a DPO cycle whose update was kept, as a killed job leaves it before publishing."""
     loop.output_dir.mkdir(parents=True, exist_ok=True)
     record = CycleRecord(watermark_since=None, watermark_until=utcnow().isoformat(),
-                         policy_before=loop._current_policy(), reward_before="")
+                         policy_before=loop.context.current_policy())
     loop.ledger.start(number, None, utcnow(), record)
-    kept = dataclasses.replace(record, reward_judged=False, reward_kept=True, reward_used=str(candidate))
+    kept = dataclasses.replace(record, dpo_judged=False, dpo_kept=True, dpo_policy=str(candidate))
     loop.ledger.advance(number, "reward_done", kept)
 
 

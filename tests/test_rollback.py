@@ -120,8 +120,8 @@ def test_the_online_loop_continues_from_the_rolled_back_version(app: App, tmp_pa
     store = FeedbackStore(cfg.store.url)
     _label(store, 16)
     loop = OnlineLoop(cfg)
-    assert loop._current_policy() == str(app.registry.root / "v0002")
-    cycle = loop._start(None)  # fixes the next cycle's window and what it starts from
+    assert loop.context.current_policy() == str(app.registry.root / "v0002")
+    cycle = loop.start_cycle(None)  # fixes the next cycle's window and what it starts from
     assert cycle.record.policy_before == str(app.registry.root / "v0002")
     assert loop.ledger.all()[0].record.policy_before.endswith("v0002")
     store.close()

@@ -1,1 +1,2 @@
-"""The online RLHF loop: stored human choices -> reward model -> PPO -> a new served policy."""
+"""The online RLHF loop: stored human choices -> a reward-model update and RL, or a DPO update -> a
+new served policy."""

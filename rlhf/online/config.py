@@ -1,26 +1,26 @@
-"""Config tree of jobs/online.py: the cycle trigger, and the PPO and reward-training configs it embeds.
+"""Config tree of jobs/online.py: the cycle trigger, and the RL, reward-training and DPO configs it embeds.
 
-``rl`` and ``reward`` are the same sections jobs/ppo.py and jobs/reward.py use, so a cycle trains
-exactly as those jobs would; each cycle sets only what is its own (output folders, seed, the
-stored documents, the current reward model and policy).
+``rl``, ``reward`` and ``dpo``/``dpo_train`` are the same sections jobs/ppo.py, jobs/reward.py and
+jobs/dpo.py use, so a cycle trains exactly as those jobs would (``rl.ppo.advantage`` picks the RL
+estimator, and its KL defaults follow it as in jobs/ppo.py); each cycle sets only what is its own
+(output folders, seed, the stored documents, the current reward model and policy).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf.config.core import option, validate
+from rlhf.config.core import option
 from rlhf.config.sections import RewardHead, StoreConfig
 from rlhf.dpo.config import DPOAlgoConfig
 from rlhf.ppo.config import PPOAlgoConfig, PPOTrainingConfig
 from rlhf.train.config import RewardTrainingConfig, TrainConfig
 
-# rm_ppo: reward-model update, then PPO; rm_grpo: the same with the GRPO estimator in the RL step;
-# dpo: a DPO update of the served policy on the choices, no reward model.
-OnlineMethod = Literal["rm_ppo", "dpo", "rm_grpo"]
-KL_FIELDS = ("kl_in", "kl_kind")  # rl.ppo fields whose defaults depend on ppo.advantage
+# The algorithm family of a cycle (rlhf.online.reward_cycle, rlhf.online.dpo_cycle): reward_model
+# updates the reward model, then runs RL with rl.ppo.advantage's estimator; dpo updates the served
+# policy on the choices directly, with no reward model.
+OnlineMethod = Literal["reward_model", "dpo"]
 # feedback.unscored_labelers: what a cycle does with choices of labelers gold pairs cannot judge yet.
 UnscoredLabelers = Literal["keep", "hold"]
 
@@ -113,14 +113,15 @@ class GuardConfig:
 
 @dataclass
 class OnlineConfig:
-    """jobs/online.py: people's choices -> reward model update -> PPO -> a new served policy version."""
+    """jobs/online.py: people's choices -> reward-model update and RL, or a DPO update -> a new served
+    policy version."""
 
-    output_dir: str = option("runs/online", "Per-cycle reward/PPO runs, cycles.jsonl, reward versions.")
+    output_dir: str = option("runs/online", "Per-cycle reward/RL or DPO runs, cycles.jsonl, reward versions.")
     method: OnlineMethod = option(
-        "rm_ppo", "rm_ppo: update the reward model, then PPO; rm_grpo: the same with rl.ppo.advantage="
-        "grpo (rl.ppo.samples_per_document summaries per document); dpo: a DPO update of the served "
-        "policy on the new (+ replayed) choices, with the cycle's starting policy as reference, kept "
-        "only if held-out implicit-reward accuracy holds."
+        "reward_model", "reward_model: update the reward model, then RL from the served policy with "
+        "rl.ppo.advantage's estimator (gae = PPO; grpo, rloo, reinforce_pp as in jobs/ppo.py); dpo: a "
+        "DPO update of the served policy on the new (+ replayed) choices, with the cycle's starting "
+        "policy as reference, kept only if held-out implicit-reward accuracy holds."
     )
     seed: int = option(0, "Seed for replay sampling, training and generation (derived per cycle).")
     cycles: int = option(0, "Stop after this many finished cycles in total (0 = run until stopped).", ge=0)
@@ -138,13 +139,14 @@ class OnlineConfig:
         "model while reward_registry is empty; later updates continue from the last kept version.",
     )
     reward_head: RewardHead = option(
-        "quality", "The reward-model score each cycle's PPO optimises and the held-out gate judges "
+        "quality", "The reward-model score each cycle's RL optimises and the held-out gate judges "
         "(jobs/ppo.py's reward.head): quality or total; a single-head model's one score is both."
     )
     rl: PPOTrainingConfig = option(
         factory=lambda: PPOTrainingConfig(ppo=PPOAlgoConfig(iterations=4)),
-        help="Each cycle's PPO, as jobs/ppo.py trains: rl.policy is the starting policy while the "
-        "registry is empty (its lengths apply to every version); rl.ppo.iterations per cycle.",
+        help="Each cycle's RL (method=reward_model), as jobs/ppo.py trains, with rl.ppo.advantage's "
+        "estimator: rl.policy is the starting policy while the registry is empty (its lengths apply to "
+        "every version, also with method=dpo); rl.ppo.iterations per cycle.",
     )
     dpo: DPOAlgoConfig = option(
         factory=DPOAlgoConfig, help="method=dpo: each cycle's DPO objective, as jobs/dpo.py's dpo section."
@@ -154,15 +156,3 @@ class OnlineConfig:
         help="method=dpo: each cycle's DPO training (jobs/dpo.py's train); rl.policy gives the lengths.",
     )
 
-    def rl_training(self) -> PPOTrainingConfig:
-        """The RL step's settings: rl, with ppo.advantage=grpo for method=rm_grpo. A KL placement or
-        estimator left at its default moves to GRPO's default (rlhf.ppo.config.DEFAULT_KL_IN)."""
-        if self.method != "rm_grpo":
-            return self.rl
-        algo, default = dataclasses.replace(self.rl.ppo, advantage="grpo"), PPOAlgoConfig()
-        set_here = frozenset(name for name in KL_FIELDS if getattr(algo, name) != getattr(default, name))
-        return dataclasses.replace(self.rl, ppo=algo.with_given(set_here))
-
-    def validate(self) -> None:
-        if self.method == "rm_grpo":  # GRPO's own checks (k >= 2, no value model) before Ray starts
-            validate(self.rl_training(), "rl.")

@@ -1,6 +1,6 @@
 """The stored choices one online cycle uses: new rows in its window, a replay sample of older ones,
-and the held-out slice that judges the reward model; only preferences on non-gold pairs, and only
-from labelers the gold pairs trust (``feedback.min_gold_accuracy``).
+and the held-out slice that judges the update (reward model or DPO); only preferences on non-gold
+pairs, and only from labelers the gold pairs trust (``feedback.min_gold_accuracy``).
 """
 
 from __future__ import annotations

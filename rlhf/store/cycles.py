@@ -1,8 +1,9 @@
 """The online loop's ledger: which feedback window each cycle trains on and how far it got.
 
-Stages: ``started`` (window fixed), ``reward_done`` (reward model decided: kept or rejected), ``done``
-(policy published). A restarted loop finishes the last unfinished cycle on the same window, so no
-choice is trained on twice by the reward update or skipped.
+Stages: ``started`` (window fixed), ``reward_done`` (the cycle's update decided, kept or rejected: the
+reward model's, or with method=dpo the policy's; the name predates DPO and is kept because ledgers
+store it), ``done`` (policy published or refused). A restarted loop finishes the last unfinished cycle
+on the same window, so no choice is trained on twice by the update or skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rlhf.store.tables import online_cycles, utcnow
 
 CycleStage = Literal["started", "reward_done", "done"]
 STAGES: tuple[CycleStage, ...] = get_args(CycleStage)
+RENAMED = {"ppo": "publish_skipped"}  # CycleRecord keys older code wrote under another name
 
 
 @dataclass(frozen=True)
@@ -58,35 +60,47 @@ class GuardReport:
 
 @dataclass(frozen=True)
 class CycleRecord:
-    """What a cycle used and measured, filled in stage by stage (None = not reached yet); stored as
-    JSON with the field names as keys, in ``online_cycles.record`` and the loop's cycles.jsonl."""
+    """What a cycle used and measured, filled in stage by stage (None = not reached yet, or not this
+    cycle's method); stored as JSON with the field names as keys, in ``online_cycles.record`` and the
+    loop's cycles.jsonl. Shared fields describe every cycle; ``reward_*`` only method=reward_model's,
+    ``dpo_*`` only method=dpo's."""
 
     # started: the feedback window and what the cycle starts from
     watermark_since: str | None  # ISO time, exclusive; None = from the first choice
     watermark_until: str  # ISO time, inclusive
-    policy_before: str  # the policy PPO continues from (registry version folder or model name)
-    reward_before: str  # the reward model the update continues from
-    # reward_done: the reward update and whether it was kept
+    policy_before: str  # the served policy RL or DPO continues from (registry version folder or model name)
+    reward_before: str | None = None  # reward_model: the reward model the update continues from
+    # reward_done: the update on the window and whether it was kept
     new_ids: list[str] | None = None  # comparison ids of the window trained on
     replay_ids: list[str] | None = None  # older comparison ids trained on again
     holdout_ids: list[str] | None = None  # comparison ids the update is judged on
     # choices decided in the window left out by feedback.min_gold_accuracy, and as unscored (hold)
     excluded_low_gold_accuracy: int | None = None
     excluded_unscored: int | None = None
+    # The held-out gate's and health numbers of the scorer the cycle updated, before (what it
+    # continued from) and after the update: the reward model (reward_model), or the policy's implicit
+    # reward against rl.policy (dpo). One set of fields: both are pairwise scorers judged alike.
     accuracy_before: float | None = None  # held-out pairwise accuracy; also None with no held-out rows
     accuracy_after: float | None = None
-    reward_judged: bool | None = None  # enough held-out rows to judge the update
-    reward_kept: bool | None = None
-    reward_used: str | None = None  # the reward model PPO scores with: the update or reward_before
     calibration_before: float | None = None  # ECE of σ(r_1 − r_0) on the held-out choices (None: none)
     calibration_after: float | None = None
-    probe_drift: float | None = None  # 1 − Spearman of the update's probe scores vs reward_before's
-    # done: the PPO run and the version it published
-    documents: int | None = None  # stored documents PPO sampled from
+    probe_drift: float | None = None  # 1 − Spearman of the update's probe scores vs those before it
+    # reward_model: the reward update
+    reward_judged: bool | None = None  # enough held-out rows to judge the update
+    reward_kept: bool | None = None
+    reward_used: str | None = None  # the reward model RL scores with: the update or reward_before
+    # dpo: the DPO update of policy_before
+    dpo_judged: bool | None = None  # enough held-out rows to judge the update
+    dpo_kept: bool | None = None  # passed the gate: the candidate the cycle publishes
+    dpo_policy: str | None = None  # the trained policy's folder (cycles/cNNNN/dpo/model), kept or not
+    # done: the RL run (reward_model) and the version the cycle published
+    documents: int | None = None  # stored documents RL sampled from
     policy_version: str | None = None  # e.g. "v0003"
-    ppo_first: PPOSummary | None = None  # the first and last PPO iteration
+    ppo_first: PPOSummary | None = None  # the first and last RL iteration
     ppo_last: PPOSummary | None = None
-    ppo: str | None = None  # why PPO did not run in this cycle (its version was published before a restart)
+    # why the publish step (RL, guard, publish) did not run: its version was published before a
+    # restart, or (dpo) the update was rejected by the held-out gate
+    publish_skipped: str | None = None
     candidate: str | None = None  # the new policy's folder; outside the registry when the guard refused it
     guard: GuardReport | None = None  # the publish guard's checks; None when guard.enabled is false
 
@@ -96,7 +110,9 @@ class CycleRecord:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CycleRecord:
-        """Read a record back; one written at an earlier stage, or by older code, lacks later keys."""
+        """Read a record back; one written at an earlier stage, or by older code, lacks later keys
+        (and may name some by their ``RENAMED`` keys)."""
+        record = {RENAMED.get(key, key): value for key, value in record.items()}
         nested = {key: PPOSummary(**record[key]) for key in ("ppo_first", "ppo_last")
                   if record.get(key) is not None}
         if record.get("guard") is not None:

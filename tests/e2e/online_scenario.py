@@ -4,7 +4,7 @@
 
 Runs `ray start --head`, `ray job submit` of jobs/ppo.py, jobs/serve.py and jobs/online.py, a
 simulated user who prefers the shorter summary answering /v1/compare + /v1/feedback over HTTP, and
-`ray stop`. The online job runs one `method=rm_ppo` cycle (reward model, then PPO); the DPO cycle
+`ray stop`. The online job runs one `method=reward_model` cycle (reward model, then PPO); the DPO cycle
 is tested in-process on a real store (tests/test_dpo.py), which costs a third of a second job here.
 Writes WORKDIR/summary.json and exits non-zero on the first failed expectation.
 `ray stop` ends every Ray process on the machine: tests/test_online_e2e.py runs this script in its
@@ -285,7 +285,7 @@ def main() -> None:
         common = (f"store.url={db_url}", f"registry={registry}", f"feedback.min_new={MIN_NEW}",
                   "feedback.settle_s=0.5", "feedback.poll_interval_s=1", "feedback.max_wait_s=300",
                   f"feedback.holdout_fraction={HOLDOUT}", "rl.roles.cpus_per_actor=0.5")
-        run_online(address, "rm_ppo", work / "online", *common, "cycles=1", "reward.train.max_steps=60",
+        run_online(address, "reward_model", work / "online", *common, "cycles=1", "reward.train.max_steps=60",
                    "reward.train.batch_size=8", "reward.train.eval_every=60", "reward.train.save_every=60",
                    "rl.ppo.iterations=6", "rl.ppo.max_new_tokens=24")
         user.stop.set()
