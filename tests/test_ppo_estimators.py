@@ -1,10 +1,13 @@
-"""The critic-free estimators (grpo, rloo, reinforce_pp) wired into the PPO loop: their config
-checks, the advantages the trainer builds, a learner with no value model, resume, and learning."""
+"""The estimator registry and the critic-free estimators (grpo, rloo, reinforce_pp) wired into the PPO
+loop: their config checks, the advantages the trainer builds, a learner with no value model, resume,
+and learning."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from rlhf.config.core import ConfigError, load_config, parse_cli
 from rlhf.metrics import IterationMetrics
 from rlhf.ppo import functional as F
 from rlhf.ppo.config import PPOAlgoConfig, PPOConfig
+from rlhf.ppo.estimators import ESTIMATORS, AdvantageKind
 from rlhf.ppo.experience import Rollout
 from rlhf.ppo.roles import Learner, LocalRoles
 from rlhf.ppo.trainer import PPOTrainer, PromptStream, build_batch
@@ -23,6 +27,32 @@ def _error(*overrides: str) -> ConfigError:
     with pytest.raises(ConfigError) as err:
         load_config(PPOConfig, None, list(overrides))
     return err.value
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+def test_the_advantage_choices_are_the_registry() -> None:
+    """AdvantageKind (the config's choices) and ESTIMATORS (what runs) cannot drift apart."""
+    assert get_args(AdvantageKind) == tuple(ESTIMATORS)
+
+
+def test_the_help_and_an_unknown_choice_name_every_estimator() -> None:
+    advantage = next(f for f in dataclasses.fields(PPOAlgoConfig) if f.name == "advantage")
+    assert all(f"{name} (" in advantage.metadata["help"] for name in ESTIMATORS)
+    err = _error("ppo.advantage=ppo")
+    assert err.key == "ppo.advantage" and all(repr(name) in err.message for name in ESTIMATORS)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_the_config_takes_each_estimators_traits_from_the_registry(name: str) -> None:
+    estimator = ESTIMATORS[name]
+    k = 2 if estimator.needs_groups else 1
+    algo = load_config(PPOConfig, None, [f"ppo.advantage={name}", f"ppo.samples_per_document={k}"]).ppo
+    assert algo.estimator is estimator and algo.uses_critic == estimator.uses_critic
+    assert algo.kl_in == estimator.default_kl_in
+    if estimator.needs_groups:
+        assert _error(f"ppo.advantage={name}").key == "ppo.samples_per_document"
 
 
 def test_group_estimators_need_two_samples_per_document_and_the_cli_exits_2(capsys) -> None:
@@ -125,6 +155,21 @@ def test_reinforce_pp_keeps_the_kl_penalty_per_token() -> None:
     rewards = F.shape_rewards(F.group_baseline(scores, 3), logprobs, ref, rollout.mask, 0.5, "k1")
     torch.testing.assert_close(batch.rewards, rewards)
     torch.testing.assert_close(batch.advantages, F.reinforce_pp_advantages(rewards, rollout.mask, 0.9))
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_gae_is_gae_on_kl_shaped_rewards_with_the_values(whiten: bool) -> None:
+    rollout, scores, logprobs, ref = _hand_batch()
+    values = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)) * rollout.mask
+    algo = _algo(f"ppo.whiten_advantages={whiten}", "ppo.gamma=0.9", "ppo.lam=0.8")
+    batch = build_batch(rollout, scores, logprobs, ref, values, 0.5, algo)
+    rewards = F.shape_rewards(scores, logprobs, ref, rollout.mask, 0.5, "k1")
+    advantages, returns = F.compute_gae(rewards, values, rollout.mask, 0.9, 0.8)
+    torch.testing.assert_close(batch.rewards, rewards)
+    torch.testing.assert_close(batch.returns, returns)
+    whitened = F.masked_whiten(advantages, rollout.mask) if whiten else advantages
+    torch.testing.assert_close(batch.advantages, whitened)
+    assert batch.loss_kl_coef == 0.0
 
 
 # ------------------------------------------------------------------------------ the learner and resume

@@ -22,20 +22,19 @@ from rlhf.config.sections import (
     RewardHead,
 )
 from rlhf.data import sample_source
+from rlhf.ppo.estimators import (
+    ESTIMATORS,
+    AdvantageKind,
+    Estimator,
+    KLPlacement,
+    estimators_help,
+    kl_defaults_help,
+)
 from rlhf.ppo.functional import KLKind, LossAggregation
 from rlhf.ppo.weight_sync import BUCKET_MB, WeightSync, resolve_transport
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement strategies
 DEFAULT_REWARD_FN = "rlhf.ppo.rewards:brevity"
-# gae: PPO with a value model; the others are critic-free (no value model), see docs/design.md.
-AdvantageKind = Literal["gae", "grpo", "rloo", "reinforce_pp"]
-KLPlacement = Literal["reward", "loss"]
-GROUP_ESTIMATORS: tuple[AdvantageKind, ...] = ("grpo", "rloo")  # baseline from the k samples: need k >= 2
-# Where each estimator puts the KL unless ppo.kl_in is given: GRPO (Shao et al. 2024) in the loss;
-# RLOO (Ahmadian et al. 2024, TRL) and REINFORCE++ (OpenRLHF) in the reward, like PPO.
-DEFAULT_KL_IN: dict[AdvantageKind, KLPlacement] = {
-    "gae": "reward", "grpo": "loss", "rloo": "reward", "reinforce_pp": "reward",
-}
 # The estimator unless ppo.kl_kind is given: k1 in the reward (its sum over tokens is the unbiased
 # sequence KL); k3 in the loss (k1's gradient is zero in expectation, k3's pulls towards the reference).
 DEFAULT_KL_KIND: dict[KLPlacement, KLKind] = {"reward": "k1", "loss": "k3"}
@@ -46,12 +45,7 @@ class PPOAlgoConfig:
     """The PPO algorithm: rollout sizes, losses, KL control and sampling."""
 
     iterations: int = option(12, "PPO iterations (generate -> score -> learn -> sync).", gt=0)
-    advantage: AdvantageKind = option(
-        "gae", "Advantage estimator: gae (PPO with a value model), or critic-free (no value model is "
-        "loaded): grpo ((r - group mean) / group std), rloo (r - mean of the other k - 1), reinforce_pp "
-        "(per-token returns-to-go, group mean subtracted when k >= 2, whitened over the batch). "
-        "grpo and rloo need samples_per_document >= 2."
-    )
+    advantage: AdvantageKind = option("gae", estimators_help())
     samples_per_document: int = option(
         1, "Summaries sampled per document (k, the group size); one document's rows are consecutive, "
         "so an iteration has rollout_batch_size x k summaries.", gt=0
@@ -79,7 +73,7 @@ class PPOAlgoConfig:
         "reward", "Where the KL to the reference enters: reward (a per-token penalty in the reward; "
         "grpo and rloo subtract each summary's summed penalty from its score before grouping) or "
         "loss (kl_coef x the kl_kind estimate added to the policy loss; the reward is not KL-shaped). "
-        "Unless given: loss for grpo, reward for gae, rloo and reinforce_pp."
+        + kl_defaults_help()
     )
     kl_kind: KLKind = option("k1", "Per-token KL estimator. Unless given: k1 with kl_in=reward, k3 "
                                    "with kl_in=loss.")
@@ -111,9 +105,14 @@ class PPOAlgoConfig:
     publish_every: int = option(5, "Publish a policy version every N iterations (and at the end).", gt=0)
 
     @property
+    def estimator(self) -> Estimator:
+        """The registry entry ``advantage`` names: its advantage function and traits."""
+        return ESTIMATORS[self.advantage]
+
+    @property
     def uses_critic(self) -> bool:
-        """Whether the estimator needs a value model (only gae does)."""
-        return self.advantage == "gae"
+        """Whether the estimator needs a value model (the learner loads one)."""
+        return self.estimator.uses_critic
 
     @property
     def summaries_per_iteration(self) -> int:
@@ -121,7 +120,7 @@ class PPOAlgoConfig:
 
     def with_given(self, given: frozenset[str]) -> PPOAlgoConfig:
         """The estimator's KL placement and the placement's estimator, where the user set neither."""
-        kl_in = self.kl_in if "kl_in" in given else DEFAULT_KL_IN[self.advantage]
+        kl_in = self.kl_in if "kl_in" in given else self.estimator.default_kl_in
         kl_kind = self.kl_kind if "kl_kind" in given else DEFAULT_KL_KIND[kl_in]
         return dataclasses.replace(self, kl_in=kl_in, kl_kind=kl_kind)
 
@@ -248,7 +247,7 @@ class PPOTrainingConfig:
 
     def validate(self) -> None:
         algo = self.ppo
-        if algo.advantage in GROUP_ESTIMATORS and algo.samples_per_document < 2:
+        if algo.estimator.needs_groups and algo.samples_per_document < 2:
             raise ConfigError(
                 "ppo.samples_per_document",
                 f"ppo.advantage={algo.advantage} needs >= 2 summaries per document for its group "

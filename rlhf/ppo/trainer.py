@@ -1,8 +1,9 @@
 """The PPO driver loop as a plain class: Ray-free, so a test can drive it with local roles.
 
 An iteration is a dozen named steps: sample documents, generate, score, reference log-probs,
-old log-probs and values, rewards and advantages (GAE or critic-free), PPO epochs, weight sync,
-KL control, logging, checkpoint and publish. The roles behind it are local objects or Ray actor groups.
+old log-probs and values, rewards and advantages (``ppo.advantage``'s estimator), PPO epochs,
+weight sync, KL control, logging, checkpoint and publish. The roles behind it are local objects or
+Ray actor groups.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rlhf.metrics import IterationMetrics, emit
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOAlgoConfig, PPOConfig
+from rlhf.ppo.estimators import ScoredRollout
 from rlhf.ppo.experience import Rollout
 from rlhf.ppo.roles import LearnStats
 from rlhf.ppo.weight_sync import SyncReport
@@ -88,41 +90,15 @@ def apply_no_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: flo
 
 def build_batch(rollout: Rollout, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 values: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig) -> PPOBatch:
-    """Rewards, advantages and returns (all (B, T)) for a scored rollout, by ``ppo.advantage``.
+    """Rewards, advantages and returns (all (B, T)) for a scored rollout, by ``ppo.advantage``'s
+    estimator (``rlhf.ppo.estimators``).
 
     ``kl_coef`` weighs the KL where ``ppo.kl_in`` puts it: the per-token reward or the loss.
     """
-    mask = rollout.mask
     reward_kl, loss_kl = (kl_coef, 0.0) if algo.kl_in == "reward" else (0.0, kl_coef)
-    if not algo.uses_critic:
-        rewards, advantages = critic_free_advantages(scores, logprobs, ref_logprobs, mask, reward_kl, algo)
-        return PPOBatch(rollout, scores, logprobs, ref_logprobs, values, rewards, advantages,
-                        torch.zeros_like(advantages), loss_kl)
-    rewards = F.shape_rewards(scores, logprobs, ref_logprobs, mask, reward_kl, algo.kl_kind)
-    advantages, returns = F.compute_gae(rewards, values, mask, algo.gamma, algo.lam)
-    if algo.whiten_advantages:
-        advantages = F.masked_whiten(advantages, mask)
+    scored = ScoredRollout(scores, logprobs, ref_logprobs, values, rollout.mask)
+    rewards, advantages, returns = algo.estimator.estimate(scored, reward_kl, algo)
     return PPOBatch(rollout, scores, logprobs, ref_logprobs, values, rewards, advantages, returns, loss_kl)
-
-
-def critic_free_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                           mask: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards, advantages), both (B, T), with no value model; groups are k consecutive rows.
-
-    reinforce_pp: the per-token KL penalty stays per token (its returns-to-go, as OpenRLHF).
-    grpo / rloo: one advantage per summary, from its whole shaped reward, i.e. the score minus
-    ``kl_coef`` x its summed KL (TRL's RLOO): the estimator's advantage stays a sequence's, the
-    group baseline also centres the KL, and with ``kl_in=loss`` (kl_coef 0) it is the score's.
-    """
-    k = algo.samples_per_document
-    if algo.advantage == "reinforce_pp":
-        baselined = F.group_baseline(scores, k) if k > 1 else scores
-        rewards = F.shape_rewards(baselined, logprobs, ref_logprobs, mask, kl_coef, algo.kl_kind)
-        return rewards, F.reinforce_pp_advantages(rewards, mask, algo.gamma)
-    rewards = F.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, algo.kl_kind)
-    advantages = F.group_advantages(rewards.sum(1), k, algo.advantage, algo.scale_by_std)  # (B,)
-    return rewards, F.spread_over_tokens(advantages, mask)
 
 
 class RoleTimer:
