@@ -1,4 +1,6 @@
-"""The HTTP API and web page: FastAPI on a Ray Serve ingress deployment.
+"""The HTTP API and web page: FastAPI on a Ray Serve ingress deployment. Here the public and
+labeler routes, as ``FeedbackApi`` methods; the admin routes are ``admin.py``'s router, included
+in the same app.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures at runtime
 and Serve's class-based ingress cannot resolve string annotations.
@@ -9,78 +11,52 @@ unknown id, 409 conflicting choice); store writes commit before the answer goes 
 
 
 import asyncio
-import hashlib
-import hmac
-import io
-import json
 import logging
 import random
 import secrets
 from collections import deque
-from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from fastapi import FastAPI, File, Header, HTTPException, Query, Request, UploadFile
-from fastapi import Path as PathParam
+from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rlhf.data.pdf import PdfError, extract_paper_isolated
-from rlhf.registry import PolicyRegistry, UnknownVersionError
-from rlhf.serve.access import (
-    Caller,
-    LabelerGate,
-    RateLimiter,
-    bearer_token,
-    client_address,
-    queue_kind,
-    too_many,
-)
+from rlhf.registry import PolicyRegistry
+from rlhf.serve.access import Caller, LabelerGate, RateLimiter, client_address, queue_kind, too_many
+from rlhf.serve.admin import AdminHandles
+from rlhf.serve.admin import router as admin_router
 from rlhf.serve.config import ServeConfig
+from rlhf.serve.errors import too_large
 from rlhf.serve.front_door import FrontDoor, FrontDoorRules
 from rlhf.serve.rewards import CurrentRewardModel, Selection
 from rlhf.serve.schemas import (
     CompareRequest,
     CompareResponse,
-    DocumentLine,
     DocumentResponse,
     DocumentSection,
-    DocumentsStored,
     FeedbackRequest,
     FeedbackResponse,
-    GoldLine,
-    GoldStored,
-    LabelerCreate,
-    LabelerCreated,
-    LabelerInfo,
     LabelerMe,
-    LabelerReport,
     PolicyInfo,
-    RollbackRequest,
-    SelectionInfo,
     SummarizeRequest,
     SummarizeResponse,
 )
 from rlhf.serve.versions import Summary
 from rlhf.store import AlreadyDecidedError, Comparison, FeedbackStore, NotFoundError, StoreInputError
 from rlhf.store.labelers import Labelers
-from rlhf.store.queue import GoldPair, LabelingQueue
+from rlhf.store.queue import LabelingQueue
 from rlhf.store.tables import ANONYMOUS
 
 logger = logging.getLogger(__name__)
 
 PDF_MAGIC = b"%PDF"
-LABELER_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what the store issues (uuid4); anything else is no labeler
 READY_TIMEOUT_S = 5.0
 SELECTIONS_KEPT = 100  # uncertain selections GET /admin/selections shows, newest last
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 app = FastAPI(
     title="rlhf summarizer",
@@ -121,11 +97,7 @@ async def _invalid_request(_request: Request, exc: RequestValidationError) -> JS
 
 
 app.add_exception_handler(RequestValidationError, _invalid_request)
-
-
-def _too_large(field: str, size: int, limit: int) -> HTTPException:
-    return HTTPException(413, f"{field}: {size} bytes is over the {limit}-byte limit; send a shorter "
-                              "text (or one section of the document at a time)")
+app.include_router(admin_router)  # /admin/...: FeedbackApi puts what its routes use in app.state.admin
 
 
 def _cut_to_bytes(text: str, limit: int) -> tuple[str, bool]:
@@ -136,34 +108,6 @@ def _cut_to_bytes(text: str, limit: int) -> tuple[str, bool]:
     cut = data[:limit].decode(errors="ignore")
     space = cut.rfind(" ")
     return (cut[:space] if space > limit // 2 else cut), True
-
-
-def _export_bytes(table: pa.Table, fmt: str) -> bytes:
-    if fmt == "parquet":
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        return sink.getvalue()
-    rows = table.to_pylist()
-    lines = (json.dumps(row, default=lambda v: v.isoformat(), ensure_ascii=False) for row in rows)
-    return "".join(f"{line}\n" for line in lines).encode()
-
-
-def _jsonl_lines(body: bytes, schema: type[ModelT], expected: str) -> list[ModelT]:
-    """An admin upload's JSONL body, one ``schema`` per non-empty line; 422 naming the first bad
-    line and field, or ``expected`` when there is no line."""
-    rows = []
-    for number, line in enumerate(body.decode(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(schema.model_validate_json(line))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(part) for part in error["loc"]) or "line"
-            raise HTTPException(422, f"line {number}: {field}: {error['msg']}") from None
-    if not rows:
-        raise HTTPException(422, f"body: nothing to store; send one JSON object per line with {expected}")
-    return rows
 
 
 def _usable(pairs: list[list[Summary]]) -> list[list[Summary]]:
@@ -187,9 +131,6 @@ class FeedbackApi:
         self.store = FeedbackStore(cfg.store.url)
         self.rng = random.Random(cfg.seed)  # the queue's draws: reproducible for a seed
         self.order_rng = secrets.SystemRandom()  # which summary is shown first: unpredictable
-        self.admin_token_sha256 = admin_token_sha256
-        self.admin_token_env = cfg.serve.admin_token_env
-        self.registry = PolicyRegistry(cfg.registry)  # /admin/rollback moves its CURRENT pointer
         self.labelers = Labelers(self.store)
         self.queue = LabelingQueue(self.store)
         self.gate = LabelerGate(self.labelers, cfg.serve.labeler_auth)
@@ -199,11 +140,17 @@ class FeedbackApi:
         self.rewards = CurrentRewardModel(cfg.serve.reward_registry, cfg.policy) if uncertain else None
         self.recent_selections: deque[tuple[str, Selection]] = deque(maxlen=SELECTIONS_KEPT)
         self.pdf_parses = asyncio.Semaphore(cfg.serve.parallel_pdf_parses)
+        app.state.admin = AdminHandles(
+            policy=policy, store=self.store, registry=PolicyRegistry(cfg.registry), labelers=self.labelers,
+            queue=self.queue, recent_selections=self.recent_selections,
+            max_upload_bytes=cfg.serve.max_upload_bytes, token_sha256=admin_token_sha256,
+            token_env=cfg.serve.admin_token_env,
+        )
 
     def _check_text(self, text: str) -> None:
         size = len(text.encode())
         if size > self.limits.max_text_bytes:
-            raise _too_large("text", size, self.limits.max_text_bytes)
+            raise too_large("text", size, self.limits.max_text_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> str:
@@ -345,7 +292,7 @@ class FeedbackApi:
         await self._admit(request, authorization)
         data = await file.read(self.limits.max_upload_bytes + 1)
         if len(data) > self.limits.max_upload_bytes:
-            raise _too_large("file", len(data), self.limits.max_upload_bytes)
+            raise too_large("file", len(data), self.limits.max_upload_bytes)
         if not data.startswith(PDF_MAGIC):
             raise HTTPException(415, "file: not a PDF (no %PDF header); upload the paper as a .pdf file")
         async with self.pdf_parses:
@@ -384,116 +331,3 @@ class FeedbackApi:
             logger.exception("readiness check: the %s did not answer", part)
             return _error(503, f"not ready: the {part} did not answer (details in the server log)")
         return JSONResponse({"status": "ready", "version": info["version"]})
-
-    def _check_admin(self, authorization: str | None) -> None:
-        if self.admin_token_sha256 is None:
-            raise HTTPException(503, f"admin routes are off: set {self.admin_token_env} where "
-                                     "jobs/serve.py starts")
-        token = bearer_token(authorization)
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if not token or not hmac.compare_digest(digest, self.admin_token_sha256):
-            raise HTTPException(401, "Authorization: send 'Bearer <admin token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    @app.post("/admin/reload")
-    async def reload(self, authorization: Annotated[str | None, Header()] = None) -> PolicyInfo:
-        """Switch a policy replica to the current published version now (the others follow at their
-        next registry poll)."""
-        self._check_admin(authorization)
-        return PolicyInfo(**await self.policy.reload.remote())
-
-    @app.post("/admin/rollback")
-    async def rollback(
-        self, body: RollbackRequest, authorization: Annotated[str | None, Header()] = None
-    ) -> PolicyInfo:
-        """Make an earlier published version current: the registry's CURRENT pointer moves (atomically),
-        one replica switches now and every other at its next registry poll, each loading the version
-        before it answers with it (no request fails). The online loop continues from it."""
-        self._check_admin(authorization)
-        try:
-            await asyncio.to_thread(self.registry.set_current, body.version)
-        except UnknownVersionError as exc:
-            raise HTTPException(404, str(exc)) from None
-        return PolicyInfo(**await self.policy.reload.remote())
-
-    @app.get("/admin/export")
-    async def export(
-        self,
-        format: Annotated[Literal["jsonl", "parquet"], Query()] = "jsonl",
-        pending: Annotated[bool, Query(description="Include comparisons nobody has decided yet.")] = True,
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> Response:
-        """Every stored comparison with its document, versions, timestamps and choice."""
-        self._check_admin(authorization)
-        table = await asyncio.to_thread(self.store.export_table, pending)
-        media = "application/vnd.apache.parquet" if format == "parquet" else "application/x-ndjson"
-        return Response(_export_bytes(table, format), media_type=media,
-                        headers={"Content-Disposition": f'attachment; filename="comparisons.{format}"'})
-
-    @app.get("/admin/selections")
-    async def selections(self, authorization: Annotated[str | None, Header()] = None) -> list[SelectionInfo]:
-        """The latest pairs ``pair_selection=uncertain`` chose, oldest first: every candidate pair
-        with its reward scores and which one was stored, to check what the selection shows people."""
-        self._check_admin(authorization)
-        return [SelectionInfo(comparison_id=comparison_id, **asdict(selection))
-                for comparison_id, selection in self.recent_selections]
-
-    @app.post("/admin/labelers")
-    async def create_labeler(
-        self, body: LabelerCreate, authorization: Annotated[str | None, Header()] = None
-    ) -> LabelerCreated:
-        """A new labeler and their token, shown only in this answer (the database keeps its sha256)."""
-        self._check_admin(authorization)
-        labeler, token = await asyncio.to_thread(self.labelers.create, body.name)
-        return LabelerCreated(labeler_id=labeler.id, token=token)
-
-    @app.delete("/admin/labelers/{labeler_id}")
-    async def revoke_labeler(
-        self, labeler_id: Annotated[str, PathParam(pattern=LABELER_ID)],
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> LabelerInfo:
-        """Revoke a labeler's token (403 from then on); the labeler and their choices stay."""
-        self._check_admin(authorization)
-        labeler = await asyncio.to_thread(self.labelers.revoke, labeler_id)
-        return LabelerInfo(labeler_id=labeler.id, name=labeler.name, revoked=labeler.revoked)
-
-    @app.get("/admin/labelers")
-    async def labeler_reports(
-        self, authorization: Annotated[str | None, Header()] = None
-    ) -> list[LabelerReport]:
-        """Every labeler's volume and quality: gold accuracy, agreement on doubly shown pairs,
-        share of can't tell, median decision time."""
-        self._check_admin(authorization)
-        return [LabelerReport(**asdict(row)) for row in await asyncio.to_thread(self.labelers.stats)]
-
-    @app.post("/admin/gold")
-    async def add_gold(self, request: Request, authorization: Annotated[str | None, Header()] = None
-                       ) -> GoldStored:
-        """Known-answer pairs, one JSON object per line ({text, summary_0, summary_1, answer, title?});
-        nothing is stored unless every line is valid."""
-        self._check_admin(authorization)
-        lines = _jsonl_lines(await self._upload(request), GoldLine,
-                             "text, summary_0, summary_1 and answer (0 or 1)")
-        pairs = [GoldPair(line.text, line.summary_0, line.summary_1, line.answer, line.title)
-                 for line in lines]
-        stored = await asyncio.to_thread(self.queue.add_gold, pairs)
-        return GoldStored(stored=len(stored))
-
-    @app.post("/admin/documents")
-    async def add_documents(
-        self, request: Request, authorization: Annotated[str | None, Header()] = None
-    ) -> DocumentsStored:
-        """Documents for the labeling queue, one JSON object per line ({text, title?}); with labeler
-        auth the queue writes fresh pairs only for these, never for a text someone pasted. Nothing is
-        stored unless every line is valid."""
-        self._check_admin(authorization)
-        lines = _jsonl_lines(await self._upload(request), DocumentLine, "text (and optionally title)")
-        ids = await asyncio.to_thread(self.queue.add_documents, [(line.text, line.title) for line in lines])
-        return DocumentsStored(stored=len(set(ids)))
-
-    async def _upload(self, request: Request) -> bytes:
-        """An admin upload's body (the proxy already refused one over max_upload_bytes)."""
-        body = await request.body()
-        if len(body) > self.limits.max_upload_bytes:
-            raise _too_large("body", len(body), self.limits.max_upload_bytes)
-        return body
