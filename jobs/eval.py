@@ -6,8 +6,6 @@ from rlhf.eval.config import EvalConfig
 
 if __name__ == "__main__":
     args = parse_cli(EvalConfig, prog="eval.py")
-    # heavy imports only once the config is valid; rlhf.dpo's run_eval is rlhf.eval.job's, with a
-    # DPO policy's implicit reward when dpo_policy is set
-    from rlhf.dpo.implicit import run_eval
+    from rlhf.eval.job import run_eval  # heavy imports only once the config is valid
 
     run_main(run_eval, args, prog="eval.py")

@@ -22,9 +22,9 @@ from rlhf.config.sections import ModelConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.dpo.config import DPOConfig, ReferenceMode
-from rlhf.dpo.implicit import run_eval
 from rlhf.dpo.task import DPOTask, _ReferenceScorer, run_dpo
 from rlhf.eval.config import EvalConfig
+from rlhf.eval.job import run_eval
 from rlhf.models import load_policy
 from rlhf.online.dpo_cycle import DPOCycle
 from rlhf.online.loop import OnlineLoop

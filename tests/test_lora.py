@@ -15,11 +15,12 @@ from test_train import _easy_preferences
 from rlhf.config.core import load_config
 from rlhf.config.sections import DeepSpeedConfig, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig
-from rlhf.dpo.logprobs import load_frozen_policy, pair_logprobs
+from rlhf.dpo.logprobs import pair_logprobs
 from rlhf.dpo.task import DPOTask
 from rlhf.errors import InputError
 from rlhf.models import load_policy, load_reward_model
 from rlhf.models.lora import target_modules
+from rlhf.models.scoring import load_frozen_policy
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.ppo.roles import free_port, init_process_group
 from rlhf.train import engine as ds

@@ -14,11 +14,11 @@ import torch
 
 from rlhf.config.sections import ModelConfig
 from rlhf.models import Policy, ValueModel, load_policy, load_value_model
+from rlhf.models.scoring import response_logits
 from rlhf.models.tiny import EOS_ID, PAD_ID
 from rlhf.ppo.experience import (
     Rollout,
     generate_rollout,
-    response_logits,
     response_logprobs,
     response_mask,
     response_values,

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from rlhf.dpo.loss import dpo_loss
+from rlhf.models.logprobs import sequence_logprobs
 from rlhf.ppo.config import PPOAlgoConfig
 from rlhf.ppo.functional import (
     KL_KINDS,
@@ -16,7 +18,6 @@ from rlhf.ppo.functional import (
     aggregate_loss,
     compute_gae,
     discounted_returns,
-    dpo_loss,
     entropy_from_logits,
     explained_variance,
     group_advantages,
@@ -28,7 +29,6 @@ from rlhf.ppo.functional import (
     masked_whiten,
     policy_loss,
     reinforce_pp_advantages,
-    sequence_logprobs,
     shape_rewards,
     spread_over_tokens,
     temper_logits_,

@@ -1,8 +1,4 @@
-"""Config tree of jobs/dpo.py, and the DPO section the online loop's ``method=dpo`` shares.
-
-A package of its own because the loss and the log-probs come from ``rlhf.ppo``, which imports
-``rlhf.train``: a DPO config or task inside ``rlhf.train`` would close an import cycle.
-"""
+"""Config tree of jobs/dpo.py, and the DPO section the online loop's ``method=dpo`` shares."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from typing import Literal
 
 from rlhf.config.core import ConfigError, option
 from rlhf.config.sections import LoraConfig, ModelConfig
-from rlhf.ppo.functional import DPOKind
+from rlhf.dpo.loss import DPOKind
 from rlhf.train.config import ComparisonSourcesConfig, TrainConfig
 
 ReferenceMode = Literal["cached", "online"]

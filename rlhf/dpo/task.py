@@ -17,11 +17,12 @@ from torch import nn
 
 from rlhf.config.sections import DType, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig, DPOConfig
-from rlhf.dpo.logprobs import load_frozen_policy, pair_logprobs
+from rlhf.dpo.logprobs import pair_logprobs
+from rlhf.dpo.loss import dpo_loss
 from rlhf.errors import InputError
 from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy, resolve_dtype
-from rlhf.ppo.functional import dpo_loss
+from rlhf.models.scoring import load_frozen_policy
 from rlhf.runtime import init_ray, quiet_ray_data
 from rlhf.store import check_url
 from rlhf.train import engine as ds

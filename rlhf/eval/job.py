@@ -10,7 +10,8 @@ from rlhf.data.sources import load_source
 from rlhf.eval.config import EvalConfig
 from rlhf.eval.metrics import PairScorer, evaluate_policy, evaluate_reward_model
 from rlhf.metrics import emit
-from rlhf.models import load_policy, load_reward_model
+from rlhf.models import RewardModel, load_policy, load_reward_model
+from rlhf.models.scoring import load_implicit_reward
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -29,17 +30,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     emit(f"wrote {path}")
 
 
-def run_eval(cfg: EvalConfig, implicit_reward: PairScorer | None = None) -> dict:
-    """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json.
+def _comparison_scorer(cfg: EvalConfig, reward_model: RewardModel | None) -> PairScorer:
+    """What scores the comparisons: the reward model, else ``dpo_policy``'s implicit reward
+    (``EvalConfig.validate`` makes sure one of them is set)."""
+    if reward_model is not None:
+        return reward_model
+    return load_implicit_reward(cfg.dpo_policy, cfg.dpo_reference, cfg.dpo_beta)
 
-    ``implicit_reward`` scores the comparisons instead of a reward model: a DPO policy's, built by
-    ``rlhf.dpo.implicit.run_eval`` (its log-probs come from rlhf.ppo, which this package cannot import).
-    """
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate what ``cfg`` names; reward-model numbers sit at the top level of eval.json."""
     reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model else None
     results: dict[str, dict] = {}
     if cfg.comparisons is not None:
         comparisons = load_source(cfg.comparisons, Schema.PREFERENCE).table
-        scorer = reward_model if reward_model is not None else implicit_reward
+        scorer = _comparison_scorer(cfg, reward_model)
         results["reward"] = evaluate_reward_model(scorer, comparisons, cfg.batch_size, cfg.reward_head)
     if cfg.references is not None:
         pairs = load_source(cfg.references, Schema.SFT).table

@@ -23,7 +23,7 @@ CALIBRATION_BINS = 10  # equal-width bins of σ(r_1 − r_0) behind calibration_
 
 class PairScorer(Protocol):
     """What the comparison accuracy reads: a ``RewardModel``, or a DPO policy's implicit reward
-    (``rlhf.dpo.implicit.ImplicitReward``), so both are judged by the same bookkeeping."""
+    (``rlhf.models.scoring.ImplicitReward``), so both are judged by the same bookkeeping."""
 
     heads: RewardHeads
 

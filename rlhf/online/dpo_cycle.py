@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rlhf.dpo.implicit import load_implicit_reward
 from rlhf.dpo.task import train_dpo_policy
+from rlhf.models.scoring import load_implicit_reward
 from rlhf.online.cycle import CycleContext, verdict_line
 from rlhf.online.feedback import FeedbackWindow
 from rlhf.online.health import ScorerHealth

@@ -2,14 +2,10 @@
 
 Every response-aligned tensor here is ``(B, T)``, right-padded with the pad id, and ``mask`` is
 1.0 on response tokens (the first EOS included) and 0.0 after, as in ``rlhf.ppo.functional``.
-One code path serves encoder-decoder (T5/BART/LED) and decoder-only (GPT-2/Llama) policies:
-
-* seq2seq: the document goes to the encoder; the decoder reads ``start + response[:-1]``, so
-  decoder position ``t`` predicts (and values the state before) ``response[t]``;
-* causal: the decoder reads ``left-padded prompt + response[:-1]`` (one contiguous run of real
-  tokens), with position ids counted from the attention mask, so the last ``T`` columns predict
-  (and value the state before) ``response[0..T-1]``. The last response token is never an input:
-  nothing PPO needs is predicted from it.
+A ``Rollout`` is scored by ``rlhf.models.scoring`` (it has the fields of its ``ResponseTokens``),
+which lines up seq2seq and causal outputs with the response tokens: ``response_logprobs`` is
+that module's, the one DPO and eval read given summaries with; ``response_values`` feeds the
+value model the same inputs.
 """
 
 from __future__ import annotations
@@ -20,11 +16,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rlhf.models.encoding import ModelKind, shift_right
-from rlhf.models.heads import ValueModel, positions_from_mask
+from rlhf.models.encoding import ModelKind
+from rlhf.models.heads import ValueModel
 from rlhf.models.policy import Policy
-from rlhf.models.vocab import known_logits
-from rlhf.ppo.functional import entropy_from_logits, logprobs_from_logits, temper_logits_
+from rlhf.models.scoring import module_device, policy_inputs_for
+from rlhf.models.scoring import response_logprobs as response_logprobs  # what PPO's roles import
 
 # Hub generation configs often ask for beam search, repetition penalties, banned n-grams or a
 # forced first/last token (BART configs force EOS at max length). Each changes the distribution
@@ -155,9 +151,9 @@ def generate_rollout(
     Only ``temperature``, ``top_p``, ``top_k`` (0: off) and ``min_new_tokens`` (EOS banned
     before it) shape the distribution; the model's generation config cannot add anything (see
     ``_PLAIN_SAMPLING``). Ids the tokenizer cannot decode are never sampled: ``logits`` below
-    are masked by ``rlhf.models.vocab`` (``response_logits`` drops the same ids). With top_p=1,
-    top_k=0 and min_new_tokens=0 the samples come exactly from ``softmax(logits / temperature)``,
-    what ``response_logprobs`` scores.
+    are masked by ``rlhf.models.vocab`` (``response_logits`` in ``rlhf.models.scoring`` drops the
+    same ids). With top_p=1, top_k=0 and min_new_tokens=0 the samples come exactly from
+    ``softmax(logits / temperature)``, what ``response_logprobs`` scores.
     ``max_new_tokens`` defaults to ``policy.max_target_length``. ``synced_gpus`` must be True
     under ZeRO-3 so that ranks that finish early keep joining the sharded forward passes.
 
@@ -199,92 +195,6 @@ def generate_rollout(
     )
 
 
-def policy_inputs(
-    policy_is_encoder_decoder: bool, rollout: Rollout, start_token_id: int | None, pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Forward-pass inputs whose outputs at the response positions predict the response tokens.
-
-    Seq2seq: the query (encoder inputs, LED's global mask) + ``decoder_input_ids`` =
-    start + response[:-1] (B, T). No decoder attention mask: its causal attention never lets a
-    response position see the padding after it, and without a mask attention kernels can take
-    their fast causal path.
-    Causal: ``input_ids`` = prompt (B, P) + response[:-1] (B, T-1), the prompt left-padded and
-    the response right-padded, ``attention_mask`` likewise, and ``position_ids`` counted from
-    the mask (a plain forward pass would number columns, shifting left-padded rows). Outputs
-    at the last T columns then line up with the response; ``start_token_id`` may be None.
-    """
-    if policy_is_encoder_decoder:
-        return {
-            **rollout.query,
-            "decoder_input_ids": shift_right(rollout.response_ids, start_token_id, pad_token_id),
-        }
-    input_ids = torch.cat([rollout.query["input_ids"], rollout.response_ids[:, :-1]], 1)  # (B, P+T-1)
-    attention_mask = torch.cat([rollout.query["attention_mask"], rollout.mask[:, :-1].long()], 1)  # same
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": positions_from_mask(attention_mask),  # (B, P+T-1)
-    }
-
-
-def _policy_inputs_for(policy: Policy, rollout: Rollout, device: torch.device) -> dict[str, torch.Tensor]:
-    """``policy_inputs`` with the policy's own start and pad ids, on ``device``."""
-    start = getattr(policy.model.config, "decoder_start_token_id", None)  # causal configs lack it
-    inputs = policy_inputs(policy.is_encoder_decoder, rollout, start, policy.tokenizer.pad_token_id)
-    return {name: tensor.to(device) for name, tensor in inputs.items()}
-
-
-def _device(module: nn.Module) -> torch.device:
-    """Where inputs must go: ``.device`` of a HF model or DeepSpeed engine, else the parameters'."""
-    device = getattr(module, "device", None)
-    return device if isinstance(device, torch.device) else next(module.parameters()).device
-
-
-def response_logits(model: nn.Module, policy: Policy, rollout: Rollout) -> torch.Tensor:
-    """Logits (B, T, V) with ``logits[:, t]`` predicting ``rollout.response_ids[:, t]``.
-
-    ``model`` is ``policy.model`` or a wrapper of it (a DeepSpeed engine): only ``model(**inputs)``
-    is called on it; ``policy`` supplies the config and tokenizer. Causal models compute logits
-    for the response columns only (``logits_to_keep``), never for the (long) prompt.
-    ``V`` is at most ``len(policy.tokenizer)``: the columns of ids it cannot decode (a padded
-    embedding) are sliced off (a view), the ids sampling masks (``rlhf.models.vocab``), so
-    log-probs and entropy are those of the sampler's distribution.
-    """
-    inputs = _policy_inputs_for(policy, rollout, _device(model))
-    if policy.is_encoder_decoder:
-        logits = model(**inputs).logits  # (B, T, V)
-    else:
-        logits = model(**inputs, logits_to_keep=rollout.response_ids.shape[1]).logits  # (B, T, V)
-    return known_logits(logits, len(policy.tokenizer))  # (B, T, V), V at most len(tokenizer)
-
-
-def response_logprobs(
-    model: nn.Module,
-    policy: Policy,
-    rollout: Rollout,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    entropy_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens under ``softmax(logits / temperature)``, the
-    distribution they were sampled from, and its entropy (B, T) if ``with_entropy``, else None.
-
-    Differentiable (call under ``torch.no_grad()`` for the old or reference log-probs); both are
-    0 where ``mask == 0``, on the rollout's device. ``entropy_grad`` False builds the entropy
-    without a graph: a reported-only entropy (``entropy_coef == 0``) then keeps no (B, T, V)
-    softmax alive for backward.
-    """
-    logits = temper_logits_(response_logits(model, policy, rollout), temperature)  # (B, T, V), no copy
-    padding = rollout.mask.to(logits.device) == 0  # (B, T)
-    labels = rollout.response_ids.to(logits.device)  # (B, T)
-    logprobs = logprobs_from_logits(logits, labels).masked_fill(padding, 0.0)  # (B, T)
-    if not with_entropy:
-        return logprobs, None
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T)
-    return logprobs, entropy
-
-
 def _check_value_model(value_model: ValueModel, policy: Policy) -> None:
     """The value model must read the policy's tokens the policy's way (reward models need not)."""
     if len(value_model.tokenizer) != len(policy.tokenizer):
@@ -305,10 +215,11 @@ def response_values(value_model: ValueModel, rollout: Rollout, policy: Policy) -
     """Values (B, T): ``values[:, t]`` is the value of the state before ``response_ids[:, t]``
     (document + response[:t]), 0 where ``mask == 0``. Differentiable, like ``response_logprobs``.
 
-    The value model gets the policy's inputs (``policy_inputs``), so it must share the policy's
-    tokenizer and kind; otherwise ValueError.
+    The value model gets the policy's inputs (``policy_inputs`` in ``rlhf.models.scoring``), so it
+    must share the policy's tokenizer and kind; otherwise ValueError.
     """
     _check_value_model(value_model, policy)
-    values = value_model(**_policy_inputs_for(policy, rollout, _device(value_model)))  # (B, P+T-1) or (B, T)
+    inputs = policy_inputs_for(policy, rollout, module_device(value_model))
+    values = value_model(**inputs)  # (B, P+T-1) or (B, T)
     values = values[:, -rollout.response_ids.shape[1]:]  # (B, T)
     return values.masked_fill(rollout.mask.to(values.device) == 0, 0.0)

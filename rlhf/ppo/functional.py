@@ -28,8 +28,6 @@ Advantage estimators, all giving ``(B, T)`` advantages for :func:`policy_loss`:
   Without groups, pass the raw scores to :func:`shape_rewards`.
 
 How a per-token loss becomes a scalar is decided in one place, :func:`aggregate_loss`.
-:func:`dpo_loss` is the offline preference loss on :func:`sequence_logprobs` of chosen/rejected
-pairs.
 """
 
 from __future__ import annotations
@@ -38,13 +36,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor
+
+# The logits functions live below PPO, where the scoring of given summaries (DPO, eval) uses them too.
+from rlhf.models.logprobs import entropy_from_logits, logprobs_from_logits, temper_logits_
 
 __all__ = [
     "KL_KINDS",
     "AdaptiveKLController",
-    "DPOKind",
     "FixedKLController",
     "GroupKind",
     "KLController",
@@ -53,7 +52,6 @@ __all__ = [
     "aggregate_loss",
     "compute_gae",
     "discounted_returns",
-    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "group_advantages",
@@ -65,9 +63,9 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "reinforce_pp_advantages",
-    "sequence_logprobs",
     "shape_rewards",
     "spread_over_tokens",
+    "temper_logits_",
     "value_loss",
 ]
 
@@ -138,71 +136,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     if not shift_mean:
         whitened = whitened + mean
     return _fill_masked(whitened, mask)
-
-
-# --------------------------------------------------------------------------- logits
-
-
-def _fp32_rowwise(fn: Callable[..., Tensor], logits: Tensor, *rest: Tensor) -> Tensor:
-    """Apply ``fn(logits, *rest)``; for half-precision logits, one batch row at a time in fp32.
-
-    log-softmax in bf16/fp16 loses too much precision, but upcasting the whole (B, T, V)
-    tensor at once would double its memory; row by row, the extra memory is one (1, T, V)
-    fp32 slice. Outputs are fp32 for half-precision input, else logits' dtype.
-    """
-    if logits.dtype in (torch.float32, torch.float64):
-        return fn(logits, *rest)
-    rows = [
-        fn(logits[i : i + 1].float(), *(r[i : i + 1] for r in rest)) for i in range(logits.shape[0])
-    ]
-    return torch.cat(rows, dim=0)
-
-
-def _logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-probability of each label under softmax(logits).
-
-    logits: (B, T, V); labels: (B, T) integer token ids, all valid indices (use the pad id,
-    not -100, at padding). Returns (B, T).
-    Memory-lean: ``logit[label] - logsumexp(logits)`` never materialises a (B, T, V)
-    log-softmax; half-precision logits are processed row by row in fp32 (see
-    ``_fp32_rowwise``).
-    """
-    return _fp32_rowwise(_logprobs, logits, labels)
-
-
-def _entropy(logits: Tensor) -> Tensor:
-    # H = logsumexp(x) - sum(softmax(x) * x). Logits of -inf enter as 0 in the sum (their
-    # probability is 0): neither the value nor the gradient meets 0 * -inf = nan.
-    finite = torch.where(torch.isfinite(logits), logits, torch.zeros((), dtype=logits.dtype,
-                                                                      device=logits.device))
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * finite).sum(dim=-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy (nats) of the categorical distribution softmax(logits). logits: (B, T, V) -> (B, T).
-
-    Tokens whose logit is -inf (e.g. banned by a logits processor) contribute 0, not nan.
-    """
-    return _fp32_rowwise(_entropy, logits)
-
-
-def temper_logits_(logits: Tensor, temperature: float) -> Tensor:
-    """``logits / temperature`` (same shape) without a second (B, T, V) tensor: ``logits`` itself
-    at temperature 1, else ``logits`` divided in place.
-
-    Safe on the differentiable path: the caller owns ``logits`` (a fresh model output, not a
-    leaf), dividing by a number saves no tensor for backward, and the linear LM head that made
-    ``logits`` needs its inputs, not its output; were a backward to need the overwritten values,
-    autograd's version check would raise, never give a wrong gradient.
-    """
-    if temperature == 1.0:
-        return logits
-    return logits.div_(temperature)
 
 
 # --------------------------------------------------------------------------- KL estimators
@@ -493,64 +426,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     is worse. nan or -inf when the returns have zero variance (undefined). Detached.
     """
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
-
-
-# --------------------------------------------------------------------------- preference optimisation
-
-DPOKind = Literal["sigmoid", "ipo"]
-
-
-def sequence_logprobs(token_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Log-probability of each row's whole response: the masked sum over its tokens.
-
-    token_logprobs, mask: (B, T) -> (B,); an empty row gives 0. A sum, not a mean: DPO's
-    implicit reward is the log-ratio of the sequence probabilities.
-    """
-    if not token_logprobs.is_floating_point():
-        token_logprobs = token_logprobs.float()
-    mask = mask.to(dtype=token_logprobs.dtype)
-    return _fill_masked(token_logprobs * mask, mask).sum(dim=-1)
-
-
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    kind: DPOKind = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Direct preference optimisation loss per pair; no reward model, no sampling.
-
-    All inputs (B,): :func:`sequence_logprobs` of the chosen / rejected response under the
-    policy and the frozen reference. Returns ``(losses, chosen_rewards, rejected_rewards)``,
-    all (B,); the caller averages the losses. With ``h = (pi_c - pi_r) - (ref_c - ref_r)``:
-    "sigmoid" (Rafailov et al. 2023): ``-(1 - e) logsigmoid(beta h) - e logsigmoid(-beta h)``,
-    e = label_smoothing, the assumed share of flipped labels (cDPO), in [0, 0.5).
-    "ipo" (Azar et al. 2023): ``(h - 1 / (2 beta))^2``, which stops pushing once the margin is
-    reached, so it does not overfit deterministic preferences; label_smoothing must be 0.
-    Rewards are the implicit ``beta * (pi - ref)``, detached metrics; only the policy inputs
-    receive gradient.
-    """
-    _check_choice(kind, DPOKind, "DPO kind")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if kind == "ipo" and label_smoothing != 0.0:
-        raise ValueError("label_smoothing applies only to kind='sigmoid'; it must be 0 for 'ipo'")
-    # The reference is frozen: detached so no gradient reaches it even if it was built with one.
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()
-    h = chosen_ratio - rejected_ratio
-    if kind == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        losses = -(1.0 - label_smoothing) * nnf.logsigmoid(beta * h)
-        if label_smoothing:
-            losses = losses - label_smoothing * nnf.logsigmoid(-beta * h)
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 # --------------------------------------------------------------------------- KL controllers
