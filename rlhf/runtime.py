@@ -1,4 +1,5 @@
-"""What every job does the same way at run time: join Ray, tame Ray Data and Ray Train, derive seeds.
+"""What every job does the same way at run time: join Ray, tame Ray Data and Ray Train, derive seeds,
+and fit torch to the resources a worker reserved (its device, its threads).
 
 Jobs join Ray as Ray itself would (``RAY_ADDRESS``, else the head that ``ray start`` recorded,
 else a fresh local Ray) but fail in seconds, with the fix, where Ray would retry a dead head forever.
@@ -15,9 +16,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where used: seeds and joining Ray need none of it
+    import torch
 
 GCS_PROBE_S = 5.0  # a head that is restarting answers within seconds
 SEED_BITS = 31
@@ -129,3 +133,40 @@ def derive_seed(seed: int, *parts: int) -> int:
     key = ",".join(str(int(p)) for p in (seed, *parts)).encode()
     digest = hashlib.blake2b(key, digest_size=8).digest()
     return int.from_bytes(digest, "big") & ((1 << SEED_BITS) - 1)
+
+
+def compute_device(gpus: float, cuda_available: bool | None = None) -> torch.device:
+    """The device of a worker that reserved ``gpus`` GPUs: CUDA only with GPUs reserved and CUDA present.
+
+    Reserved but absent (a role or replica built outside Ray on a CPU-only machine, as tests and
+    the single-process benchmark do) falls back to CPU rather than failing on the first ``.to``;
+    nothing reserved stays on CPU even where CUDA exists, so co-located CPU workers never take a
+    GPU they did not ask Ray for. ``cuda_available`` (default: ask torch) lets a caller decide
+    for the worker a config will run on instead of for the process it is built in.
+    """
+    import torch
+
+    present = torch.cuda.is_available() if cuda_available is None else cuda_available
+    return torch.device("cuda" if gpus > 0 and present else "cpu")
+
+
+def thread_count(cpus: float, threads: int = 0) -> int:
+    """``threads``, else (0) one per whole CPU reserved, at least 1."""
+    return threads or max(1, int(cpus))
+
+
+def set_torch_threads(cpus: float, threads: int = 0, *, export_omp: bool = False) -> None:
+    """Torch intra-op threads: ``threads``, else (0) one per whole CPU reserved, at least 1.
+
+    Sized to the reservation so co-located workers do not oversubscribe cores. ``export_omp``
+    also sets ``OMP_NUM_THREADS`` (unless set) for OpenMP code loaded later and processes started
+    later: Ray Train and Ray Data workers want that; roles and replicas leave the environment
+    alone, since tests build them in the pytest process, whose environment later Ray workers
+    would inherit.
+    """
+    import torch
+
+    count = thread_count(cpus, threads)
+    torch.set_num_threads(count)
+    if export_omp:
+        os.environ.setdefault("OMP_NUM_THREADS", str(count))

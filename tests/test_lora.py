@@ -23,10 +23,11 @@ from rlhf.models.lora import target_modules
 from rlhf.models.scoring import load_frozen_policy
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.ppo.roles import free_port, init_process_group
-from rlhf.train import engine as ds
 from rlhf.train.config import SFTConfig
+from rlhf.train.deepspeed_setup import deepspeed_config, initialize, zero3_init_context
 from rlhf.train.reward import bradley_terry_loss
 from rlhf.train.sft import run_sft
+from rlhf.train.zero_gather import cpu_copies, parameter_gather, save_gathered, unique_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -139,13 +140,13 @@ def test_a_zero3_reward_model_with_adapters_starts_as_its_base_and_saves_merged_
     as the training loop saves, is the engine's model merged (no peft), in fp32 to 1e-5."""
     init_process_group(0, 1, "127.0.0.1", free_port(), False)  # one rank, as a Learner opens it
     cfg = ModelConfig(name_or_path="tiny-gpt2", max_source_length=64, max_target_length=32)
-    config = ds.deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=2, lr=1e-2,
-                                 max_grad_norm=1.0, bf16=dtype == torch.bfloat16)
-    with ds.zero3_init_context(config):
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=2, lr=1e-2,
+                              max_grad_norm=1.0, bf16=dtype == torch.bfloat16)
+    with zero3_init_context(config):
         model = load_reward_model(cfg, lora=LoraConfig(r=4, dropout=0.0))
-    engine, _ = ds.initialize(model, config)
-    gather = ds.parameter_gather(3)
-    start = ds.cpu_copies(ds.unique_tensors(model), list(ds.unique_tensors(model)), gather)
+    engine, _ = initialize(model, config)
+    gather = parameter_gather(3)
+    start = cpu_copies(unique_tensors(model), list(unique_tensors(model)), gather)
     assert {t.dtype for t in start.values()} == {dtype}
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())  # all partitioned
     lora_a, lora_b = ([t for name, t in start.items() if f".lora_{m}." in name] for m in "AB")
@@ -160,7 +161,7 @@ def test_a_zero3_reward_model_with_adapters_starts_as_its_base_and_saves_merged_
     engine.backward(engine(**batch).float().pow(2).mean())
     engine.step()
     engine.eval()
-    ds.save_gathered(model, lambda state: model.save(tmp_path / "reward", state), gather)
+    save_gathered(model, lambda state: model.save(tmp_path / "reward", state), gather)
     saved = load_reward_model(ModelConfig(name_or_path=str(tmp_path / "reward"), max_source_length=64))
     assert not (tmp_path / "reward" / "adapter_config.json").exists()
     assert not any(".lora_" in name for name, _ in saved.named_parameters())

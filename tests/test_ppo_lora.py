@@ -21,7 +21,7 @@ from rlhf.ppo.actors import RayRoles
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.roles import LocalRoles, ReferenceScorer, rl_lora
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
-from rlhf.train import engine as ds
+from rlhf.train.zero_gather import save_policy
 
 SMALL = ("ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.max_new_tokens=8")
 
@@ -148,7 +148,7 @@ def test_zero3_learners_start_adapters_at_the_base_sync_them_alone_and_publish_b
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
 
     def save_adapter(learner) -> None:  # every learner rank: gathers the adapters alone
-        ds.save_policy(learner.policy, adapter_dir, "adapter", learner.gather, learner.bucket_mb)
+        save_policy(learner.policy, adapter_dir, "adapter", learner.gather, learner.bucket_mb)
 
     def stale_adapters(generator) -> None:  # a rollout worker's adapters drift from the learner's
         with torch.no_grad():

@@ -15,8 +15,8 @@ from rlhf.errors import InputError
 from rlhf.models import load_policy, resolve_dtype
 from rlhf.ppo.roles import free_port, init_process_group
 from rlhf.ppo.weight_sync import SyncPlan, WeightGroup, resolve_transport
-from rlhf.train import engine as ds
-from rlhf.train.engine import cpu_copies, gathered_buckets, unique_tensors
+from rlhf.train.deepspeed_setup import deepspeed_config, initialize
+from rlhf.train.zero_gather import _buckets, cpu_copies, gathered_buckets, unique_tensors
 
 CPU = torch.device("cpu")
 
@@ -55,7 +55,7 @@ def test_sync_plan_moves_everything_first_then_only_trainable_parameters() -> No
 def test_buckets_split_by_dtype_and_size() -> None:
     f32 = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(20)]  # 16 bytes each, then 80
     half = [torch.zeros(2, dtype=torch.bfloat16)]
-    sizes = [[i for i in b] for b in ds._buckets(f32 + half + f32[:1], 40)]
+    sizes = [[i for i in b] for b in _buckets(f32 + half + f32[:1], 40)]
     assert sizes == [[0, 1], [2], [3], [4], [5]]
 
 
@@ -143,10 +143,10 @@ def test_a_bf16_deepspeed_learner_syncs_buffers_too(preset: str) -> None:
     """ZeRO 0-2 bf16 casts parameters only; ``final_logits_bias`` (a buffer) must follow, or the
     bf16 rollout copy's layout differs and the group refuses to open."""
     init_process_group(0, 1, "127.0.0.1", free_port(), False)  # one learner rank, as a Learner opens it
-    config = ds.deepspeed_config(DeepSpeedConfig(zero_stage=2), micro_batch_size=1, lr=1e-3,
-                                 max_grad_norm=1.0, bf16=True)
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=2), micro_batch_size=1, lr=1e-3,
+                              max_grad_norm=1.0, bf16=True)
     learner = _model(1, preset)
-    ds.initialize(learner, config)
+    initialize(learner, config)
     generator = load_policy(ModelConfig(name_or_path=preset), dtype=resolve_dtype("bf16", CPU)).model
     tensors = unique_tensors(learner)
     assert tensors["final_logits_bias"].dtype == torch.bfloat16

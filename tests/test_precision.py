@@ -21,8 +21,15 @@ from rlhf.models.policy import cpu_flags, has_native_bf16
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.roles import Learner, LocalRoles, ReferenceScorer, RewardScorer, free_port, init_process_group
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
-from rlhf.train import engine as ds
 from rlhf.train.config import RewardConfig
+from rlhf.train.deepspeed_setup import (
+    deepspeed_config,
+    disable_shm_comm_op,
+    initialize,
+    training_config,
+    zero3_init_context,
+)
+from rlhf.train.zero_gather import parameter_gather
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -31,7 +38,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def one_rank_group() -> None:
     """DeepSpeed needs a default process group; one gloo rank, as a PPO Learner opens it."""
     init_process_group(0, 1, "127.0.0.1", free_port(), False)
-    ds.disable_shm_comm_op()  # zero.Init (ZeRO-3 model build) runs before ds.initialize would
+    disable_shm_comm_op()  # zero.Init (ZeRO-3 model build) runs before initialize would
 
 
 def test_dtype_choices_resolve_per_device() -> None:
@@ -64,7 +71,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_in_a_warning(tmp_path: Path,
 def test_train_dtype_sets_the_deepspeed_bf16_flag() -> None:
     def bf16(*overrides: str) -> bool:
         cfg = load_config(RewardConfig, None, list(overrides))
-        return ds.training_config(cfg.train)["bf16"]["enabled"]
+        return training_config(cfg.train)["bf16"]["enabled"]
 
     assert not bf16()  # auto on CPU
     assert bf16("train.use_gpu=true")
@@ -94,7 +101,7 @@ def test_roles_dtype_reaches_frozen_roles_and_the_learner(tmp_path: Path) -> Non
     assert learner.engine.bfloat16_enabled()
     assert learner.value.head.weight.dtype == torch.bfloat16 and hasattr(learner.value.head.weight, "ds_id")
     # the ZeRO-3 policy starts as the reference
-    with ds.parameter_gather(3)(list(learner.policy.model.parameters())):
+    with parameter_gather(3)(list(learner.policy.model.parameters())):
         frozen = reference.policy.model.state_dict()
         assert all(torch.equal(t, frozen[n]) for n, t in learner.policy.model.state_dict().items())
     fp32 = _ppo(tmp_path, "roles.dtype=fp32", "reward.model.name_or_path=tiny-gpt2")
@@ -127,15 +134,15 @@ def test_reward_model_under_zero3_initializes_and_trains(tmp_path: Path, dtype: 
             plain.head.bias.fill_(0.5)
         plain.save(tmp_path / "reward")
         model_cfg = ModelConfig(name_or_path=str(tmp_path / "reward"), max_source_length=64)
-    config = ds.deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=2, lr=1e-3,
-                                 max_grad_norm=1.0, bf16=dtype == torch.bfloat16)
-    with ds.zero3_init_context(config):
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=2, lr=1e-3,
+                              max_grad_norm=1.0, bf16=dtype == torch.bfloat16)
+    with zero3_init_context(config):
         model = load_reward_model(model_cfg)
-    engine, _ = ds.initialize(model, config)
+    engine, _ = initialize(model, config)
     head = engine.module.head
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert head.weight.ds_tensor.numel() > 0
-    with ds.parameter_gather(3)(list(head.parameters())):
+    with parameter_gather(3)(list(head.parameters())):
         assert head.weight.shape == (1, model.backbone.config.hidden_size)
         assert head.weight.float().abs().sum() > 0  # the seeded random init reached the shard
         assert head.bias.item() == (0.5 if saved else 0.0)

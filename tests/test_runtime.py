@@ -1,4 +1,5 @@
-"""rlhf.runtime: seeds derived from the run seed, and joining Ray without hanging on a dead head."""
+"""rlhf.runtime: seeds derived from the run seed, joining Ray without hanging on a dead head, and
+torch fitted to a reservation (device, threads)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf import runtime
 from rlhf.errors import InputError
-from rlhf.runtime import derive_seed, init_ray, sigint_restored
+from rlhf.runtime import compute_device, derive_seed, init_ray, set_torch_threads, sigint_restored
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +47,54 @@ def test_derived_seeds_are_distinct_and_in_range() -> None:
     assert derive_seed(1, 0) != derive_seed(0, 1)
     assert derive_seed(1, 2) != derive_seed(12) != derive_seed(1, 2, 0)
     assert 0 <= derive_seed(-1, 2**70) < 2**31  # any int goes in, a valid seed comes out
+
+
+# ---------------------------------------------------------------- compute_device
+
+
+def test_cuda_only_with_gpus_reserved_and_cuda_present() -> None:
+    assert compute_device(0) == torch.device("cpu")
+    assert compute_device(0, cuda_available=True) == torch.device("cpu")  # never an unreserved GPU
+    assert compute_device(0.5, cuda_available=False) == torch.device("cpu")  # reserved, none here
+    assert compute_device(0.5, cuda_available=True) == torch.device("cuda")
+    assert compute_device(1) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- set_torch_threads
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """The test process's thread count back after the test, whatever it set."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("cpus", "threads", "expected"), [
+    (2.0, 3, 3),  # the explicit count, even above the reservation
+    (2.0, 0, 2),  # else the whole CPUs reserved
+    (2.5, 0, 2),
+    (0.5, 0, 1),  # at least 1
+])
+def test_torch_threads_follow_the_count_else_the_whole_cpus(
+    torch_threads: None, monkeypatch: pytest.MonkeyPatch, cpus: float, threads: int, expected: int
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    set_torch_threads(cpus, threads)
+    assert torch.get_num_threads() == expected
+    assert "OMP_NUM_THREADS" not in os.environ  # only workers that ask export it
+
+
+def test_a_worker_exports_its_thread_count_to_openmp_unless_set(
+    torch_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    set_torch_threads(2.0, export_omp=True)
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    set_torch_threads(1.0, export_omp=True)
+    assert os.environ["OMP_NUM_THREADS"] == "7" and torch.get_num_threads() == 1
 
 
 # ---------------------------------------------------------------- sigint_restored

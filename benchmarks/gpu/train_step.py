@@ -2,7 +2,7 @@
 
 The product path on one rank: the task (``SFTTask`` / ``RewardTask``) builds the model from a saved
 random-weight checkpoint of the real architecture's config (``benchmarks/architectures.py``), and
-``rlhf.train.engine`` wraps it in DeepSpeed with the ZeRO stage and offload given here. Each run is
+``rlhf.train.deepspeed_setup`` wraps it in DeepSpeed with the ZeRO stage and offload given here. Each run is
 one setup in its own process, since an out-of-memory error leaves CUDA's allocator in no state to
 measure the next one; a setup that does not fit is reported (peak memory when it failed), not fatal.
 
@@ -38,7 +38,7 @@ from gpu_common import bf16_matmul_peak, device_report, emit, peak_memory_gib, r
 from rlhf.config.sections import DeepSpeedConfig, ModelConfig  # noqa: E402
 from rlhf.models import load_reward_model  # noqa: E402
 from rlhf.ppo.roles import free_port, init_process_group  # noqa: E402
-from rlhf.train import engine as ds  # noqa: E402
+from rlhf.train.deepspeed_setup import deepspeed_config, initialize, zero3_init_context  # noqa: E402
 from rlhf.train.reward import RewardTask  # noqa: E402
 from rlhf.train.sft import SFTTask  # noqa: E402
 
@@ -113,13 +113,13 @@ def main() -> None:
         result["peak_flops"] = bf16_matmul_peak(device)
         zero = DeepSpeedConfig(zero_stage=args.zero, offload_optimizer=args.offload_optimizer,
                                offload_params=args.offload_params)
-        ds_config = ds.deepspeed_config(zero, micro_batch_size=args.batch, lr=1e-5, max_grad_norm=1.0,
-                                        bf16=gpu)
+        ds_config = deepspeed_config(zero, micro_batch_size=args.batch, lr=1e-5, max_grad_norm=1.0,
+                                     bf16=gpu)
         reset_peak_memory(device)
         try:
-            with ds.zero3_init_context(ds_config):
+            with zero3_init_context(ds_config):
                 model = task.build_model()
-            engine, _ = ds.initialize(model, ds_config)
+            engine, _ = initialize(model, ds_config)
             result["memory_after_init_gib"] = peak_memory_gib(device)
             times = []
             for step in range(args.warmup + args.steps):

@@ -23,20 +23,16 @@ from rlhf.errors import InputError
 from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy, resolve_dtype
 from rlhf.models.scoring import load_frozen_policy
-from rlhf.runtime import init_ray, quiet_ray_data
+from rlhf.runtime import compute_device, init_ray, quiet_ray_data, set_torch_threads
 from rlhf.store import check_url
-from rlhf.train import engine as ds
 from rlhf.train.config import TrainConfig
 from rlhf.train.data import human_comparisons
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, check_data_size, run_training
+from rlhf.train.zero_gather import Gather, save_policy
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the cached reference, one value per row
 PROGRESS_EVERY_S = 30.0  # a progress line at most this often while the reference scores
 ROW_COLUMN = "_dpo_row"  # restores the table's order after Ray Data scored it
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @dataclass
@@ -112,16 +108,16 @@ class DPOTask:
     def finalize(self, model: nn.Module) -> None:
         """Nothing to compute after DPO."""
 
-    def save(self, model: nn.Module, path: Path, gather: ds.Gather) -> None:
-        ds.save_policy(self.policy, path, self.lora.publish, gather)  # as SFT: what PPO and Serve read
+    def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
+        save_policy(self.policy, path, self.lora.publish, gather)  # as SFT: what PPO and Serve read
 
 
 class _ReferenceScorer:
     """Ray Data actor holding the frozen initial policy: adds ``REF_COLUMNS`` to each batch."""
 
     def __init__(self, model_cfg: ModelConfig, train: TrainConfig):
-        ds.set_threads_for_worker(train.cpus_per_worker)
-        device = torch.device("cuda" if train.use_gpu else "cpu")
+        set_torch_threads(train.cpus_per_worker, export_omp=True)
+        device = compute_device(1.0 if train.use_gpu else 0.0)
         self.reference = load_frozen_policy(model_cfg, resolve_dtype(train.dtype, device))
         self.reference.model.to(device)
 

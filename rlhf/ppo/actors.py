@@ -30,7 +30,7 @@ from rlhf.ppo.roles import (
     free_port,
 )
 from rlhf.ppo.weight_sync import COLLECTIVE, SyncReport, resolve_transport
-from rlhf.runtime import derive_seed
+from rlhf.runtime import derive_seed, thread_count
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ def _rendezvous() -> tuple[str, int]:
 
 
 def _threads(cfg: PPOConfig) -> int:
-    roles = cfg.roles
-    return roles.threads_per_actor or max(1, int(roles.cpus_per_actor))
+    return thread_count(cfg.roles.cpus_per_actor, cfg.roles.threads_per_actor)
 
 
 def check_placement(cfg: PPOConfig) -> None:

@@ -25,20 +25,16 @@ from rlhf.models import (
     load_value_model,
     resolve_dtype,
 )
-from rlhf.models.lora import without_dropout
+from rlhf.models.lora import StateDict, without_dropout
 from rlhf.ppo import functional as F
 from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
 from rlhf.ppo.rewards import load_reward_fn
 from rlhf.ppo.weight_sync import SyncPlan, SyncReport, WeightGroup
-from rlhf.runtime import derive_seed
-from rlhf.train import engine as ds
-from rlhf.train.engine import StateDict, cpu_copies, follow_gathers, unique_tensors
-
-
-def _device(gpus: float) -> torch.device:
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+from rlhf.runtime import compute_device, derive_seed, set_torch_threads
+from rlhf.train.deepspeed_setup import deepspeed_config, initialize, zero3_init_context
+from rlhf.train.zero_gather import cpu_copies, follow_gathers, parameter_gather, save_policy, unique_tensors
 
 
 def rl_lora(cfg: PPOConfig) -> LoraConfig | None:
@@ -55,8 +51,8 @@ def _frozen_policy(
     Every PPO role loads without dropout (``rlhf.models.dropout``): pi/pi_old must be exactly 1
     before an update, whichever role computed which side.
     """
-    torch.set_num_threads(threads)
-    device = _device(cfg.roles.gpus_per_actor)
+    set_torch_threads(cfg.roles.cpus_per_actor, threads)
+    device = compute_device(cfg.roles.gpus_per_actor)
     policy = load_policy(cfg.policy, dtype=resolve_dtype(cfg.roles.dtype, device), dropout=False, lora=lora)
     policy.model.to(device).eval()
     return policy, device
@@ -135,12 +131,12 @@ class RewardScorer:
     """Scores (document, summary) pairs with a reward model or a rule-based function."""
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
-        torch.set_num_threads(threads)
+        set_torch_threads(cfg.roles.cpus_per_actor, threads)
         self.cfg = cfg.reward
         self.roles = cfg.roles  # forward_batch_size
         self.model: RewardModel | None = None
         if cfg.reward.model is not None:
-            device = _device(cfg.roles.gpus_per_actor)
+            device = compute_device(cfg.roles.gpus_per_actor)
             dtype = resolve_dtype(cfg.roles.dtype, device)
             self.model = load_reward_model(cfg.reward.model, dtype=dtype, dropout=False)
             self.model.to(device).eval()
@@ -233,29 +229,29 @@ class Learner:
 
     def __init__(self, cfg: PPOConfig, rank: int = 0, world_size: int = 1,
                  address: str = "127.0.0.1", port: int | None = None, threads: int = 1):
-        torch.set_num_threads(threads)
+        set_torch_threads(cfg.roles.cpus_per_actor, threads)
         torch.manual_seed(cfg.seed)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         gpu = cfg.roles.gpus_per_actor > 0
         init_process_group(rank, world_size, address, port or free_port(), gpu)
         self.zero_stage = cfg.roles.deepspeed.zero_stage
-        dtype = resolve_dtype(cfg.roles.dtype, torch.device("cuda" if gpu else "cpu"))
-        ds_config = ds.deepspeed_config(
+        dtype = resolve_dtype(cfg.roles.dtype, compute_device(cfg.roles.gpus_per_actor))
+        ds_config = deepspeed_config(
             cfg.roles.deepspeed, micro_batch_size=max(1, cfg.ppo.minibatch_size // world_size),
             lr=cfg.ppo.lr, max_grad_norm=cfg.ppo.max_grad_norm, bf16=dtype == torch.bfloat16,
         )
-        with ds.zero3_init_context(ds_config):
+        with zero3_init_context(ds_config):
             # Train mode (gradient checkpointing needs it) with dropout off: see _frozen_policy.
             # Loaded in roles.dtype like the frozen copies, whatever dtype the checkpoint was saved in.
             lora = rl_lora(cfg)
             self.policy: Policy = load_policy(cfg.policy, dtype=dtype, dropout=False, lora=lora)
             self.value = (load_value_model(cfg.value or cfg.policy, dtype=dtype, dropout=False, lora=lora)
                           if cfg.ppo.uses_critic else None)
-        self.engine, _ = ds.initialize(trained_module(self.policy.model, self.value), ds_config)
+        self.engine, _ = initialize(trained_module(self.policy.model, self.value), ds_config)
         self.device = self.engine.device
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
         self.plan = SyncPlan()
-        self.gather = ds.parameter_gather(self.zero_stage)  # ZeRO-3: one bucket of full values at a time
+        self.gather = parameter_gather(self.zero_stage)  # ZeRO-3: one bucket of full values at a time
         self.bucket_mb = cfg.roles.sync_bucket_mb
         self.weights: WeightGroup | None = None  # rank 0, collective sync only
         self._weight_store = None  # the group's rendezvous, hosted by rank 0
@@ -375,7 +371,7 @@ class Learner:
         as ``lora.publish`` says. ZeRO-3 shards are gathered into host memory bucket by bucket
         (the adapters alone for an adapter folder), never all on a device.
         """
-        ds.save_policy(self.policy, path, self.cfg.lora.publish, self.gather, self.bucket_mb)
+        save_policy(self.policy, path, self.cfg.lora.publish, self.gather, self.bucket_mb)
 
     def save_checkpoint(self, path: str) -> None:
         """Optimizer, weights and RNG for an exact resume (every rank writes its shard)."""

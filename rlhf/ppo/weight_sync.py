@@ -4,8 +4,8 @@ One rule for both transports (:class:`SyncPlan`): the first sync moves every ten
 only the tensors the optimizer can change (trainable parameters: all of a full fine-tune, the
 adapters alone when the rest is frozen); tied tensors (a shared embedding under several names)
 move once. Nothing is copied to find out what changed, and a ZeRO-3 learner gathers its shards
-one bucket at a time (``rlhf.train.engine.gathered_buckets``), so neither the learner's host memory nor any
-rank's device memory ever holds a second full copy of the policy for a sync.
+one bucket at a time (``rlhf.train.zero_gather.gathered_buckets``), so neither the learner's host
+memory nor any rank's device memory ever holds a second full copy of the policy for a sync.
 
 - **Object store** (``roles.weight_sync: object_store``): learner rank 0 returns the changed
   tensors as a CPU dict; Ray ships that one object to every rollout worker.
@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from rlhf.config.core import ConfigError
 from rlhf.errors import InputError
-from rlhf.train.engine import BUCKET_MB, Gather, StateDict, full_shape, gathered_buckets, no_gather
+from rlhf.models.lora import StateDict
+from rlhf.train.zero_gather import BUCKET_MB, Gather, full_shape, gathered_buckets, no_gather
 
 WeightSync = Literal["auto", "object_store", "collective"]  # roles.weight_sync
 Transport = Literal["object_store", "collective"]  # what ``auto`` resolves to

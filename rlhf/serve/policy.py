@@ -11,6 +11,7 @@ import time
 import torch
 from ray import serve
 
+from rlhf.runtime import compute_device, set_torch_threads
 from rlhf.serve.config import ServeConfig
 from rlhf.serve.versions import PolicyVersions, Summary, SummaryRequest
 
@@ -26,9 +27,9 @@ class PolicyDeployment:
 
     def __init__(self, cfg: ServeConfig):
         serving = cfg.serve
-        torch.set_num_threads(serving.threads_per_replica or max(1, int(serving.cpus_per_replica)))
+        set_torch_threads(serving.cpus_per_replica, serving.threads_per_replica)
         torch.manual_seed(cfg.seed)
-        device = torch.device("cuda" if serving.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu")
+        device = compute_device(serving.gpus_per_replica)
         self.versions = PolicyVersions(cfg.registry, cfg.policy, serving, device)
         self.max_new_tokens = serving.max_new_tokens
         self.rng = random.Random(cfg.seed)

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf.metrics import MetricsWriter, emit, progress_line
-from rlhf.runtime import derive_seed, init_ray, quiet_ray_data, sigint_restored
-from rlhf.train import engine as ds
+from rlhf.runtime import derive_seed, init_ray, quiet_ray_data, set_torch_threads, sigint_restored
 from rlhf.train.config import TrainConfig
+from rlhf.train.deepspeed_setup import initialize, lr_lambda, training_config, zero3_init_context
+from rlhf.train.zero_gather import Gather, parameter_gather, rank
 
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
@@ -50,9 +51,9 @@ class TrainTask(Protocol):
     def finalize(self, model: nn.Module) -> None:
         """Last computation before the final save, e.g. statistics; every rank calls it."""
 
-    def save(self, model: nn.Module, path: Path, gather: ds.Gather) -> None:
+    def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
         """Write ``model`` to ``path`` in Hugging Face layout: every rank calls it, ``gather`` gives
-        ZeRO-3 shards their full values (``engine.save_gathered``: a bucket at a time), rank 0 writes."""
+        ZeRO-3 shards their full values (``zero_gather.save_gathered``: a bucket at a time), rank 0 writes."""
 
 
 @dataclass
@@ -121,7 +122,7 @@ class _MetricsLog:
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.time()
-        self.writer = MetricsWriter(output_dir, step_key="step") if ds.rank() == 0 else None
+        self.writer = MetricsWriter(output_dir, step_key="step") if rank() == 0 else None
 
     def progress(self, state: TrainState, metrics: dict[str, float], lr: float, samples_s: float):
         if self.writer is None:
@@ -147,8 +148,8 @@ def _save_checkpoint(task: TrainTask, engine: Any, state: TrainState, zero_stage
 
     directory = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
     engine.save_checkpoint(str(directory), tag=DS_TAG)
-    task.save(engine.module, directory / MODEL_DIR, ds.parameter_gather(zero_stage))
-    if ds.rank() == 0:
+    task.save(engine.module, directory / MODEL_DIR, parameter_gather(zero_stage))
+    if rank() == 0:
         state.save(directory)
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     ray.train.report({"step": state.step, **metrics}, checkpoint=checkpoint)
@@ -190,12 +191,12 @@ class _Worker:
         self.task: TrainTask = config["task"]
         self.settings: LoopSettings = config["settings"]
         self.cfg = self.settings.train
-        ds.set_threads_for_worker(self.cfg.cpus_per_worker)
+        set_torch_threads(self.cfg.cpus_per_worker, export_omp=True)
         torch.manual_seed(self.settings.seed)
-        ds_config = ds.training_config(self.cfg)
-        with ds.zero3_init_context(ds_config):
+        ds_config = training_config(self.cfg)
+        with zero3_init_context(ds_config):
             model = self.task.build_model()
-        self.engine, self.scheduler = ds.initialize(model, ds_config, ds.lr_lambda(self.cfg))
+        self.engine, self.scheduler = initialize(model, ds_config, lr_lambda(self.cfg))
         self.state = self._restore(config["resume_from"])
         self.shard = ray.train.get_dataset_shard("train")
         self.validation = _read_all(ray.train.get_dataset_shard("validation"), self.cfg.max_eval_rows)

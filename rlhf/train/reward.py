@@ -29,11 +29,11 @@ from rlhf.metrics import emit
 from rlhf.models import RewardModel, load_reward_model
 from rlhf.models.heads import ScoreStats, check_reward_heads
 from rlhf.store import check_url
-from rlhf.train import engine as ds
 from rlhf.train.config import RewardConfig, RewardHeadsConfig, RewardTrainingConfig
 from rlhf.train.data import human_comparisons, split_validation
 from rlhf.train.disentangle import length_correlation_loss, orthogonality_loss
 from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
+from rlhf.train.zero_gather import Gather, save_gathered
 
 MAX_STAT_BATCHES = 64  # training batches per rank scored for the reward mean/std
 
@@ -138,8 +138,8 @@ class RewardTask:
             mean = total / count
             self.reward_model.stats[kind] = ScoreStats(mean, math.sqrt(max(squares / count - mean**2, 1e-12)))
 
-    def save(self, model: nn.Module, path: Path, gather: ds.Gather) -> None:
-        ds.save_gathered(model, lambda state: self.reward_model.save(path, state), gather)
+    def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
+        save_gathered(model, lambda state: self.reward_model.save(path, state), gather)
 
 
 def _synthetic(cfg: RewardConfig, n_human: int) -> pa.Table | None:
