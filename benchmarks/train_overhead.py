@@ -24,8 +24,8 @@ from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.models import load_policy
 from rlhf.train.config import SFTConfig
-from rlhf.train.loop import LoopSettings, run_training
 from rlhf.train.sft import SFTTask
+from rlhf.train.supervised_loop import LoopSettings, run_training
 
 LOG_EVERY = 5
 

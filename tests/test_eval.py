@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf.config.sections import ModelConfig
-from rlhf.eval.metrics import (
+from rlhf.eval.evaluate import (
     evaluate_reward_model,
     is_similar_length,
     length_baseline,

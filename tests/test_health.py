@@ -19,8 +19,8 @@ from rlhf.eval.health import (
     unfinished_share,
 )
 from rlhf.models import load_reward_model
-from rlhf.online.feedback import read_window
-from rlhf.online.health import ScorerHealth, load_probe, measure, with_health
+from rlhf.online.scorer_health import ScorerHealth, load_probe, measure, with_health
+from rlhf.online.window import read_window
 from rlhf.store import CycleRecord, FeedbackStore
 from rlhf.store.tables import utcnow
 

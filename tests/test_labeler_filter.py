@@ -11,8 +11,8 @@ import pytest
 
 from rlhf.config.core import load_config
 from rlhf.online.config import OnlineConfig
-from rlhf.online.feedback import LabelerRule, read_window
 from rlhf.online.loop import OnlineLoop
+from rlhf.online.window import LabelerRule, read_window
 from rlhf.store import CycleLog, CycleRecord, FeedbackStore
 from rlhf.store.labelers import Labelers
 from rlhf.store.queue import GoldPair, LabelingQueue

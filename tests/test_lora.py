@@ -15,7 +15,7 @@ from test_train import _easy_preferences
 from rlhf.config.core import load_config
 from rlhf.config.sections import DeepSpeedConfig, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig
-from rlhf.dpo.logprobs import pair_logprobs
+from rlhf.dpo.pairs import pair_logprobs
 from rlhf.dpo.task import DPOTask
 from rlhf.errors import InputError
 from rlhf.models import load_policy, load_reward_model

@@ -18,9 +18,9 @@ from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.online.config import OnlineConfig
 from rlhf.online.cycle import keep_update
-from rlhf.online.feedback import read_window
 from rlhf.online.loop import OnlineLoop
 from rlhf.online.reward_cycle import RewardModelCycle
+from rlhf.online.window import read_window
 from rlhf.registry import PolicyRegistry
 from rlhf.store import CycleLog, CycleRecord, FeedbackStore, PPOSummary
 from rlhf.store.tables import online_cycles, utcnow

@@ -27,7 +27,7 @@ from rlhf.store import (
     StoreInputError,
     feedback_dataset,
 )
-from rlhf.store.engine import _enable_wal, create_engine, resolve_url
+from rlhf.store.connection import _enable_wal, create_engine, resolve_url
 from rlhf.store.queries import EXPORT_SCHEMA
 from rlhf.store.tables import MIGRATIONS, SCHEMA_VERSION, UTCDateTime
 

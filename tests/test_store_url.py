@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from rlhf.store import StoreInputError, check_url
-from rlhf.store.engine import ACCEPTED_FORMS
+from rlhf.store.connection import ACCEPTED_FORMS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from test_store import _schema
 
 from rlhf.store import AlreadyDecidedError, FeedbackStore, InvalidFeedbackError, NotFoundError
-from rlhf.store.engine import create_engine, resolve_url
+from rlhf.store.connection import create_engine, resolve_url
 from rlhf.store.labelers import Labelers, token_digest
 from rlhf.store.queue import GoldPair, LabelingQueue
 from rlhf.store.tables import SCHEMA_VERSION, UTCDateTime, choices

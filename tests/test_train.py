@@ -21,9 +21,9 @@ from rlhf.config.core import load_config
 from rlhf.config.sections import ModelConfig
 from rlhf.models import load_reward_model
 from rlhf.train.config import RewardConfig, SFTConfig
-from rlhf.train.loop import STATE_FILE
 from rlhf.train.reward import RewardTask, bradley_terry_loss, run_reward
 from rlhf.train.sft import run_sft
+from rlhf.train.supervised_loop import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

@@ -17,8 +17,8 @@ from torch import nn
 
 from rlhf.config.sections import DType, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig, DPOConfig
-from rlhf.dpo.logprobs import pair_logprobs
 from rlhf.dpo.loss import dpo_loss
+from rlhf.dpo.pairs import pair_logprobs
 from rlhf.errors import InputError
 from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy, resolve_dtype
@@ -27,7 +27,7 @@ from rlhf.runtime import compute_device, init_ray, quiet_ray_data, set_torch_thr
 from rlhf.store import check_url
 from rlhf.train.config import TrainConfig
 from rlhf.train.data import human_comparisons
-from rlhf.train.loop import LoopSettings, Rows, TrainResult, check_data_size, run_training
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, check_data_size, run_training
 from rlhf.train.zero_gather import Gather, save_policy
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the cached reference, one value per row

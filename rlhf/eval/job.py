@@ -8,7 +8,7 @@ from pathlib import Path
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.eval.config import EvalConfig
-from rlhf.eval.metrics import PairScorer, evaluate_policy, evaluate_reward_model
+from rlhf.eval.evaluate import PairScorer, evaluate_policy, evaluate_reward_model
 from rlhf.metrics import emit
 from rlhf.models import RewardModel, load_policy, load_reward_model
 from rlhf.models.scoring import load_implicit_reward

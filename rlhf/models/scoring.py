@@ -172,7 +172,7 @@ def load_frozen_policy(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Po
 
 class ImplicitReward:
     """A DPO policy read as a reward model, r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)): the
-    ``PairScorer`` (``rlhf.eval.metrics``) that jobs/eval.py's ``dpo_policy`` and the online loop's
+    ``PairScorer`` (``rlhf.eval.evaluate``) that jobs/eval.py's ``dpo_policy`` and the online loop's
     ``method=dpo`` gate judge, so its numbers are the ones a reward model gets. One score, so one head.
     """
 

@@ -18,12 +18,12 @@ from typing import Protocol
 import pyarrow as pa
 
 from rlhf.config.sections import ModelConfig
-from rlhf.eval.metrics import PairScorer
+from rlhf.eval.evaluate import PairScorer
 from rlhf.metrics import emit
 from rlhf.online.config import FeedbackPolicyConfig, OnlineConfig
-from rlhf.online.feedback import FeedbackWindow, LabelerRule, read_window
 from rlhf.online.guard import check_policy
-from rlhf.online.health import PROBE_FILE, ScorerHealth, load_probe, measure, with_health
+from rlhf.online.scorer_health import PROBE_FILE, ScorerHealth, load_probe, measure, with_health
+from rlhf.online.window import FeedbackWindow, LabelerRule, read_window
 from rlhf.registry import PolicyRegistry
 from rlhf.runtime import derive_seed
 from rlhf.store import Cycle, CycleRecord, FeedbackStore, GuardReport

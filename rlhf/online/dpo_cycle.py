@@ -12,8 +12,8 @@ import pyarrow as pa
 from rlhf.dpo.task import train_dpo_policy
 from rlhf.models.scoring import load_implicit_reward
 from rlhf.online.cycle import CycleContext, verdict_line
-from rlhf.online.feedback import FeedbackWindow
-from rlhf.online.health import ScorerHealth
+from rlhf.online.scorer_health import ScorerHealth
+from rlhf.online.window import FeedbackWindow
 from rlhf.store import Cycle, CycleRecord
 
 

@@ -16,8 +16,8 @@ from rlhf.errors import InputError
 from rlhf.metrics import IterationMetrics, emit
 from rlhf.models.heads import load_reward_model
 from rlhf.online.cycle import CycleContext, copy_of, verdict_line
-from rlhf.online.feedback import FeedbackWindow
-from rlhf.online.health import ScorerHealth
+from rlhf.online.scorer_health import ScorerHealth
+from rlhf.online.window import FeedbackWindow
 from rlhf.ppo.config import PPOConfig, PPORewardConfig
 from rlhf.registry import PolicyRegistry
 from rlhf.store import Cycle, CycleRecord, PPOSummary

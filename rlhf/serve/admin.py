@@ -27,9 +27,8 @@ from ray.serve.handle import DeploymentHandle
 
 from rlhf.registry import PolicyRegistry, UnknownVersionError
 from rlhf.serve.access import bearer_token
-from rlhf.serve.errors import too_large
-from rlhf.serve.rewards import Selection
-from rlhf.serve.schemas import (
+from rlhf.serve.http_errors import too_large
+from rlhf.serve.messages import (
     DocumentLine,
     DocumentsStored,
     GoldLine,
@@ -42,6 +41,7 @@ from rlhf.serve.schemas import (
     RollbackRequest,
     SelectionInfo,
 )
+from rlhf.serve.reward_versions import Selection
 from rlhf.store import FeedbackStore
 from rlhf.store.labelers import Labelers
 from rlhf.store.queue import GoldPair, LabelingQueue

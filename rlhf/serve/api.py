@@ -31,10 +31,9 @@ from rlhf.serve.access import Caller, LabelerGate, RateLimiter, client_address, 
 from rlhf.serve.admin import AdminHandles
 from rlhf.serve.admin import router as admin_router
 from rlhf.serve.config import ServeConfig
-from rlhf.serve.errors import too_large
 from rlhf.serve.front_door import FrontDoor, FrontDoorRules
-from rlhf.serve.rewards import CurrentRewardModel, Selection
-from rlhf.serve.schemas import (
+from rlhf.serve.http_errors import too_large
+from rlhf.serve.messages import (
     CompareRequest,
     CompareResponse,
     DocumentResponse,
@@ -46,7 +45,8 @@ from rlhf.serve.schemas import (
     SummarizeRequest,
     SummarizeResponse,
 )
-from rlhf.serve.versions import Summary
+from rlhf.serve.policy_versions import Summary
+from rlhf.serve.reward_versions import CurrentRewardModel, Selection
 from rlhf.store import AlreadyDecidedError, Comparison, FeedbackStore, NotFoundError, StoreInputError
 from rlhf.store.labelers import Labelers
 from rlhf.store.queue import LabelingQueue

@@ -13,7 +13,7 @@ from rlhf.metrics import emit
 from rlhf.runtime import init_ray
 from rlhf.serve.api import FeedbackApi
 from rlhf.serve.config import ServeConfig
-from rlhf.serve.policy import PolicyDeployment
+from rlhf.serve.deployment import PolicyDeployment
 from rlhf.store import check_url, redact_url
 
 APP_NAME = "rlhf"

@@ -10,7 +10,7 @@ from rlhf.config.core import ConfigError, option
 from rlhf.config.sections import ModelConfig, StoreConfig
 from rlhf.data.pdf import PdfLimits
 
-# What /v1/compare sets against the current policy (rlhf.serve.versions.PolicyVersions.pair).
+# What /v1/compare sets against the current policy (rlhf.serve.policy_versions.PolicyVersions.pair).
 CompareStrategy = Literal["previous", "random_earlier", "samples"]
 # Which fresh pair a labeling-queue request shows (rlhf.serve.api.FeedbackApi._queued).
 PairSelection = Literal["random", "uncertain"]

@@ -2,9 +2,9 @@
 comparisons of two policy summaries, and their choices, read back as canonical training tables.
 """
 
+from rlhf.store.connection import check_url, redact_url
 from rlhf.store.cycles import Cycle, CycleLog, CycleRecord, CycleStage, GuardReport, PPOSummary, SummaryStats
 from rlhf.store.dataset import feedback_dataset
-from rlhf.store.engine import check_url, redact_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError, StoreInputError
 from rlhf.store.feedback import Comparison, FeedbackStore
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from rlhf.data.schemas import Schema
-from rlhf.store.engine import create_engine
+from rlhf.store.connection import create_engine
 from rlhf.store.feedback import FeedbackStore
 from rlhf.store.queries import canonical_query
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from rlhf.config.sections import StoreConfig
 from rlhf.data.schemas import PREFERENCE_SCHEMA, PROMPTS_SCHEMA
-from rlhf.store.engine import WRITE_OPTION, create_engine, resolve_url
+from rlhf.store.connection import WRITE_OPTION, create_engine, resolve_url
 from rlhf.store.errors import AlreadyDecidedError, InvalidFeedbackError, NotFoundError
 from rlhf.store.queries import (
     EXPORT_SCHEMA,

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import sqlalchemy as sa
 
-from rlhf.store.engine import URL_KEY, WRITE_OPTION
+from rlhf.store.connection import URL_KEY, WRITE_OPTION
 from rlhf.store.errors import StoreInputError
 
 # Bump with a step in MIGRATIONS whenever the tables change.

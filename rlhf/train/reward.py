@@ -32,7 +32,7 @@ from rlhf.store import check_url
 from rlhf.train.config import RewardConfig, RewardHeadsConfig, RewardTrainingConfig
 from rlhf.train.data import human_comparisons, split_validation
 from rlhf.train.disentangle import length_correlation_loss, orthogonality_loss
-from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, run_training
 from rlhf.train.zero_gather import Gather, save_gathered
 
 MAX_STAT_BATCHES = 64  # training batches per rank scored for the reward mean/std

@@ -16,7 +16,7 @@ from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy
 from rlhf.train.config import SFTConfig
 from rlhf.train.data import train_and_validation
-from rlhf.train.loop import LoopSettings, Rows, TrainResult, run_training
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, run_training
 from rlhf.train.zero_gather import Gather, save_policy
 
 

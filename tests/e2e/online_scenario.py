@@ -212,9 +212,9 @@ def held_out_accuracy(db_url: str, reward_folder: str, holdout_fraction: float) 
     """The newest kept reward model on every held-out choice (never trained on), beside chance."""
     from rlhf.config.sections import ModelConfig
     from rlhf.data.holdout import in_holdout
-    from rlhf.eval.metrics import evaluate_reward_model
+    from rlhf.eval.evaluate import evaluate_reward_model
     from rlhf.models.heads import load_reward_model
-    from rlhf.online.feedback import preference_rows
+    from rlhf.online.window import preference_rows
     from rlhf.store import FeedbackStore
 
     export = FeedbackStore(db_url).export_table(include_pending=False)

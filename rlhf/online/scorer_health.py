@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlhf.config.sections import RewardHead
+from rlhf.eval.evaluate import PairScorer, evaluate_reward_model
 from rlhf.eval.health import score_drift
-from rlhf.eval.metrics import PairScorer, evaluate_reward_model
-from rlhf.online.feedback import FeedbackWindow
+from rlhf.online.window import FeedbackWindow
 from rlhf.store import CycleRecord
 
 PROBE_FILE = "probe.jsonl"

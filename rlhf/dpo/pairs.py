@@ -12,8 +12,8 @@ from torch import nn
 
 from rlhf.models import Policy
 from rlhf.models.scoring import summary_logprobs
-from rlhf.train.loop import Rows
 from rlhf.train.reward import chosen_and_rejected
+from rlhf.train.supervised_loop import Rows
 
 
 def pair_logprobs(model: nn.Module, policy: Policy, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:

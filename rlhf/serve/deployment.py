@@ -13,7 +13,7 @@ from ray import serve
 
 from rlhf.runtime import compute_device, set_torch_threads
 from rlhf.serve.config import ServeConfig
-from rlhf.serve.versions import PolicyVersions, Summary, SummaryRequest
+from rlhf.serve.policy_versions import PolicyVersions, Summary, SummaryRequest
 
 logger = logging.getLogger(__name__)
 
