@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rlhf.store import FeedbackStore
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
+DATA = ROOT / "tests" / "fixtures"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -139,14 +139,15 @@ def store(url: str) -> Iterator[FeedbackStore]:
 # Test files taking longest (pytest --durations), run first: `pytest -n 2 --dist loadfile` hands
 # out whole files in collection order, so starting the long ones first lets both workers finish
 # together instead of one waiting on the end-to-end test alone.
-LONGEST_FIRST = ("test_online_e2e.py", "test_train.py", "test_ppo.py", "test_pretrained.py", "test_dpo.py",
-                 "test_online.py", "test_ppo_lora.py", "test_serve.py", "test_front_door.py", "test_lora.py")
+LONGEST_FIRST = ("online/test_e2e.py", "train/test_train.py", "ppo/test_ppo.py", "models/test_offline.py",
+                 "dpo/test_dpo.py", "online/test_loop.py", "ppo/test_lora.py", "serve/test_app.py",
+                 "serve/test_front_door.py", "models/test_lora.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Reorder by LONGEST_FIRST; the rest keep their order (a stable sort)."""
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT / "tests").as_posix(), len(rank)))
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import ROOT
 
 from rlhf import runtime
 from rlhf.errors import InputError
 from rlhf.runtime import compute_device, derive_seed, init_ray, set_torch_threads, sigint_restored
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------- derive_seed
 

@@ -1,6 +1,6 @@
 """``python -m rlhf.data``: look at a dataset or a paper PDF before training on it.
 
-    python -m rlhf.data inspect tests/data/tldr_comparisons_sample.jsonl
+    python -m rlhf.data inspect tests/fixtures/tldr_comparisons_sample.jsonl
     python -m rlhf.data inspect data.csv --schema sft --columns original_text=body,summary=tldr
     python -m rlhf.data pdf paper.pdf
 

@@ -95,7 +95,7 @@ def reinforce_pp(scored: ScoredRollout, kl_coef: float, algo: PPOAlgoConfig) -> 
 
 
 # The registry. KL defaults: GRPO (Shao et al. 2024) in the loss; RLOO (Ahmadian et al. 2024, TRL)
-# and REINFORCE++ (OpenRLHF) in the reward, like PPO. tests/test_ppo_estimators.py checks that
+# and REINFORCE++ (OpenRLHF) in the reward, like PPO. tests/ppo/test_estimators.py checks that
 # AdvantageKind lists exactly the keys.
 AdvantageKind = Literal["gae", "grpo", "rloo", "reinforce_pp"]
 ESTIMATORS: dict[AdvantageKind, Estimator] = {

@@ -5,9 +5,9 @@
 Runs `ray start --head`, `ray job submit` of jobs/ppo.py, jobs/serve.py and jobs/online.py, a
 simulated user who prefers the shorter summary answering /v1/compare + /v1/feedback over HTTP, and
 `ray stop`. The online job runs one `method=reward_model` cycle (reward model, then PPO); the DPO cycle
-is tested in-process on a real store (tests/test_dpo.py), which costs a third of a second job here.
+is tested in-process on a real store (tests/dpo/test_dpo.py), which costs a third of a second job here.
 Writes WORKDIR/summary.json and exits non-zero on the first failed expectation.
-`ray stop` ends every Ray process on the machine: tests/test_online_e2e.py runs this script in its
+`ray stop` ends every Ray process on the machine: tests/online/test_e2e.py runs this script in its
 own PID namespace (unshare) so that only this cluster stops.
 """
 

@@ -1,0 +1,1 @@
+"""Helpers the tests share (tests/ is on pytest's pythonpath)."""
