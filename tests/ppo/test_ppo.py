@@ -91,12 +91,28 @@ def test_ppo_raises_the_score_of_a_tiny_trained_reward_model(tmp_path: Path) -> 
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Path) -> None:
-    common = ("roles.learner_workers=2", "roles.deepspeed.zero_stage=3", "roles.cpus_per_actor=0.4",
-              "roles.weight_sync=collective",
-              "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1",
-              "ppo.checkpoint_every=1", "ppo.publish_every=2",
+def test_ray_ppo_with_zero3_learners_resumes_syncs_and_saves_bucket_by_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ZeRO-3 ranks gather 20 KiB at a time for every weight sync and save; a run stopped after
+    iteration 1 resumes at iteration 2, and its rollout worker and its published policy end with the
+    same trained weights. With GRPO (2 summaries of each of 2 documents), so the Ray roles run a
+    critic-free estimator: no value model on any rank."""
+    common = ("ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=2",
+              "ppo.minibatch_size=4", "ppo.epochs=1", "roles.learner_workers=2",
+              "roles.deepspeed.zero_stage=3", "roles.cpus_per_actor=0.4", "roles.weight_sync=collective",
+              "roles.sync_bucket_mb=0.02", "ppo.checkpoint_every=1", "ppo.publish_every=2",
               f"prompts.path={DATA / 'tldr_sft_sample.jsonl'}")
+    ended: list[tuple[list[bool], dict[str, torch.Tensor]]] = []  # per run, read as its roles shut down
+    shutdown = RayRoles.shutdown
+
+    def read_then_shut_down(roles: RayRoles) -> None:
+        no_value = ray.get([actor.__ray_call__.remote(lambda learner: learner.value is None)
+                            for actor in roles.learners])
+        ended.append((no_value, policy_state(roles.generators[0])))
+        shutdown(roles)
+
+    monkeypatch.setattr(RayRoles, "shutdown", read_then_shut_down)
     first = run_ppo(ppo_config(tmp_path, *common, "ppo.iterations=1"))
     assert [h.iteration for h in first] == [1]
     resumed = run_ppo(ppo_config(tmp_path, *common, "ppo.iterations=2"), resume=True)
@@ -108,10 +124,16 @@ def test_ray_ppo_with_zero3_learners_resumes_at_the_same_iteration(tmp_path: Pat
     registry = PolicyRegistry(tmp_path / "run" / "registry")
     assert registry.versions() == ["v0001", "v0002"]  # each run publishes its last iteration
     assert registry.current() == registry.root / "v0002"
-    assert (tmp_path / "run" / "registry" / "v0002" / "model.safetensors").is_file()
-    published = json.loads((tmp_path / "run" / "registry" / "v0002" / "metrics.json").read_text())
+    published = json.loads((registry.root / "v0002" / "metrics.json").read_text())
     assert IterationMetrics.from_record(published).iteration == 2
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+    (no_value_first, after_first), (no_value, synced) = ended
+    assert no_value_first == no_value == [True, True]
+    saved = load_policy(ModelConfig(name_or_path=str(registry.root / "v0002"))).model.state_dict()
+    assert any(not torch.equal(after_first[k], synced[k]) for k in synced)  # the resumed update reached it
+    assert set(saved) == set(synced)
+    assert all(torch.equal(saved[k], synced[k]) for k in synced)
 
 
 def _kill_and_wait_for_restart(actor) -> None:
@@ -125,31 +147,6 @@ def _kill_and_wait_for_restart(actor) -> None:
         except ray.exceptions.RayActorError:
             time.sleep(0.1)
     raise AssertionError("Ray did not restart the killed rollout worker within 120 s")
-
-
-@pytest.mark.usefixtures("ray_local")
-def test_zero3_learners_sync_and_save_the_policy_bucket_by_bucket(tmp_path: Path) -> None:
-    """Two ZeRO-3 ranks gather 20 KiB at a time: the rollout worker and the saved policy both get
-    the trained weights, first every tensor, then the trainable ones. With GRPO (2 summaries of each
-    of 2 documents), so the Ray roles run a critic-free estimator: no value model on any rank."""
-    cfg = ppo_config(tmp_path, "ppo.iterations=1", "ppo.advantage=grpo", "ppo.samples_per_document=2",
-               "ppo.rollout_batch_size=2", "ppo.minibatch_size=4",
-               "ppo.epochs=1", "roles.learner_workers=2", "roles.deepspeed.zero_stage=3",
-               "roles.cpus_per_actor=0.4", "roles.weight_sync=collective", "roles.sync_bucket_mb=0.02")
-    roles = RayRoles(cfg)
-    try:
-        no_value = [a.__ray_call__.remote(lambda learner: learner.value is None) for a in roles.learners]
-        assert ray.get(no_value) == [True, True]
-        initial = policy_state(roles.generators[0])
-        PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), lambda metrics: None).run()
-        roles.save_policy(str(tmp_path / "saved"))
-        synced = policy_state(roles.generators[0])
-    finally:
-        roles.shutdown()
-    saved = load_policy(ModelConfig(name_or_path=str(tmp_path / "saved"))).model.state_dict()
-    assert any(not torch.equal(initial[k], synced[k]) for k in synced)  # the update reached it
-    assert set(saved) == set(synced)
-    assert all(torch.equal(saved[k], synced[k]) for k in synced)
 
 
 @pytest.mark.usefixtures("ray_local")

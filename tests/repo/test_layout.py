@@ -8,6 +8,17 @@ from support.paths import ROOT
 
 PACKAGE = ROOT / "rlhf"
 MAX_FUNCTION_LINES = 60
+# docs/design.md's package diagram, bottom up: a package imports only packages of lower layers.
+LAYERS = (
+    {"errors"},
+    {"config", "metrics", "registry", "runtime"},
+    {"data"},
+    {"models", "store"},
+    {"eval", "cli"},
+    {"train"},
+    {"dpo", "ppo", "serve"},
+    {"online"},
+)
 
 
 def _package_of(module: str) -> str | None:
@@ -65,6 +76,16 @@ def test_no_import_cycle_between_packages() -> None:
     assert graph["ppo"] >= {"config", "models"}  # the scan sees real imports
     assert "config" not in graph  # the config layer depends on no other package
     assert find_cycle(graph) is None, find_cycle(graph)
+
+
+def test_packages_import_only_lower_layers() -> None:
+    layer = {package: k for k, packages in enumerate(LAYERS) for package in packages}
+    graph = package_imports()
+    assert set(graph) | {p for imported in graph.values() for p in imported} <= set(layer), \
+        "a package missing from LAYERS: add it to its layer here and in docs/design.md"
+    upward = sorted(f"{own} -> {other}" for own, imported in graph.items() for other in imported
+                    if layer[other] >= layer[own])
+    assert not upward, upward
 
 
 def test_no_function_longer_than_the_limit() -> None:
