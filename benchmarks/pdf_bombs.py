@@ -1,6 +1,6 @@
 """Hostile PDFs against the paper extractor, before and after the parse caps (rlhf.data.pdf).
 
-Builds the bombs with tests/pdf_builders.py and parses each one in a fresh process,
+Builds the bombs with tests/support/pdf.py and parses each one in a fresh process,
 recording the parse's wall time, its outcome and the process's peak RSS (ru_maxrss from
 os.wait4; Linux keeps the spawning process's RSS as a floor of it across exec, so this script
 spawns from a process that imports nothing heavy, ~15 MB, and builds the bombs in another):
@@ -31,14 +31,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the bomb builders (tests/pdf_builders.py)
+sys.path.insert(0, str(ROOT / "tests"))  # the bomb builders (tests/support/pdf.py)
 
 MODES = ("before", "after", "isolated")
 
 
 def bombs() -> dict[str, tuple[str, bytes]]:
     """name -> (what it is, PDF bytes): a real paper as the control, then the attacks."""
-    from pdf_builders import piled_glyphs, raw_pdf, scattered_glyphs, text_page, zero_stream
+    from support.pdf import piled_glyphs, raw_pdf, scattered_glyphs, text_page, zero_stream
     from test_pdf import REAL_PDF
 
     lines = [(72, 700 - 14 * i, f"Line {i} of a page in a very long document.") for i in range(10)]

@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "gpu")]
 
 from architectures import ARCHITECTURES, save_random  # noqa: E402
 from gpu_common import device_report  # noqa: E402
-from serve_helpers import publish_tiny, serve_config  # noqa: E402
+from support.serve import publish_tiny, serve_config  # noqa: E402
 
 ROUTES = ("/v1/compare", "/v1/feedback")
 TEXT = ("The city council voted on Tuesday to extend the bike lane network across the river, "

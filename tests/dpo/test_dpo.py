@@ -136,7 +136,7 @@ def test_dpo_config_relations() -> None:
     with pytest.raises(ConfigError, match=r"^data: no training data"):
         load_config(DPOConfig, None, ["data=null"])
     with pytest.raises(ConfigError, match=r"^dpo_reference: a dpo_policy needs the reference"):
-        load_config(EvalConfig, None, [f"comparisons.path={ROOT / 'tests' / 'data' / 'bad_rows.jsonl'}",
+        load_config(EvalConfig, None, [f"comparisons.path={ROOT / 'tests' / 'fixtures' / 'bad_rows.jsonl'}",
                                         "dpo_policy.name_or_path=tiny-t5"])
 
 

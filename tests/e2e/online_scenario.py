@@ -33,7 +33,7 @@ PYTHON = sys.executable
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
        "HF_HUB_OFFLINE": "1"}
-DOCUMENTS = ROOT / "tests" / "data" / "tldr_sft_sample.jsonl"
+DOCUMENTS = ROOT / "tests" / "fixtures" / "tldr_sft_sample.jsonl"
 MAX_NEW_TOKENS = 24
 MIN_NEW, HOLDOUT = 48, 0.25  # a cycle starts on 48 new choices; a quarter of all are held out
 CHOICES = 80  # the simulated person answers this many, then waits
