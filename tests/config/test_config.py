@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -234,13 +235,38 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
     return leaves
 
 
+# Runs each job file as `python jobs/<job> --help` does (as __main__, with that argv), all in one
+# process so that the imports are paid once; prints {job: (exit code, stdout)} as JSON.
+HELP_OF_EVERY_JOB = """
+import contextlib, io, json, runpy, sys
+jobs, out = sys.argv[1:], {}
+for job in jobs:
+    sys.argv, stdout, code = [job, "--help"], io.StringIO(), None
+    with contextlib.redirect_stdout(stdout):
+        try:
+            runpy.run_path(job, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code
+    out[job] = (code, stdout.getvalue())
+print(json.dumps(out))
+"""
+
+
 @functools.cache
+def _help_outputs() -> dict[str, tuple[int | None, str]]:
+    """{job file name: (exit code, stdout)} of every job's ``--help``."""
+    paths = [str(ROOT / "jobs" / job) for job in sorted(JOBS)]
+    run = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_JOB, *paths], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return {Path(path).name: tuple(result) for path, result in json.loads(run.stdout).items()}
+
+
 def _help_rows(job: str) -> list[tuple[str, object, str]]:
     """(key, shown value, the null section it waits for or '') of each key line of ``job --help``."""
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    code, stdout = _help_outputs()[job]
+    assert code == 0, stdout
     rows = []
-    for line in run.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("  ") and not line.startswith("      ") and " = " in line:
             key, _, shown = line.strip().partition(" = ")
             shown, _, waits_for = shown.partition("   (once ")
