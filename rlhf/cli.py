@@ -9,13 +9,23 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from rlhf.config.core import CliArgs, ConfigError, save_config
 from rlhf.config.sections import ModelConfig, StoreConfig
 from rlhf.errors import InputError
 
-T = TypeVar("T")
+
+class JobConfig(Protocol):
+    """What ``run_main`` needs of a job's config: a dataclass tree that says where the run writes."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def output_dir(self) -> str: ...
+
+
+T = TypeVar("T", bound=JobConfig)
 
 # Exceptions that mean "the input is wrong", as opposed to a bug: shown without a traceback.
 USER_ERRORS = (ConfigError, InputError, FileNotFoundError)

@@ -27,6 +27,14 @@ METRICS_FILE = "metrics.json"
 CURRENT_FILE = "CURRENT"
 
 
+def _version_number(name: str) -> int:
+    """The number of a version folder name (v0007 -> 7)."""
+    match = VERSION.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a version folder name (v0001, v0002, ...)")
+    return int(match.group(1))
+
+
 class UnknownVersionError(InputError):
     """A version that is not a complete folder of the registry."""
 
@@ -51,7 +59,7 @@ class PolicyRegistry:
         if not self.root.is_dir():
             return []
         names = [p.name for p in self.root.iterdir() if VERSION.match(p.name) and p.is_dir()]
-        return sorted(names, key=lambda n: int(VERSION.match(n).group(1)))
+        return sorted(names, key=_version_number)
 
     def latest(self) -> Path | None:
         versions = self.versions()
@@ -83,7 +91,7 @@ class PolicyRegistry:
         """Write a new version with ``write_model(folder)`` plus its metrics and make it current;
         returns its folder."""
         versions = self.versions()
-        number = int(VERSION.match(versions[-1]).group(1)) + 1 if versions else 1
+        number = _version_number(versions[-1]) + 1 if versions else 1
         final = self.root / f"v{number:04d}"
         staging = self.root / f".staging-{final.name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,11 +18,15 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# A config tree is a dataclass: its fields are what the file, the overrides and --help name.
+T = TypeVar("T", bound="DataclassInstance")
 
 # Suffixes that mark a string as a local file rather than a hub name.
 LOCAL_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".pdf", ".yaml", ".yml", ".py")
@@ -117,7 +121,7 @@ def _coerce_choice(value: Any, tp: Any, key: str) -> Any:
 def _coerce_container(value: Any, tp: Any, key: str) -> Any:
     """A list/tuple or dict, item by item; a dataclass section from a mapping."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key)
@@ -193,7 +197,7 @@ def _apply(instance: T, values: dict[str, Any], prefix: str) -> T:
         if name not in names:
             raise ConfigError(key, f"unknown key; {cls.__name__} has: {', '.join(sorted(names))}")
         current = getattr(instance, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        if dataclasses.is_dataclass(current) and not isinstance(current, type) and isinstance(value, dict):
             changes[name] = _apply(current, value, key)
         else:
             changes[name] = _coerce(value, hints[name], key)
@@ -339,7 +343,7 @@ class KeyHelp:
 def _optional_section(tp: Any) -> type | None:
     """The dataclass in ``Section | None``, else None."""
     if get_origin(tp) in (Union, types.UnionType):
-        sections = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        sections = [a for a in get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
         return sections[0] if sections else None
     return None
 

@@ -100,7 +100,7 @@ def synthetic_preferences(
     rng = random.Random(seed)
     documents = sft.column("original_text").to_pylist()
     summaries = sft.column("summary").to_pylist()
-    rows = []
+    rows: list[tuple[str, str, str, int, str]] = []
     while len(rows) < n_pairs:
         i = rng.randrange(len(documents))
         kind = kinds[len(rows) % len(kinds)]

@@ -231,6 +231,7 @@ async def extract_paper_isolated(data: bytes, limits: PdfLimits = DEFAULT_LIMITS
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+    assert process.returncode is not None  # communicate() returned, so the child was reaped
     return _worker_reply(process.returncode, out, err, limits)
 
 
@@ -465,6 +466,7 @@ class _CappedAggregator(PDFPageAggregator):
 
     def begin_page(self, page: PDFPage, ctm: Any) -> None:
         super().begin_page(page, ctm)
+        assert isinstance(self.cur_item, LTPage)  # what PDFPageAggregator.begin_page just made
         self.cur_item = _Page(self.cur_item.pageid, self.cur_item.bbox, self.budget)
 
     def begin_figure(self, name: str, bbox: Any, matrix: Any) -> None:
@@ -527,12 +529,12 @@ def _group_textlines(
             boxes[obj] = box
     done = set()
     for line in lines:
-        box = boxes.get(line)
-        if box is None or box in done:
+        line_box = boxes.get(line)
+        if line_box is None or line_box in done:
             continue
-        done.add(box)
-        if not box.is_empty():
-            yield box
+        done.add(line_box)
+        if not line_box.is_empty():
+            yield line_box
 
 
 def _text_boxes(container: LTPage | LTFigure, page_area: float) -> Iterator[LTTextBox]:
@@ -588,7 +590,7 @@ def _line_text(line: LTTextLine, size: float) -> str:
     Markers are raised and under 3/4 of the line's size; LaTeX small caps are ~0.8 of it.
     """
     base = statistics.median(c.y0 for c in line if isinstance(c, LTChar))
-    out = []
+    out: list[str] = []
     for item in line:
         char = item.get_text()
         if isinstance(item, LTChar):
@@ -639,8 +641,8 @@ def _drop_table_cells(lines: list[_Line], width: float) -> list[_Line]:
             if a.x1 - a.x0 >= narrow:
                 continue
             tol = 0.3 * a.size  # same row: abs(a.y0 - b.y0) < tol, a contiguous range of b
-            lo = bisect.bisect_left(baselines, True, key=lambda y, a=a, tol=tol: a.y0 - y < tol)
-            hi = bisect.bisect_left(baselines, True, key=lambda y, a=a, tol=tol: y - a.y0 >= tol)
+            lo = bisect.bisect_left(baselines, True, key=lambda y: a.y0 - y < tol)
+            hi = bisect.bisect_left(baselines, True, key=lambda y: y - a.y0 >= tol)
             if lo < hi and (min_x1.min(lo, hi) <= a.x0 or -min_neg_x0.min(lo, hi) >= a.x1):
                 cells.add(id(a))
     return [ln for ln in lines if id(ln) not in cells]
@@ -688,11 +690,13 @@ def _title_lines(lines: list[_Line]) -> list[_Line]:
 def _split_abstract(lines: list[_Line], body: float) -> tuple[list[_Line], list[_Line]]:
     """Split off the abstract (between "Abstract" and the first heading); front matter before
     it is discarded. Without an "Abstract" heading the abstract is empty."""
-    start = next((i for i, ln in enumerate(lines[:200]) if _ABSTRACT.match(ln.text)), None)
-    if start is None:
+    found = next(((i, match) for i, ln in enumerate(lines[:200]) if (match := _ABSTRACT.match(ln.text))),
+                 None)
+    if found is None:
         return [], lines
+    start, match = found
     head = lines[start]
-    inline = _ABSTRACT.match(head.text).group(1)
+    inline = match.group(1)
     after = lines[start + 1 :]
     end = next((i for i, ln in enumerate(after) if _is_heading(ln, body)), len(after))
     abstract = [ln for ln in after[:end] if ln.size >= 0.9 * after[0].size]  # no footnotes
@@ -810,8 +814,10 @@ def _is_page_number(text: str) -> bool:
     """True for "12", "- 12 -", "Page 3", "xiv": the regex "^(?:page\\s*)?[\\W_]*(?:\\d{1,4}|
     <roman>)[\\W_]*$" taken apart, since as one regex it backtracks quadratically on long
     punctuation runs. The number can only be the word characters after the leading punctuation."""
-    start = _PAGE_PREFIX.match(text).end()
-    end = _WORD_RUN.match(text, start).end()
+    prefix = _PAGE_PREFIX.match(text)
+    word_run = _WORD_RUN.match(text, prefix.end()) if prefix else None
+    assert prefix and word_run  # both patterns match the empty string, so they match anywhere
+    start, end = prefix.end(), word_run.end()
     return bool(_PUNCT_END.match(text, end) and _PAGE_CORE.fullmatch(text, start, end))
 
 

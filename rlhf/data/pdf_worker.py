@@ -19,6 +19,7 @@ import resource
 import sys
 import traceback
 import warnings
+from typing import Any
 
 from rlhf.data.pdf import _WORKER_EXIT_MEMORY, PdfError, PdfLimits, extract_paper
 
@@ -46,7 +47,7 @@ def main() -> None:
     try:
         data = sys.stdin.buffer.read()
         try:
-            reply = {"paper": extract_paper(data, limits).to_dict()}
+            reply: dict[str, Any] = {"paper": extract_paper(data, limits).to_dict()}
         except PdfError as exc:
             reply = {"error": str(exc)}
         except MemoryError:

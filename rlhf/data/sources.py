@@ -20,7 +20,7 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,6 +300,7 @@ def detect_layout(
             _check_mapping_used(layout, mapping)
             return layout, cols
     if matches:
+        assert schema is not None  # with no schema asked for, the first match was returned above
         layout = matches[0][0]
         gives = " or ".join(dict.fromkeys([layout.provides.value, Schema.PROMPTS.value]))
         raise DataError(
@@ -348,11 +349,11 @@ def _parse_line(line: bytes) -> Mapping[str, Any] | _BadRow:
     return value
 
 
-def _from_rows(label: str, rows: list[tuple[int, Mapping[str, Any] | _BadRow]]) -> _Source:
+def _from_rows(label: str, rows: Sequence[tuple[int, Mapping[str, Any] | _BadRow]]) -> _Source:
     """A source whose columns are the union of its rows' keys, in first-seen order."""
     columns = dict.fromkeys(k for _, r in rows if not isinstance(r, _BadRow) for k in r)
     if not columns:  # nothing to detect a layout from: say why rather than "unknown layout"
-        first = next(((i, r) for i, r in rows), None)
+        first = next(((i, r) for i, r in rows if isinstance(r, _BadRow)), None)
         why = f": row {first[0]}: {first[1].reason.value} ({first[1].detail})" if first else ""
         raise DataError(f"{label}: no readable rows{why}")
     return _Source(label, list(columns), rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pyarrow as pa
 import torch
@@ -27,7 +28,7 @@ from rlhf.runtime import compute_device, init_ray, quiet_ray_data, set_torch_thr
 from rlhf.store import check_url
 from rlhf.train.config import TrainConfig
 from rlhf.train.data import human_comparisons
-from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, check_data_size, run_training
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, built, check_data_size, run_training
 from rlhf.train.zero_gather import Gather, save_policy
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the cached reference, one value per row
@@ -55,29 +56,32 @@ class DPOTask:
         """(chosen, rejected) reference log-probs (B,) each: the cached columns, the base with the
         adapter off (LoRA: the initial policy, with no second copy loaded), or the frozen copy."""
         if self.algo.reference == "cached":
-            return tuple(torch.tensor(rows[name], dtype=torch.float32, device=device) for name in REF_COLUMNS)
-        if self.policy.adapted:
+            chosen, rejected = (torch.tensor(rows[name], dtype=torch.float32, device=device)
+                                for name in REF_COLUMNS)
+            return chosen, rejected
+        if built(self.policy, self).adapted:
             return self._base_logprobs(rows)
         if self.reference is None:  # not in build_model: ZeRO-3's init context would partition it
             self.reference = load_frozen_policy(self.model_cfg, resolve_dtype(self.dtype, device))
-            self.reference.model.to(device)
+            self.reference.model.to(device)  # type: ignore[arg-type]  # transformers' _Wrapped stub
         with torch.no_grad():
             return pair_logprobs(self.reference.model, self.reference, rows)
 
     def _base_logprobs(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapted policy's base, adapter disabled and dropout off, as the reference."""
-        model = self.policy.model
+        policy = built(self.policy, self)
+        model = policy.model
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), model.disable_adapter():
-                return pair_logprobs(model, self.policy, rows)
+            with torch.no_grad(), model.disable_adapter():  # type: ignore[operator]  # PeftModel's, untyped
+                return pair_logprobs(model, policy, rows)
         finally:
             model.train(training)
 
     def _terms(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss and the metrics: implicit-reward accuracy and margin, mean log-probs."""
-        chosen, rejected = pair_logprobs(model, self.policy, rows)
+        chosen, rejected = pair_logprobs(model, built(self.policy, self), rows)
         ref_chosen, ref_rejected = self._reference(rows, chosen.device)
         losses, chosen_reward, rejected_reward = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, self.algo.beta, self.algo.loss,
@@ -109,7 +113,8 @@ class DPOTask:
         """Nothing to compute after DPO."""
 
     def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
-        save_policy(self.policy, path, self.lora.publish, gather)  # as SFT: what PPO and Serve read
+        # as SFT saves: what PPO and Serve read
+        save_policy(built(self.policy, self), path, self.lora.publish, gather)
 
 
 class _ReferenceScorer:
@@ -119,7 +124,7 @@ class _ReferenceScorer:
         set_torch_threads(train.cpus_per_worker, export_omp=True)
         device = compute_device(1.0 if train.use_gpu else 0.0)
         self.reference = load_frozen_policy(model_cfg, resolve_dtype(train.dtype, device))
-        self.reference.model.to(device)
+        self.reference.model.to(device)  # type: ignore[arg-type]  # transformers' _Wrapped stub
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with torch.no_grad():
@@ -143,7 +148,8 @@ def with_reference_logprobs(table: pa.Table, model_cfg: ModelConfig, train: Trai
         num_cpus=train.cpus_per_worker, num_gpus=1 if train.use_gpu else 0,
     )
     tables, done, start, shown = [], 0, time.time(), time.time()
-    for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        block = cast(pa.Table, batch)  # batch_format="pyarrow": a table; Ray types every format
         tables.append(block)
         done += block.num_rows
         if done == table.num_rows or time.time() - shown > PROGRESS_EVERY_S:  # minutes at real size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 import torch
@@ -150,8 +150,8 @@ def evaluate_policy(
         raw = torch.tensor(rewards)
         result["reward_mean"] = raw.mean().item()
         result["reward_normalized_mean"] = reward_model.normalize(raw, score).mean().item()
-    rows = [{"document": d, "reference": r, "summary": p}
-            for d, r, p in zip(documents, references, predictions)]
-    for row, reward in zip(rows, rewards):
+    summary_rows: list[dict[str, Any]] = [{"document": d, "reference": r, "summary": p}
+                                          for d, r, p in zip(documents, references, predictions)]
+    for row, reward in zip(summary_rows, rewards):
         row["reward"] = reward
-    return result, rows
+    return result, summary_rows

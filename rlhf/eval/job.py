@@ -35,6 +35,7 @@ def _comparison_scorer(cfg: EvalConfig, reward_model: RewardModel | None) -> Pai
     (``EvalConfig.validate`` makes sure one of them is set)."""
     if reward_model is not None:
         return reward_model
+    assert cfg.dpo_policy is not None and cfg.dpo_reference is not None  # EvalConfig.validate
     return load_implicit_reward(cfg.dpo_policy, cfg.dpo_reference, cfg.dpo_beta)
 
 
@@ -48,6 +49,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         results["reward"] = evaluate_reward_model(scorer, comparisons, cfg.batch_size, cfg.reward_head)
     if cfg.references is not None:
         pairs = load_source(cfg.references, Schema.SFT).table
+        assert cfg.policy is not None  # EvalConfig.validate: references need a policy
         policy = load_policy(cfg.policy)
         results["policy"], rows = evaluate_policy(policy, pairs, cfg.batch_size, reward_model,
                                                   cfg.reward_head)

@@ -19,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from typing import TypeVar
 
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 DROPOUT_FIELD = re.compile(r"dropout|pdrop$|layerdrop")
 DROPOUT_MODULES = (
@@ -71,7 +74,7 @@ def checkpoint_config(name_or_path: str, dropout: bool) -> tuple[PretrainedConfi
     return without_dropout(config), zeroed
 
 
-def disable_dropout_modules(model: nn.Module) -> nn.Module:
+def disable_dropout_modules(model: ModuleT) -> ModuleT:
     """Set ``p = 0`` on every dropout module of ``model`` (custom code may ignore the config)."""
     for module in model.modules():
         if isinstance(module, DROPOUT_MODULES):

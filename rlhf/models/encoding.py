@@ -15,6 +15,7 @@ import logging
 import weakref
 from dataclasses import dataclass
 from enum import Enum
+from typing import cast
 
 import torch
 from transformers import BatchEncoding, PretrainedConfig, PreTrainedTokenizerBase
@@ -271,7 +272,8 @@ def encode_text_pairs(
     """
     summary_ids = _text_ids(tokenizer, summaries)
     summaries = [
-        tokenizer.decode(ids[: limits.target]) if len(ids) > limits.target else text
+        # cast: one sequence of ids decodes to one string (decode is typed for batches too)
+        cast(str, tokenizer.decode(ids[: limits.target])) if len(ids) > limits.target else text
         for ids, text in zip(summary_ids, summaries)
     ]
     specials = tokenizer.num_special_tokens_to_add(pair=True)

@@ -35,7 +35,7 @@ from rlhf.models.encoding import (
     model_kind,
     shift_right,
 )
-from rlhf.models.lora import AdaptedModel, add_backbone_adapter, merged_state
+from rlhf.models.lora import AdaptedModel, add_backbone_adapter, base_of, merged_state
 from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.policy import enable_activation_checkpointing
 from rlhf.models.tiny import build_tiny_backbone, is_tiny_preset
@@ -122,14 +122,18 @@ class ScalarHeadModel(nn.Module):
         outputs: int = 1,
     ) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: PreTrainedModel | AdaptedModel = backbone  # adapted by load(lora=...)
         self.tokenizer = tokenizer
         self.kind = model_kind(backbone.config)
         self.limits = limits_for(backbone.config, max_source_length, max_target_length)
         self.head = _new_head(backbone, seed, outputs)
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Per-token values (B, T) (or (B, T, n)) for the inputs of ``encode_pairs`` (labels are ignored)."""
+    def token_values(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Per-token values (B, T) (or (B, T, n)) for the inputs of ``encode_pairs`` (labels are ignored).
+
+        Not ``forward``: each subclass's ``forward`` says what it returns (a reward model takes a
+        ``score`` kind too), and they share this.
+        """
         inputs.pop("labels", None)
         if self.kind is ModelKind.DECODER and "position_ids" not in inputs:
             inputs["position_ids"] = positions_from_mask(inputs["attention_mask"])
@@ -182,7 +186,7 @@ class ScalarHeadModel(nn.Module):
         backbone = self.backbone
         if isinstance(backbone, AdaptedModel):  # saved merged: the folder loads without peft
             parts["backbone"] = merged_state(backbone, parts["backbone"])
-            backbone = backbone.get_base_model()
+            backbone = base_of(backbone)
         backbone.save_pretrained(str(folder), state_dict=parts["backbone"])
         self.tokenizer.save_pretrained(str(folder))
         head = {name: tensor.detach().contiguous().cpu() for name, tensor in parts["head"].items()}
@@ -203,8 +207,9 @@ class ScalarHeadModel(nn.Module):
         name = resolve_name_or_path(cfg.name_or_path)
         saved = not is_tiny_preset(name) and (Path(name) / HEAD_META).is_file()
         metadata = json.loads((Path(name) / HEAD_META).read_text()) if saved else {}
+        backbone = _load_backbone(name, dtype, dropout)
         model = cls(
-            _load_backbone(name, dtype, dropout), load_tokenizer(name), cfg.max_source_length,
+            backbone, load_tokenizer(name), cfg.max_source_length,
             cfg.max_target_length, **{**fresh, **cls._kwargs_from_metadata(metadata)},
         )
         if saved:
@@ -212,11 +217,11 @@ class ScalarHeadModel(nn.Module):
             with _writable(model.head):
                 model.head.load_state_dict(cls._head_state(load_file(str(Path(name) / HEAD_WEIGHTS))))
         if cfg.gradient_checkpointing:
-            enable_activation_checkpointing(model.backbone)
+            enable_activation_checkpointing(backbone)
         if lora is not None and lora.r > 0:
             if cfg.gradient_checkpointing:
-                model.backbone.enable_input_require_grads()  # frozen embeddings, recomputed blocks
-            model.backbone = add_backbone_adapter(model.backbone, lora)
+                backbone.enable_input_require_grads()  # frozen embeddings, recomputed blocks
+            model.backbone = add_backbone_adapter(backbone, lora)
         return model.eval()
 
 
@@ -228,7 +233,7 @@ def _load_backbone(name: str, dtype: torch.dtype | None, dropout: bool = True) -
     """
     if is_tiny_preset(name):
         backbone = build_tiny_backbone(name, dropout=dropout)
-        backbone = backbone if dtype is None else backbone.to(dtype)
+        backbone = backbone if dtype is None else backbone.to(dtype)  # type: ignore[arg-type]  # _Wrapped stub
     else:
         config, _ = checkpoint_config(name, dropout)
         backbone = AutoModel.from_pretrained(name, config=config, dtype=dtype, use_safetensors=True)
@@ -272,11 +277,13 @@ class RewardModel(ScalarHeadModel):
     role: ClassVar[str] = "reward"
 
     def __init__(
-        self, *args: Any, heads: RewardHeads = "single", stats: dict[RewardScore, ScoreStats] | None = None,
-        **kwargs: Any,
+        self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_source_length: int,
+        max_target_length: int, seed: int = 0, heads: RewardHeads = "single",
+        stats: dict[RewardScore, ScoreStats] | None = None,
     ) -> None:
-        """``ScalarHeadModel``'s arguments plus the head layout and the stored score statistics."""
-        super().__init__(*args, outputs=head_count(heads), **kwargs)
+        """``ScalarHeadModel``'s arguments plus the head layout (which sets ``outputs``) and the
+        stored score statistics."""
+        super().__init__(backbone, tokenizer, max_source_length, max_target_length, seed, head_count(heads))
         self.heads: RewardHeads = heads
         self.stats: dict[RewardScore, ScoreStats] = {kind: ScoreStats() for kind in self.score_kinds()}
         self.stats.update(stats or {})
@@ -304,7 +311,7 @@ class RewardModel(ScalarHeadModel):
             mask = inputs["decoder_attention_mask"]  # (B, L)
         else:
             mask = inputs["attention_mask"]  # (B, T)
-        values = super().forward(**inputs)  # (B, T) or (B, T, n)
+        values = self.token_values(**inputs)  # (B, T) or (B, T, n)
         values = values if values.dim() == 3 else values.unsqueeze(-1)  # (B, T, n)
         if self.kind is ModelKind.ENCODER:
             per_head = values[:, 0]  # (B, n)
@@ -345,13 +352,17 @@ class RewardModel(ScalarHeadModel):
 
 
 class ValueModel(ScalarHeadModel):
-    """Per-token values (B, T) for PPO's critic; ``forward`` is the base class's.
+    """Per-token values (B, T) for PPO's critic.
 
     It may be loaded from a saved reward model folder (a common critic initialisation): the head
     weights are reused and the reward statistics ignored.
     """
 
     role: ClassVar[str] = "value"
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Values (B, T) at every token of the inputs of ``encode_pairs``."""
+        return self.token_values(**inputs)
 
     @classmethod
     def _head_state(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

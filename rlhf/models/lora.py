@@ -65,7 +65,8 @@ def add_adapter(model: PreTrainedModel, cfg: LoraConfig, base_name: str) -> Peft
     """
     task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
     peft_config = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,
+        # peft annotates lora_alpha as int; it only divides it by r, so our float alpha is fine
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,  # type: ignore[arg-type]
         target_modules=target_modules(cfg, model.config.model_type),
     )
     adapted = _wrap(model, peft_config)
@@ -77,7 +78,7 @@ def add_backbone_adapter(backbone: PreTrainedModel, cfg: LoraConfig) -> PeftMode
     """A scalar-head model's backbone (no LM head) with fresh adapters, base frozen; the head
     outside it stays fully trainable (reward and value models)."""
     peft_config = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]  # as above
         target_modules=target_modules(cfg, backbone.config.model_type),
     )
     return _wrap(backbone, peft_config)
@@ -229,6 +230,13 @@ def adapter_names(names: Iterable[str]) -> list[str]:
     return [name for name in names if ADAPTER_KEY in name]
 
 
+def base_of(model: AdaptedModel) -> PreTrainedModel:
+    """The model under the adapters (peft types it as any ``nn.Module``)."""
+    base = model.get_base_model()
+    assert isinstance(base, PreTrainedModel)  # every adapted model here wraps a transformers model
+    return base
+
+
 def merged_state(model: AdaptedModel, tensors: StateDict) -> StateDict:
     """The base's state dict, under its own names, with the active adapters folded in: what
     ``merge_and_unload`` gives, computed from ``tensors`` (``model``'s state dict: live tensors, or
@@ -247,7 +255,8 @@ def merged_state(model: AdaptedModel, tensors: StateDict) -> StateDict:
                              "leave it out of lora.target_modules or set lora.publish=adapter")
         weight = state.pop(f"{name}.base_layer.weight")
         delta = sum(transpose(state[f"{name}.lora_B.{adapter}.weight"].float()
-                              @ state[f"{name}.lora_A.{adapter}.weight"].float(), layer.fan_in_fan_out)
+                              @ state[f"{name}.lora_A.{adapter}.weight"].float(),
+                              layer.fan_in_fan_out)  # type: ignore[attr-defined]  # set by each layer kind
                     * layer.scaling[adapter] for adapter in layer.active_adapters)
         state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
         if (bias := state.pop(f"{name}.base_layer.bias", None)) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -38,6 +39,7 @@ from rlhf.models.lora import (
     adapter_base,
     add_adapter,
     attach_saved_adapter,
+    base_of,
     is_adapter_folder,
     merged_state,
     record_base,
@@ -110,7 +112,7 @@ class Policy:
         return with_known_ids_only(len(self.tokenizer), extra)
 
     @torch.no_grad()
-    def generate(self, documents: list[str], **gen_kwargs) -> list[str]:
+    def generate(self, documents: list[str], **gen_kwargs: Any) -> list[str]:
         """Summaries as text, without the prompt; ``gen_kwargs`` go to ``model.generate``, which
         never picks an id the tokenizer cannot decode (``logits_processors``)."""
         batch = self.encode_documents(documents).to(self.model.device)
@@ -120,7 +122,8 @@ class Policy:
             gen_kwargs["max_new_tokens"] = room
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs["logits_processor"] = self.logits_processors(gen_kwargs.get("logits_processor"))
-        output = self.model.generate(**batch, **gen_kwargs)  # (B, T_out)
+        # PeftModel forwards generate to the model it wraps (untyped __getattr__)
+        output = self.model.generate(**batch, **gen_kwargs)  # type: ignore[operator]  # (B, T_out)
         if not self.is_encoder_decoder:
             output = output[:, batch["input_ids"].shape[1]:]  # drop the left-padded prompt
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
@@ -141,7 +144,7 @@ class Policy:
         model = self.model
         if isinstance(model, AdaptedModel):
             state_dict = merged_state(model, model.state_dict() if state_dict is None else state_dict)
-            model = model.get_base_model()
+            model = base_of(model)
         with checkpoint_dropout_restored(model.config, self.checkpoint_dropout):
             model.save_pretrained(str(path), state_dict=state_dict)
         self.tokenizer.save_pretrained(str(path))
@@ -187,7 +190,7 @@ def _load_model(
         return attach_saved_adapter(base, name_or_path).merge_and_unload(), zeroed
     if is_tiny_preset(name_or_path):
         model = build_tiny_lm(name_or_path, dropout=dropout)
-        model = model if dtype is None else model.to(dtype)
+        model = model if dtype is None else model.to(dtype)  # type: ignore[arg-type]  # _Wrapped stub
     else:
         config, zeroed = checkpoint_config(name_or_path, dropout)
         auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -259,12 +262,13 @@ def load_policy(
     ``rlhf.models.dropout``. ``lora`` with ``r > 0`` adds fresh adapters and freezes the base.
     """
     name = resolve_name_or_path(cfg.name_or_path)
-    model, zeroed = _load_model(name, dtype, dropout)
+    base, zeroed = _load_model(name, dtype, dropout)
     if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(base)
+    model: PreTrainedModel | AdaptedModel = base
     if lora is not None and lora.r > 0:
         if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()  # frozen embeddings: recomputed blocks still need grads
-        model = add_adapter(model, lora, cfg.name_or_path)
+            base.enable_input_require_grads()  # frozen embeddings: recomputed blocks still need grads
+        model = add_adapter(base, lora, cfg.name_or_path)
     tokenizer = load_tokenizer(name)
     return Policy(model, tokenizer, cfg.max_source_length, cfg.max_target_length, zeroed)

@@ -75,6 +75,9 @@ def policy_inputs(
     at the last T columns then line up with the response; ``start_token_id`` may be None.
     """
     if policy_is_encoder_decoder:
+        if start_token_id is None:
+            raise ValueError("an encoder-decoder policy needs a decoder start token id "
+                             "(config.decoder_start_token_id)")
         return {
             **responses.query,
             "decoder_input_ids": shift_right(responses.response_ids, start_token_id, pad_token_id),

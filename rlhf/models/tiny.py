@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -39,8 +40,10 @@ HEADS = 4
 FFN = 128
 MAX_POSITIONS = 512
 
-_SPECIAL = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID}
-_SEQ2SEQ_SPECIAL = {**_SPECIAL, "bos_token_id": None, "decoder_start_token_id": PAD_ID}
+# Any: the config classes accept keys beyond their declared fields (T5Config declares no bos or
+# decoder start id), so these keywords cannot be checked against the typed signatures.
+_SPECIAL: dict[str, Any] = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID}
+_SEQ2SEQ_SPECIAL: dict[str, Any] = {**_SPECIAL, "bos_token_id": None, "decoder_start_token_id": PAD_ID}
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def _t5() -> PretrainedConfig:
     )
 
 
-def _bart_like(config_class: type[PretrainedConfig], **extra) -> PretrainedConfig:
+def _bart_like(config_class: Callable[..., PretrainedConfig], **extra: int) -> PretrainedConfig:
     """BART and LED share their field names; forced_bos is off since ByT5 has no bos."""
     return config_class(
         vocab_size=VOCAB_SIZE, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,

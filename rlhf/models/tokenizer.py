@@ -20,6 +20,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     labels never read padding. Padding is on the right (training); generation pads prompts on the
     left explicitly at the call site rather than flipping this shared setting.
     """
+    tokenizer: PreTrainedTokenizerBase
     if is_tiny_preset(name_or_path):
         tokenizer = ByT5Tokenizer()
     else:

@@ -48,7 +48,7 @@ class KnownIdsOnly(LogitsProcessor):
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         return mask_unknown_ids(scores, self.vocab_size)
 
 

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import pyarrow as pa
 
@@ -29,6 +29,7 @@ from rlhf.runtime import derive_seed
 from rlhf.store import Cycle, CycleRecord, FeedbackStore, GuardReport
 
 EVAL_BATCH = 16
+T = TypeVar("T")
 
 
 class OnlineCycle(Protocol):
@@ -52,8 +53,9 @@ def keep_update(
 ) -> tuple[bool, bool]:
     """(judged, kept): with at least ``fb.min_holdout`` held-out choices the update is kept only if
     accuracy fell by at most ``fb.max_accuracy_drop``; with fewer it is kept unjudged."""
-    judged = holdout_rows >= max(fb.min_holdout, 1) and before is not None and after is not None
-    return judged, not judged or after >= before - fb.max_accuracy_drop
+    if holdout_rows < max(fb.min_holdout, 1) or before is None or after is None:
+        return False, True
+    return True, after >= before - fb.max_accuracy_drop
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class CycleContext:
         guard = self._guard(record) if self.cfg.guard.enabled else None
         if guard is not None and guard.refused:
             return dataclasses.replace(record, guard=guard)
-        candidate = Path(record.candidate)
+        candidate = Path(recorded(record.candidate, "candidate"))
         metrics = {**PolicyRegistry(candidate.parent).metrics(candidate.name), "cycle": cycle.cycle,
                    "watermark_until": record.watermark_until, "accuracy_before": record.accuracy_before,
                    "accuracy_after": record.accuracy_after}
@@ -147,9 +149,9 @@ class CycleContext:
         version when it came from the registry)."""
         before = Path(record.policy_before)
         served = before.name if before.parent == self.policies.root else None
-        return check_policy(self.store, self.policy_config(record.policy_before),
-                            self.policy_config(record.candidate), served, self.cfg.guard,
-                            self.cfg.rl.ppo.max_new_tokens)
+        candidate = self.policy_config(recorded(record.candidate, "candidate"))
+        return check_policy(self.store, self.policy_config(record.policy_before), candidate, served,
+                            self.cfg.guard, self.cfg.rl.ppo.max_new_tokens)
 
     def policy_config(self, name_or_path: str) -> ModelConfig:
         """rl.policy (its lengths apply to every version) loading ``name_or_path``."""
@@ -159,6 +161,13 @@ class CycleContext:
         """The version Serve answers with (the registry's current, e.g. after a rollback)."""
         current = self.policies.current()
         return str(current) if current is not None else self.cfg.rl.policy.name_or_path
+
+
+def recorded(value: T | None, name: str) -> T:
+    """A record field an earlier stage of the cycle set (None until that stage has run)."""
+    if value is None:
+        raise RuntimeError(f"the cycle record has no {name}: the stage that sets it has not run")
+    return value
 
 
 def copy_of(folder: Path) -> Callable[[Path], None]:

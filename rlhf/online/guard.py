@@ -57,9 +57,11 @@ def summary_stats(policy: Policy, documents: list[str], max_new_tokens: int, ngr
     tokenizer, model = policy.tokenizer, policy.model
     for start in range(0, len(documents), GENERATE_BATCH):
         batch = policy.encode_documents(documents[start:start + GENERATE_BATCH]).to(model.device)
-        output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id,
-                                logits_processor=policy.logits_processors())  # (B, prefix + T)
+        # PeftModel forwards generate to the model it wraps (untyped __getattr__)
+        output = model.generate(  # type: ignore[operator]
+            **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            logits_processor=policy.logits_processors(),
+        )  # (B, prefix + T)
         prefix = 1 if policy.is_encoder_decoder else batch["input_ids"].shape[1]
         response = output[:, prefix:].cpu()  # (B, T): start token or prompt dropped, padded after eos
         is_eos = response == tokenizer.eos_token_id  # (B, T)

@@ -52,7 +52,7 @@ class OnlineLoop:
 
     def run(self) -> list[Cycle]:
         """Finish an interrupted cycle first, then start new ones; returns the cycles this call ran."""
-        ran = []
+        ran: list[Cycle] = []
         while True:
             cycles = self.ledger.all()
             last = cycles[-1] if cycles else None

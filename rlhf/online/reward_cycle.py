@@ -15,7 +15,7 @@ from rlhf.config.sections import DataSourceConfig, ModelConfig
 from rlhf.errors import InputError
 from rlhf.metrics import IterationMetrics, emit
 from rlhf.models.heads import load_reward_model
-from rlhf.online.cycle import CycleContext, copy_of, verdict_line
+from rlhf.online.cycle import CycleContext, copy_of, recorded, verdict_line
 from rlhf.online.scorer_health import ScorerHealth
 from rlhf.online.window import FeedbackWindow
 from rlhf.ppo.config import PPOConfig, PPORewardConfig
@@ -42,7 +42,7 @@ class RewardModelCycle:
     def learn(self, cycle: Cycle, cycle_dir: Path) -> CycleRecord:
         """Continue-train from ``reward_before``; a kept update becomes the reward registry's next version,
         which later cycles continue from and Serve's active pair selection scores with."""
-        base = cycle.record.reward_before
+        base = recorded(cycle.record.reward_before, "reward_before")
 
         def train(training: pa.Table, validation: pa.Table) -> Path:
             settings = dataclasses.replace(self.cfg.reward, model=self._reward_config(base))
@@ -87,10 +87,10 @@ class RewardModelCycle:
             rl, policy=self.context.policy_config(cycle.record.policy_before),
             ppo=dataclasses.replace(rl.ppo, publish_every=rl.ppo.iterations),
         )
+        reward_used = recorded(cycle.record.reward_used, "reward_used")
         cfg = PPOConfig.for_run(
             training, output_dir=str(cycle_dir / "ppo"), seed=self.context.seed(cycle),
-            reward=PPORewardConfig(model=self._reward_config(cycle.record.reward_used), fn="",
-                                   head=self.cfg.reward_head),
+            reward=PPORewardConfig(model=self._reward_config(reward_used), fn="", head=self.cfg.reward_head),
             prompts=DataSourceConfig(path=str(documents)), registry=str(cycle_dir / "candidates"),
         )
         validate(cfg)

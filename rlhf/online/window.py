@@ -59,7 +59,8 @@ class LabelerRule:
         labeler auth and labelers with fewer than min_gold_answers gold answers are unscored."""
         if self.min_gold_accuracy <= 0:
             return None
-        if labeler in (None, ANONYMOUS) or score is None or score.answered < self.min_gold_answers:
+        if (labeler in (None, ANONYMOUS) or score is None or score.answered < self.min_gold_answers
+                or score.accuracy is None):  # no gold answers at all: only with min_gold_answers 0
             return "unscored" if self.unscored == "hold" else None
         return "low_gold_accuracy" if score.accuracy < self.min_gold_accuracy else None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ray
 import torch
@@ -102,14 +104,14 @@ class RayRoles:
         self._regroup = self.transport == COLLECTIVE  # the broadcast group must be (re)built
         self.sync()
 
-    def _task(self, fn, bundle: int, **options):
+    def _task(self, fn: Callable[..., Any], bundle: int, **options: Any) -> Any:
         """``fn`` (a class or function) as a Ray remote pinned to one bundle of the group."""
         r = self.cfg.roles
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
         return ray.remote(fn).options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
                                       scheduling_strategy=strategy, **options)
 
-    def _actor(self, cls: type, bundle: int, options: dict, *args):
+    def _actor(self, cls: type, bundle: int, options: dict[str, Any], *args: Any) -> Any:
         return self._task(cls, bundle, **options).remote(*args)
 
     # ------------------------------------------------------------ generation with recovery

@@ -274,7 +274,11 @@ class PPOConfig(PPOTrainingConfig):
     registry: str = option("", "Policy registry directory or URI; empty = output_dir/registry.")
 
     @classmethod
-    def for_run(cls, training: PPOTrainingConfig, **run: object) -> PPOConfig:
-        """A PPO run of ``training`` with the run-specific fields ``run`` (e.g. an online cycle's)."""
+    def for_run(
+        cls, training: PPOTrainingConfig, *, output_dir: str, seed: int, reward: PPORewardConfig,
+        prompts: DataSourceConfig, registry: str,
+    ) -> PPOConfig:
+        """A PPO run of ``training`` with the run-specific fields (e.g. an online cycle's)."""
         shared = {f.name: getattr(training, f.name) for f in dataclasses.fields(PPOTrainingConfig)}
-        return cls(**shared, **run)
+        return cls(**shared, output_dir=output_dir, seed=seed, reward=reward, prompts=prompts,
+                   registry=registry)

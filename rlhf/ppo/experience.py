@@ -164,7 +164,8 @@ def generate_rollout(
     """
     model, tokenizer = policy.model, policy.tokenizer
     query = {name: tensor.cpu() for name, tensor in policy.encode_documents(documents).items()}
-    output = model.generate(
+    # PeftModel forwards generate to the model it wraps (untyped __getattr__)
+    output = model.generate(  # type: ignore[operator]
         **{name: tensor.to(model.device) for name, tensor in query.items()},
         **_PLAIN_SAMPLING,
         temperature=temperature,

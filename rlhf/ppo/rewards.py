@@ -49,6 +49,8 @@ def load_reward_fn(spec: str) -> RewardFn:
         if not path.is_file():
             raise InputError(f"reward.fn: file not found: {target}")
         module_spec = importlib.util.spec_from_file_location(f"rlhf_reward_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            raise InputError(f"reward.fn: cannot load {target} as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:

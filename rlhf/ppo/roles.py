@@ -54,7 +54,7 @@ def _frozen_policy(
     set_torch_threads(cfg.roles.cpus_per_actor, threads)
     device = compute_device(cfg.roles.gpus_per_actor)
     policy = load_policy(cfg.policy, dtype=resolve_dtype(cfg.roles.dtype, device), dropout=False, lora=lora)
-    policy.model.to(device).eval()
+    policy.model.to(device).eval()  # type: ignore[arg-type]  # transformers' _Wrapped stub
     return policy, device
 
 
@@ -123,8 +123,16 @@ class Generator:
 
     def receive_weights(self, version: int) -> None:
         """Take the learner's broadcast of changed tensors into this policy, in place."""
-        self.weights.broadcast(unique_tensors(self.policy.model))
+        _joined(self.weights).broadcast(unique_tensors(self.policy.model))
         self.version = version
+
+
+def _joined(group: WeightGroup | None) -> WeightGroup:
+    """The broadcast group this role joined; collective sync joins it before the first broadcast."""
+    if group is None:
+        raise RuntimeError("join_weight_group has not run on this role: collective weight sync starts "
+                           "with it")
+    return group
 
 
 class RewardScorer:
@@ -148,10 +156,12 @@ class RewardScorer:
         if self.fn is not None:
             raw = torch.tensor(self.fn(documents, summaries), dtype=torch.float32)
             return raw, raw.clone()
+        model = self.model
+        assert model is not None  # reward.validate: a model wherever there is no fn
         chunks = forward_chunks(len(documents), self.roles.forward_batch_size)
         head = self.cfg.head  # its own statistics normalise it
-        raw = torch.cat([self.model.score(documents[rows], summaries[rows], head).cpu() for rows in chunks])
-        return raw, self.model.normalize(raw, head) if self.cfg.normalize else raw.clone()
+        raw = torch.cat([model.score(documents[rows], summaries[rows], head).cpu() for rows in chunks])
+        return raw, model.normalize(raw, head) if self.cfg.normalize else raw.clone()
 
 
 class ReferenceScorer:
@@ -254,19 +264,19 @@ class Learner:
         self.gather = parameter_gather(self.zero_stage)  # ZeRO-3: one bucket of full values at a time
         self.bucket_mb = cfg.roles.sync_bucket_mb
         self.weights: WeightGroup | None = None  # rank 0, collective sync only
-        self._weight_store = None  # the group's rendezvous, hosted by rank 0
+        self._weight_store: object | None = None  # the group's rendezvous, hosted by rank 0
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi_old, V_old), each (B, T), for the rollout as sampled; V_old is 0 without a value
         model (critic-free estimators). One forward per ``roles.forward_batch_size`` rows."""
         self.engine.eval()
-        logprobs, values = [], []
+        parts, values = [], []
         for chunk in self._chunks(rollout):
-            logprobs.append(self._logprobs(chunk))
+            parts.append(self._logprobs(chunk))
             if self.value is not None:
                 values.append(response_values(self.value, chunk, self.policy).float().cpu())
-        logprobs = torch.cat(logprobs)
+        logprobs = torch.cat(parts)
         return logprobs, torch.cat(values) if values else torch.zeros_like(logprobs)
 
     @torch.no_grad()
@@ -274,7 +284,7 @@ class Learner:
         """(B, T) log pi_ref with the adapter off (lora.r > 0): the frozen base the adapters were
         added to is the initial policy, so no reference copy of the model is loaded."""
         self.engine.eval()
-        with self.policy.model.disable_adapter():
+        with self.policy.model.disable_adapter():  # type: ignore[operator]  # PeftModel's, untyped
             return torch.cat([self._logprobs(chunk) for chunk in self._chunks(rollout)])
 
     def _chunks(self, rollout: Rollout) -> list[Rollout]:
@@ -309,6 +319,7 @@ class Learner:
             self.policy.model, self.policy, mb.rollout, algo.temperature, with_entropy=True,
             entropy_grad=algo.entropy_coef > 0,
         )
+        assert entropy is not None  # with_entropy=True
         pg_loss, clip_fraction, approx_kl = F.policy_loss(
             logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip_eps, algo.loss_aggregation
         )
@@ -361,7 +372,7 @@ class Learner:
         names = self.plan.names(tensors)
         sent = 0
         if self.rank == 0:
-            sent = self.weights.broadcast(tensors, names, self.gather)
+            sent = _joined(self.weights).broadcast(tensors, names, self.gather)
         else:
             follow_gathers(tensors, names, self.gather, self.bucket_mb)
         return SyncReport(time.perf_counter() - start, sent)

@@ -105,8 +105,9 @@ class WeightGroup:
     def __init__(self, address: str, port: int, rank: int, size: int, device: torch.device,
                  bucket_mb: float = BUCKET_MB):
         self.rank, self.device, self.bucket_mb = rank, device, bucket_mb
-        store = dist.TCPStore(address, port, size, is_master=False, timeout=GROUP_TIMEOUT)
-        store = dist.PrefixStore(_STORE_PREFIX, store)
+        tcp_store = dist.TCPStore(address, port, size, is_master=False, timeout=GROUP_TIMEOUT)
+        store = dist.PrefixStore(_STORE_PREFIX, tcp_store)
+        self.group: dist.ProcessGroupNCCL | dist.ProcessGroupGloo
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = GROUP_TIMEOUT
@@ -122,7 +123,8 @@ class WeightGroup:
         return store, store.port
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.group.broadcast(tensor, 0).wait()
+        # torch's stubs give these backends no collectives; they have them (ProcessGroup's signatures)
+        self.group.broadcast(tensor, 0).wait()  # type: ignore[union-attr]
         return tensor
 
     def check_layout(self, tensors: StateDict) -> None:
@@ -131,8 +133,8 @@ class WeightGroup:
         learner = self._broadcast(mine.clone())
         same = torch.tensor([int(torch.equal(learner, mine))], dtype=torch.int64, device=self.device)
         options = dist.AllreduceOptions()
-        options.reduceOp = dist.ReduceOp.MIN
-        self.group.allreduce([same], options).wait()
+        options.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]  # stub: MIN is a RedOpType
+        self.group.allreduce([same], options).wait()  # type: ignore[union-attr]  # as in _broadcast
         if not same.item():
             count, numel, _ = learner.tolist()
             raise InputError(
@@ -157,6 +159,7 @@ class WeightGroup:
             return 0
         index = torch.empty(int(count), dtype=torch.int64, device=self.device)
         if self.rank == 0:
+            assert names is not None  # rank 0 sent len(names) above and returned if it was 0
             index.copy_(torch.tensor([positions[n] for n in names], dtype=torch.int64))
         order = list(tensors)
         names = [order[i] for i in self._broadcast(index).tolist()]

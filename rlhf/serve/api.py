@@ -96,7 +96,8 @@ async def _invalid_request(_request: Request, exc: RequestValidationError) -> JS
     return _error(422, "; ".join(problems))
 
 
-app.add_exception_handler(RequestValidationError, _invalid_request)
+# Starlette types a handler as taking any Exception, though it calls it only with the class it is for.
+app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
 app.include_router(admin_router)  # /admin/...: FeedbackApi puts what its routes use in app.state.admin
 
 
@@ -243,6 +244,7 @@ class FeedbackApi:
     ) -> tuple[list[Summary], Selection]:
         """``pair_candidates`` pairs of the policy's (generated together: the policy replica batches
         them), the one the current reward model is least sure about, and how it was chosen."""
+        assert self.rewards is not None  # _pair calls this only when there is a reward model
         calls = [self.policy.compare.remote(text, max_new_tokens) for _ in range(self.limits.pair_candidates)]
         pairs = _usable([list(pair) for pair in await asyncio.gather(*calls)])
         selection = await asyncio.to_thread(self.rewards.select, text, [(a.text, b.text) for a, b in pairs])
@@ -268,6 +270,8 @@ class FeedbackApi:
             self.store.record_choice, body.comparison_id, body.choice, caller.id, body.verdict,
             body.confidence, body.note,
         )
+        # record_choice returns the comparison decided (by this answer or an identical earlier one)
+        assert stored.verdict is not None and stored.decided_at is not None
         return FeedbackResponse(comparison_id=stored.id, choice=stored.choice, verdict=stored.verdict,
                                 decided_at=stored.decided_at)
 

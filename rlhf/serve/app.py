@@ -43,13 +43,16 @@ def build_app(cfg: ServeConfig) -> serve.Application:
                                 "target_ongoing_requests": serving.target_ongoing_requests}}
         if serving.autoscale else {"num_replicas": serving.replicas}
     )
-    policy = PolicyDeployment.options(
+    # mypy keeps a decorated class's own type: @serve.deployment made these Deployments
+    policy = PolicyDeployment.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
         # Enough queued requests per replica to fill a batch for each of the two comparison halves.
         max_ongoing_requests=max(2 * serving.max_batch_size, 8),
         **scaling,
     ).bind(cfg)
-    api = FeedbackApi.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    api = FeedbackApi.options(  # type: ignore[attr-defined]  # a Deployment, as above
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256
+    )
     return api.bind(policy, cfg, _admin_token_digest(serving.admin_token_env))
 
 
@@ -77,7 +80,8 @@ def run_serve(cfg: ServeConfig) -> None:
     check_url(cfg.store.url)  # a bad URL would otherwise fail later, inside a replica
     try:
         url = start_app(cfg)
-        policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)
+        # a Deployment (see build_app), so it has the name Serve knows it by
+        policy = serve.get_deployment_handle(PolicyDeployment.name, APP_NAME)  # type: ignore[attr-defined]
         version = policy.policy_info.remote().result()["version"]
         emit(f"serving policy {version} at {url}/ (API docs at {url}/docs); registry {cfg.registry}, "
              f"feedback in {redact_url(cfg.store.url)}")

@@ -95,7 +95,7 @@ class FeedbackResponse(BaseModel):
     choice: int | None
     verdict: Verdict
     decided_at: datetime
-    stored: bool = Field(True, description="The choice is committed to the database.")
+    stored: bool = Field(default=True, description="The choice is committed to the database.")
 
 
 class LabelerCreate(RequestBody):

@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -26,6 +26,7 @@ import torch
 
 from rlhf.config.sections import ModelConfig
 from rlhf.models.lora import (
+    AdaptedModel,
     adapter_base,
     adapters_for_rows,
     attach_saved_adapter,
@@ -189,7 +190,9 @@ class PolicyVersions:
             del self._backbones[backbone.fingerprint]
         elif loaded.adapter is not None:
             with backbone.lock:
-                backbone.policy.model = remove_adapter(backbone.policy.model, loaded.adapter)
+                model = backbone.policy.model
+                assert isinstance(model, AdaptedModel)  # _load attached this version's adapter to it
+                backbone.policy.model = remove_adapter(model, loaded.adapter)
 
     def _load(self, version: str) -> LoadedVersion:
         """An adapter version as a named adapter on its base (loaded once), else a full model."""
@@ -222,7 +225,7 @@ class PolicyVersions:
         if fingerprint not in self._backbones:
             cfg = ModelConfig(**{**vars(self.base), "name_or_path": name_or_path})
             policy = load_policy(cfg, dtype=inference_dtype(self.device))
-            policy.model.to(self.device).eval()
+            policy.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' _Wrapped stub
             self._backbones[fingerprint] = Backbone(policy, fingerprint)
         return self._backbones[fingerprint]
 
@@ -249,7 +252,7 @@ class PolicyVersions:
         share a call, each row with its own adapter (PEFT's mixed-adapter batch; one call per
         version for a family that cannot mix them, see ``mixes_adapters``). A request that fails
         gets its exception in its place; the others in its batch still get their summaries."""
-        results: list[Summary | Exception | None] = [None] * len(requests)
+        results: dict[int, Summary | Exception] = {}
         with self._pinned({r.version for r in requests}) as loaded:
             def key(i: int) -> tuple[int, str, bool, int]:
                 request, backbone = requests[i], loaded[requests[i].version].backbone
@@ -261,11 +264,11 @@ class PolicyVersions:
                 rows = [(requests[i], loaded[requests[i].version]) for i in indices]
                 for i, summary in zip(indices, self._generate_isolated(rows)):
                     results[i] = summary
-        return results
+        return [results[i] for i in range(len(requests))]
 
     def _generate_isolated(
         self, rows: list[tuple[SummaryRequest, LoadedVersion]]
-    ) -> list[Summary | Exception]:
+    ) -> Sequence[Summary | Exception]:
         """``_generate_rows``; when the call fails, each row again on its own, so one bad request
         fails alone."""
         try:

@@ -32,7 +32,6 @@ ACCEPTED_FORMS = "sqlite:///path/feedback.db or postgresql+psycopg://user:${PGPA
 CHECK_TIMEOUT_S = 5.0
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_EXPANDED_PARTS = ("username", "password", "host", "database")
 
 
 def _expand(text: str) -> str:
@@ -53,12 +52,14 @@ def _expand(text: str) -> str:
 def _expand_url(url: sa.URL) -> sa.URL:
     """Expand placeholders part by part after parsing, so a password holding ``@`` or ``/``
     needs no URL escaping."""
-    parts = {name: _expand(getattr(url, name)) for name in _EXPANDED_PARTS if getattr(url, name)}
+    username, password, host, database = (
+        _expand(part) if part else part for part in (url.username, url.password, url.host, url.database)
+    )
     query = {
         key: _expand(value) if isinstance(value, str) else tuple(map(_expand, value))
         for key, value in url.query.items()
     }
-    return url.set(query=query, **parts)
+    return url.set(username=username, password=password, host=host, database=database, query=query)
 
 
 def _absolute_sqlite(url: sa.URL) -> sa.URL:

@@ -113,8 +113,9 @@ class CycleRecord:
         """Read a record back; one written at an earlier stage, or by older code, lacks later keys
         (and may name some by their ``RENAMED`` keys)."""
         record = {RENAMED.get(key, key): value for key, value in record.items()}
-        nested = {key: PPOSummary(**record[key]) for key in ("ppo_first", "ppo_last")
-                  if record.get(key) is not None}
+        nested: dict[str, PPOSummary | GuardReport] = {
+            key: PPOSummary(**record[key]) for key in ("ppo_first", "ppo_last") if record.get(key) is not None
+        }
         if record.get("guard") is not None:
             nested["guard"] = GuardReport.from_record(record["guard"])
         return cls(**{**record, **nested})
@@ -164,7 +165,7 @@ class CycleLog:
         """Move ``cycle`` to ``stage`` with its updated record (``done`` also sets finished_at)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        values = {"stage": stage, "record": json.dumps(record.to_record())}
+        values: dict[str, str | datetime] = {"stage": stage, "record": json.dumps(record.to_record())}
         if stage == "done":
             values["finished_at"] = utcnow()
         with self._store.write() as conn:

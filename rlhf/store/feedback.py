@@ -166,7 +166,9 @@ class FeedbackStore:
         except sa.exc.IntegrityError:
             # PostgreSQL only (SQLite writers are serialised): a concurrent call stored it first.
             with self._engine.connect() as conn:
-                return self._document_id(conn, _digest(text))
+                document_id = self._document_id(conn, _digest(text))
+            assert document_id is not None, "the insert that refused ours committed this text"
+            return document_id
 
     def document_in(self, conn: sa.Connection, text: str, title: str | None, source: str) -> str:
         """``add_document`` inside the caller's write transaction (several documents and the rows
@@ -251,6 +253,8 @@ class FeedbackStore:
                                                  "create_comparison() (POST /v1/compare) returned")
         answer = (verdict, choice, confidence, note)
         if (stored.verdict, stored.choice, stored.confidence, stored.note) != answer:
+            # A pending comparison got our choice above (or a concurrent one), so it is decided now.
+            assert stored.decided_at is not None
             decided = stored.choice if stored.verdict == "preference" else stored.verdict
             raise AlreadyDecidedError(
                 "choice", f"comparison {comparison_id!r} was already decided as {decided} (confidence "
@@ -280,7 +284,7 @@ class FeedbackStore:
             *decided, *TRAINABLE
         )
         with self._engine.connect() as conn:
-            return conn.scalar(query)
+            return conn.execute(query).scalar_one()
 
     def count_comparisons(self, pending: bool | None = None) -> int:
         """How many comparisons there are: all (None), only pending (True) or only decided (False);
@@ -290,7 +294,7 @@ class FeedbackStore:
             decided = choices.c.comparison_id
             query = query.where(decided.is_(None) if pending else decided.is_not(None))
         with self._engine.connect() as conn:
-            return conn.scalar(query)
+            return conn.execute(query).scalar_one()
 
     def latest_decided_at(self) -> datetime | None:
         """When the newest choice was recorded: pass it as ``since`` next time to read only new rows.

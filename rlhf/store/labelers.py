@@ -118,7 +118,7 @@ class Labelers:
             choices.c.labeler == labeler, *window(choices.c.decided_at, since, None)
         )
         with self._store.engine.connect() as conn:
-            return conn.scalar(query)
+            return conn.execute(query).scalar_one()
 
     def gold_scores(self, until: datetime | None = None) -> dict[str, GoldScore]:
         """Each labeler's gold answers decided up to ``until`` (a cycle's window end, so a resumed

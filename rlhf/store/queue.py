@@ -11,6 +11,7 @@ import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -58,10 +59,12 @@ class LabelingQueue:
             if pair.summary_0 == pair.summary_1:
                 raise InvalidFeedbackError("summary_1", "is identical to summary_0")
         with self._store.write() as conn:
-            rows = [{"id": str(uuid.uuid4()), "summary_0": pair.summary_0, "summary_1": pair.summary_1,
-                     "answer": pair.answer, "created_at": utcnow(),
-                     "document_id": self._store.document_in(conn, pair.text, pair.title, GOLD_SOURCE)}
-                    for pair in pairs]
+            rows: list[dict[str, Any]] = [
+                {"id": str(uuid.uuid4()), "summary_0": pair.summary_0, "summary_1": pair.summary_1,
+                 "answer": pair.answer, "created_at": utcnow(),
+                 "document_id": self._store.document_in(conn, pair.text, pair.title, GOLD_SOURCE)}
+                for pair in pairs
+            ]
             if rows:
                 conn.execute(gold_pairs.insert(), rows)
         return [row["id"] for row in rows]

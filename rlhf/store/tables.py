@@ -229,8 +229,8 @@ def _v3_to_v4(conn: sa.Connection) -> None:
     for new, frozen, added in ((comparisons, _V3_COMPARISONS, {}),
                                (choices, _V3_CHOICES, {"verdict": sa.literal("preference")})):
         names = [column.name for column in frozen.columns]
-        old = sa.table(f"{new.name}_v3", *map(sa.column, names))
-        rows = sa.select(*(old.c[name] for name in names),
+        old_table = sa.table(f"{new.name}_v3", *map(sa.column, names))
+        rows = sa.select(*(old_table.c[name] for name in names),
                          *(value.label(key) for key, value in added.items()))
         conn.execute(new.insert().from_select([*names, *added], rows))
         conn.execute(sa.text(f"DROP TABLE {new.name}_v3"))
@@ -272,6 +272,9 @@ def _create_or_upgrade(engine: sa.Engine) -> list[int]:
         # FOR UPDATE: on PostgreSQL a second process upgrading at once waits here, then reads the new
         # version (SQLite's BEGIN IMMEDIATE already serialises writers; it has no FOR UPDATE).
         version = conn.scalar(sa.select(schema_version.c.version).with_for_update())
+        if version is None:
+            raise StoreInputError(URL_KEY, f"the {schema_version.name} table has no row; not a database "
+                                  "this code created, use a new database")
         if version > SCHEMA_VERSION:
             raise StoreInputError(
                 URL_KEY, f"database schema version {version} but this code reads version {SCHEMA_VERSION}; "

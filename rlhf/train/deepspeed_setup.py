@@ -106,7 +106,9 @@ def zero3_init_context(ds_config: dict[str, Any]) -> Iterator[None]:
         del keep_alive
 
 
-def initialize(model: nn.Module, ds_config: dict[str, Any], lr_factor: Callable[[int], float] | None = None):
+def initialize(
+    model: nn.Module, ds_config: dict[str, Any], lr_factor: Callable[[int], float] | None = None
+) -> tuple[Any, Any]:
     """A DeepSpeed engine for ``model``; ``lr_factor(step)`` scales the LR (None = constant)."""
     import deepspeed
 

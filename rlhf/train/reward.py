@@ -32,7 +32,7 @@ from rlhf.store import check_url
 from rlhf.train.config import RewardConfig, RewardHeadsConfig, RewardTrainingConfig
 from rlhf.train.data import human_comparisons, split_validation
 from rlhf.train.disentangle import length_correlation_loss, orthogonality_loss
-from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, run_training
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, built, run_training
 from rlhf.train.zero_gather import Gather, save_gathered
 
 MAX_STAT_BATCHES = 64  # training batches per rank scored for the reward mean/std
@@ -84,7 +84,7 @@ class RewardTask:
     def _scores(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head raw scores (B, n) of the chosen and of the rejected summaries."""
         documents, chosen, rejected = chosen_and_rejected(rows)
-        batch = self.reward_model.encode_pairs(documents + documents, chosen + rejected)
+        batch = built(self.reward_model, self).encode_pairs(documents + documents, chosen + rejected)
         device = next(model.parameters()).device
         scores = model(score=None, **{k: v.to(device) for k, v in batch.items()}).float()  # (2B, n)
         return scores[: len(documents)], scores[len(documents):]
@@ -103,7 +103,8 @@ class RewardTask:
         """ODIN's weighted length-correlation and orthogonality terms for scores (2B, 2)."""
         _, chosen, rejected = chosen_and_rejected(rows)
         length = length_correlation_loss(scores[:, 0], scores[:, 1], _lengths(chosen, rejected).to(scores))
-        weight = self.reward_model.head.weight.float()  # (2, H); whole unless ZeRO-3 (config refuses)
+        # (2, H); whole unless ZeRO-3 (config refuses)
+        weight = built(self.reward_model, self).head.weight.float()
         orthogonality = orthogonality_loss(weight[0], weight[1])
         loss = (self.heads.length_correlation_weight * length.loss
                 + self.heads.orthogonality_weight * orthogonality)
@@ -125,21 +126,22 @@ class RewardTask:
     def finalize(self, model: nn.Module) -> None:
         """Mean and std of each score kind's raw scores of the latest training summaries, over all
         ranks: total (a single head's one score), and quality and length for two heads."""
-        kinds = self.reward_model.score_kinds()
+        reward_model = built(self.reward_model, self)
+        kinds = reward_model.score_kinds()
         stats = torch.zeros(len(kinds), 3, dtype=torch.float64)  # per kind: count, sum, sum of squares
         for rows in self.seen:
             per_head = torch.cat(self._scores(model, rows)).double()  # (2B, n)
             for i, kind in enumerate(kinds):
-                scores = self.reward_model.select(per_head, kind)
+                scores = reward_model.select(per_head, kind)
                 stats[i] += torch.stack([torch.tensor(float(len(scores))), scores.sum(), (scores**2).sum()])
         if dist.is_initialized():
             dist.all_reduce(stats)
         for kind, (count, total, squares) in zip(kinds, stats.tolist()):
             mean = total / count
-            self.reward_model.stats[kind] = ScoreStats(mean, math.sqrt(max(squares / count - mean**2, 1e-12)))
+            reward_model.stats[kind] = ScoreStats(mean, math.sqrt(max(squares / count - mean**2, 1e-12)))
 
     def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
-        save_gathered(model, lambda state: self.reward_model.save(path, state), gather)
+        save_gathered(model, lambda state: built(self.reward_model, self).save(path, state), gather)
 
 
 def _synthetic(cfg: RewardConfig, n_human: int) -> pa.Table | None:

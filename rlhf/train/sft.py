@@ -16,7 +16,7 @@ from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy
 from rlhf.train.config import SFTConfig
 from rlhf.train.data import train_and_validation
-from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, run_training
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, built, run_training
 from rlhf.train.zero_gather import Gather, save_policy
 
 
@@ -50,7 +50,7 @@ class SFTTask:
         return self.policy.model
 
     def _batch(self, model: nn.Module, rows: Rows) -> dict[str, torch.Tensor]:
-        batch = self.policy.encode_pairs(rows["original_text"], rows["summary"])
+        batch = built(self.policy, self).encode_pairs(rows["original_text"], rows["summary"])
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -64,7 +64,7 @@ class SFTTask:
         if self.rouge_rows:
             sample = {k: v[: self.rouge_rows] for k, v in rows.items()}
             synced = self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
-            predictions = self.policy.generate(sample["original_text"], do_sample=False,
+            predictions = built(self.policy, self).generate(sample["original_text"], do_sample=False,
                                                synced_gpus=synced)
             metrics.update(rouge(predictions, sample["summary"]))
             if not dist.is_initialized() or dist.get_rank() == 0:
@@ -75,7 +75,7 @@ class SFTTask:
         """Nothing to compute after SFT."""
 
     def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
-        save_policy(self.policy, path, self.lora.publish, gather)
+        save_policy(built(self.policy, self), path, self.lora.publish, gather)
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
 import torch
@@ -30,10 +30,14 @@ from rlhf.train.config import TrainConfig
 from rlhf.train.deepspeed_setup import initialize, lr_lambda, training_config, zero3_init_context
 from rlhf.train.zero_gather import Gather, parameter_gather, rank
 
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
+
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
 DS_TAG = "deepspeed"
 Rows = dict[str, list[Any]]
+ModelT = TypeVar("ModelT")
 
 
 class TrainTask(Protocol):
@@ -54,6 +58,14 @@ class TrainTask(Protocol):
     def save(self, model: nn.Module, path: Path, gather: Gather) -> None:
         """Write ``model`` to ``path`` in Hugging Face layout: every rank calls it, ``gather`` gives
         ZeRO-3 shards their full values (``zero_gather.save_gathered``: a bucket at a time), rank 0 writes."""
+
+
+def built(model: ModelT | None, task: TrainTask) -> ModelT:
+    """The model ``task.build_model`` stored, for the task's other methods (the loop calls
+    ``build_model`` first in every worker)."""
+    if model is None:
+        raise RuntimeError(f"{type(task).__name__}: build_model() has not run in this process")
+    return model
 
 
 @dataclass
@@ -124,7 +136,7 @@ class _MetricsLog:
         self.t0 = time.time()
         self.writer = MetricsWriter(output_dir, step_key="step") if rank() == 0 else None
 
-    def progress(self, state: TrainState, metrics: dict[str, float], lr: float, samples_s: float):
+    def progress(self, state: TrainState, metrics: dict[str, float], lr: float, samples_s: float) -> None:
         if self.writer is None:
             return
         done = state.step - self.start_step
@@ -367,7 +379,14 @@ def run_training(
     )
     with sigint_restored():
         result = trainer.fit()
-    checkpoint_dir = Path(result.checkpoint.path)
+    return _final_model(result.checkpoint, output_dir)
+
+
+def _final_model(checkpoint: Checkpoint | None, output_dir: Path) -> TrainResult:
+    """The last checkpoint's model copied to ``output_dir/model``."""
+    if checkpoint is None:  # the loop reports one at its end, so fit() returned early
+        raise RuntimeError(f"training in {output_dir} finished without reporting a checkpoint")
+    checkpoint_dir = Path(checkpoint.path)
     model_dir = output_dir / MODEL_DIR
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(checkpoint_dir / MODEL_DIR, model_dir)
