@@ -43,9 +43,8 @@ class FeedbackPolicyConfig:
         0.2, "Share of comparisons (by id hash, stable across cycles) never trained on and used to "
         "judge the reward model.", ge=0, le=0.5
     )
-    max_accuracy_drop: float = option(
-        0.02, "Keep the updated reward model unless held-out accuracy fell by more than this.", ge=0
-    )
+    max_accuracy_drop: float = option(0.02, "Keep an update unless held-out accuracy fell by more than this.",
+                                      ge=0)
     min_holdout: int = option(
         16, "Held-out choices needed before the accuracy gate applies; with fewer the update is kept "
         "(a handful of rows cannot tell two models apart).", ge=0

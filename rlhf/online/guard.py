@@ -12,8 +12,6 @@ records why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from rlhf.config.sections import ModelConfig
@@ -21,30 +19,18 @@ from rlhf.eval.health import mean_repetition, unfinished_share
 from rlhf.models import Policy, load_policy
 from rlhf.online.config import GuardConfig
 from rlhf.store import FeedbackStore, GuardReport, SummaryStats
-from rlhf.store.queries import version_wins_query
+from rlhf.store.queries import Tally, version_wins_query
 
 GENERATE_BATCH = 8
 
 
-@dataclass(frozen=True)
-class WinCount:
-    """A version's decided /v1/compare comparisons against other versions, and how many it won."""
-
-    won: int
-    decided: int
-
-    @property
-    def rate(self) -> float | None:
-        return self.won / self.decided if self.decided else None
-
-
-def win_count(store: FeedbackStore, version: str | None) -> WinCount:
+def win_count(store: FeedbackStore, version: str | None) -> Tally:
     """``version``'s wins; a policy served from outside the registry (None) has none recorded."""
     if version is None:
-        return WinCount(0, 0)
+        return Tally(0, 0)
     with store.engine.connect() as conn:
         won, decided = conn.execute(version_wins_query(version)).one()
-    return WinCount(int(won), int(decided))
+    return Tally(int(won), int(decided))
 
 
 @torch.no_grad()
@@ -74,7 +60,7 @@ def summary_stats(policy: Policy, documents: list[str], max_new_tokens: int, ngr
                         repetition=mean_repetition(texts, ngram), unfinished=unfinished_share(ended))
 
 
-def refusals(before: SummaryStats, after: SummaryStats, wins: WinCount, guard: GuardConfig) -> list[str]:
+def refusals(before: SummaryStats, after: SummaryStats, wins: Tally, guard: GuardConfig) -> list[str]:
     """The checks the new policy (``after``) fails against the served one (``before``), each naming
     its ``guard`` key and the numbers; empty = publish. The length ratio counts a served policy
     that writes nothing as one token long."""
@@ -91,9 +77,9 @@ def refusals(before: SummaryStats, after: SummaryStats, wins: WinCount, guard: G
         failed.append(f"guard.max_unfinished_increase: summaries without eos rose from "
                       f"{before.unfinished:.3f} to {after.unfinished:.3f} "
                       f"(> +{guard.max_unfinished_increase})")
-    if wins.decided >= guard.min_win_comparisons and wins.won < guard.min_win_rate * wins.decided:
-        failed.append(f"guard.min_win_rate: people preferred the served version in {wins.won} of "
-                      f"{wins.decided} comparisons ({wins.rate:.3f} < {guard.min_win_rate})")
+    if wins.total >= guard.min_win_comparisons and wins.hits < guard.min_win_rate * wins.total:
+        failed.append(f"guard.min_win_rate: people preferred the served version in {wins.hits} of "
+                      f"{wins.total} comparisons ({wins.rate:.3f} < {guard.min_win_rate})")
     return failed
 
 
@@ -109,6 +95,6 @@ def check_policy(
     wins = win_count(store, served_version)
     return GuardReport(
         documents=len(documents), before=before, after=after,
-        win_rate=None if wins.rate is None else round(wins.rate, 4), win_comparisons=wins.decided,
+        win_rate=None if wins.rate is None else round(wins.rate, 4), win_comparisons=wins.total,
         refused=refusals(before, after, wins, guard),
     )

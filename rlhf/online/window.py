@@ -18,7 +18,8 @@ from rlhf.data.holdout import in_holdout
 from rlhf.data.schemas import PREFERENCE_SCHEMA
 from rlhf.online.config import FeedbackPolicyConfig, UnscoredLabelers
 from rlhf.store import FeedbackStore
-from rlhf.store.labelers import GoldScore, Labelers
+from rlhf.store.labelers import Labelers
+from rlhf.store.queries import Tally
 from rlhf.store.tables import ANONYMOUS, FEEDBACK_SOURCE
 
 # Why a labeler's choices are left out of a cycle (counted per cycle in CycleRecord).
@@ -54,15 +55,15 @@ class LabelerRule:
     def from_config(cls, fb: FeedbackPolicyConfig) -> LabelerRule:
         return cls(fb.min_gold_accuracy, fb.min_gold_answers, fb.unscored_labelers)
 
-    def exclusion(self, labeler: str | None, score: GoldScore | None) -> Exclusion | None:
+    def exclusion(self, labeler: str | None, score: Tally | None) -> Exclusion | None:
         """Why ``labeler``'s choices are left out, or None. Anonymous choices, names typed before
         labeler auth and labelers with fewer than min_gold_answers gold answers are unscored."""
         if self.min_gold_accuracy <= 0:
             return None
-        if (labeler in (None, ANONYMOUS) or score is None or score.answered < self.min_gold_answers
-                or score.accuracy is None):  # no gold answers at all: only with min_gold_answers 0
+        if (labeler in (None, ANONYMOUS) or score is None or score.total < self.min_gold_answers
+                or score.rate is None):  # no gold answers at all: only with min_gold_answers 0
             return "unscored" if self.unscored == "hold" else None
-        return "low_gold_accuracy" if score.accuracy < self.min_gold_accuracy else None
+        return "low_gold_accuracy" if score.rate < self.min_gold_accuracy else None
 
 
 @dataclass(frozen=True)

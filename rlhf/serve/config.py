@@ -46,8 +46,10 @@ class ServingConfig:
                                                "upload, checked like max_json_bytes (413).", gt=0)
     pdf: PdfLimits = option(factory=PdfLimits, help="Caps on the parse of an uploaded PDF "
                                                     "(/v1/documents), which runs in a child process.")
-    parallel_pdf_parses: int = option(2, "PDF parses one ingress replica runs at once (each may take "
-                                         "up to serve.pdf.memory_mb); later uploads wait their turn.", gt=0)
+    parallel_pdf_parses: int = option(
+        2, "PDF parses one ingress replica runs at once (each may take up to serve.pdf.memory_mb); later "
+        "uploads wait their turn.", gt=0,
+    )
     compare_strategy: CompareStrategy = option(
         "previous", "What /v1/compare sets against the current policy: previous (the version "
         "before it), random_earlier (any earlier version), samples (two samples of the current "

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from rlhf.store.errors import InvalidFeedbackError, NotFoundError
 from rlhf.store.feedback import FeedbackStore
-from rlhf.store.queries import HAS_CHOICE, window
+from rlhf.store.queries import HAS_CHOICE, Tally, window
 from rlhf.store.tables import choices, comparisons, labelers, utcnow
 
 MAX_NAME_CHARS = 200
@@ -36,18 +36,6 @@ class Labeler:
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
-
-
-@dataclass(frozen=True)
-class GoldScore:
-    """A labeler's answers on gold pairs; both bad / can't tell on a gold pair counts as wrong."""
-
-    answered: int
-    correct: int
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.answered if self.answered else None
 
 
 @dataclass(frozen=True)
@@ -120,7 +108,7 @@ class Labelers:
         with self._store.engine.connect() as conn:
             return conn.execute(query).scalar_one()
 
-    def gold_scores(self, until: datetime | None = None) -> dict[str, GoldScore]:
+    def gold_scores(self, until: datetime | None = None) -> dict[str, Tally]:
         """Each labeler's gold answers decided up to ``until`` (a cycle's window end, so a resumed
         cycle judges labelers exactly as before)."""
         correct = sa.and_(choices.c.verdict == "preference", choices.c.choice == comparisons.c.gold_answer)
@@ -131,7 +119,7 @@ class Labelers:
             .group_by(choices.c.labeler)
         )
         with self._store.engine.connect() as conn:
-            return {labeler: GoldScore(n, int(right)) for labeler, n, right in conn.execute(query)}
+            return {labeler: Tally(int(right), n) for labeler, n, right in conn.execute(query)}
 
     def stats(self) -> list[LabelerStats]:
         """Every labeler's volume, gold accuracy, agreement on overlap pairs, can't-tell share and
@@ -142,17 +130,17 @@ class Labelers:
             for labeler, verdict, seconds in conn.execute(query):
                 answers[labeler].append((verdict, seconds))
         gold, overlap = self.gold_scores(), self._overlap()
-        return [self._stats_of(labeler, answers[labeler.id], gold.get(labeler.id, GoldScore(0, 0)),
+        return [self._stats_of(labeler, answers[labeler.id], gold.get(labeler.id, Tally(0, 0)),
                                overlap[labeler.id]) for labeler in self.all()]
 
     @staticmethod
-    def _stats_of(labeler: Labeler, answers: list[tuple[str, float | None]], gold: GoldScore,
+    def _stats_of(labeler: Labeler, answers: list[tuple[str, float | None]], gold: Tally,
                   agreed: list[bool]) -> LabelerStats:
         times = [seconds for _, seconds in answers if seconds is not None]
         cant_tell = sum(verdict == "cant_tell" for verdict, _ in answers)
         return LabelerStats(
             labeler_id=labeler.id, name=labeler.name, revoked=labeler.revoked, choices=len(answers),
-            gold_answered=gold.answered, gold_accuracy=gold.accuracy, overlap_pairs=len(agreed),
+            gold_answered=gold.total, gold_accuracy=gold.rate, overlap_pairs=len(agreed),
             agreement=sum(agreed) / len(agreed) if agreed else None,
             cant_tell_share=cant_tell / len(answers) if answers else None,
             median_decision_s=statistics.median(times) if times else None,

@@ -3,6 +3,7 @@ that both return the same rows in the same order; and the comparisons joined wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import pyarrow as pa
@@ -13,6 +14,20 @@ from rlhf.store.errors import StoreInputError
 from rlhf.store.tables import FEEDBACK_SOURCE, choices, comparisons, documents
 
 _UTC = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class Tally:
+    """``hits`` of ``total`` decided answers: a labeler's correct gold answers, a version's wins."""
+
+    hits: int
+    total: int
+
+    @property
+    def rate(self) -> float | None:
+        """hits / total; None before any answer."""
+        return self.hits / self.total if self.total else None
+
 # FeedbackStore.export_table: everything known about each comparison, for admins and archives.
 EXPORT_SCHEMA = pa.schema([
     pa.field("comparison_id", pa.string(), nullable=False),

@@ -119,16 +119,24 @@ comparisons = sa.Table(
                        "(gold_answer IS NULL OR gold_answer IN (0, 1))", name="gold_has_an_answer"),
 )
 
+
+def _decision_columns(choice_nullable: bool) -> list[sa.Column]:
+    """The columns ``choices`` has had since schema v2: the comparison, the index (0 or 1) of the
+    preferred summary, who decided (a labeler id, ANONYMOUS, or a name typed before schema v4) and
+    when. Since v4 ``choice`` is NULL exactly when the verdict is not a preference."""
+    return [
+        sa.Column("comparison_id", sa.String(36), sa.ForeignKey("comparisons.id"), primary_key=True),
+        sa.Column("choice", sa.SmallInteger, sa.CheckConstraint("choice IN (0, 1)", name="choice_is_0_or_1"),
+                  nullable=choice_nullable),
+        sa.Column("labeler", sa.String(200)),
+        sa.Column("decided_at", UTCDateTime, nullable=False, index=True),
+    ]
+
+
 choices = sa.Table(
     "choices",
     metadata,
-    sa.Column("comparison_id", sa.String(36), sa.ForeignKey("comparisons.id"), primary_key=True),
-    # The index (0 or 1) of the preferred summary; NULL exactly when the verdict is not a preference.
-    sa.Column(
-        "choice", sa.SmallInteger, sa.CheckConstraint("choice IN (0, 1)", name="choice_is_0_or_1"),
-    ),
-    sa.Column("labeler", sa.String(200)),  # a labeler id, ANONYMOUS, or a name typed before schema v4
-    sa.Column("decided_at", UTCDateTime, nullable=False, index=True),
+    *_decision_columns(choice_nullable=True),
     sa.Column("verdict", sa.String(16), nullable=False),
     sa.Column("confidence", sa.SmallInteger,
               sa.CheckConstraint("confidence BETWEEN 1 AND 4", name="confidence_is_1_to_4")),
@@ -172,17 +180,7 @@ _V3_COMPARISONS = sa.Table(
     sa.Column("policy_1", sa.String(64), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
-_V3_CHOICES = sa.Table(
-    "choices",
-    _v3,
-    sa.Column("comparison_id", sa.String(36), sa.ForeignKey("comparisons.id"), primary_key=True),
-    sa.Column(
-        "choice", sa.SmallInteger, sa.CheckConstraint("choice IN (0, 1)", name="choice_is_0_or_1"),
-        nullable=False,
-    ),
-    sa.Column("labeler", sa.String(200)),
-    sa.Column("decided_at", UTCDateTime, nullable=False, index=True),
-)
+_V3_CHOICES = sa.Table("choices", _v3, *_decision_columns(choice_nullable=False))
 
 
 def _v1_to_v2(conn: sa.Connection) -> None:

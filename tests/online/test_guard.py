@@ -15,10 +15,11 @@ from rlhf.models.policy import Policy
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.online.config import OnlineConfig
-from rlhf.online.guard import WinCount, refusals, win_count
+from rlhf.online.guard import refusals, win_count
 from rlhf.online.loop import OnlineLoop
 from rlhf.registry import PolicyRegistry
 from rlhf.store import CycleLog, CycleRecord, FeedbackStore, SummaryStats
+from rlhf.store.queries import Tally
 from rlhf.store.tables import utcnow
 
 MAX_NEW_TOKENS = 24
@@ -89,18 +90,18 @@ def test_the_win_rate_check_counts_decided_comparisons_against_other_versions(tm
         comparison = store.create_comparison(document, f"summary {k}a", f"summary {k}b", *versions)
         if choice is not None:
             store.record_choice(comparison, choice)
-    assert win_count(store, "v0002") == WinCount(won=1, decided=3)
-    assert win_count(store, "v0001") == WinCount(won=2, decided=3)
-    assert win_count(store, None) == WinCount(0, 0)
+    assert win_count(store, "v0002") == Tally(hits=1, total=3)
+    assert win_count(store, "v0001") == Tally(hits=2, total=3)
+    assert win_count(store, None) == Tally(0, 0)
     store.close()
 
     same = SummaryStats(10.0, 0.1, 0.0)
     guard = load_config(OnlineConfig, None, ["guard.min_win_rate=0.4", "guard.min_win_comparisons=3"]).guard
-    (reason,) = refusals(same, same, WinCount(1, 3), guard)
+    (reason,) = refusals(same, same, Tally(1, 3), guard)
     assert reason.startswith("guard.min_win_rate: people preferred the served version in 1 of 3")
-    assert refusals(same, same, WinCount(2, 3), guard) == []
+    assert refusals(same, same, Tally(2, 3), guard) == []
     few = dataclasses.replace(guard, min_win_comparisons=4)
-    assert refusals(same, same, WinCount(0, 3), few) == []  # not enough comparisons to judge
+    assert refusals(same, same, Tally(0, 3), few) == []  # not enough comparisons to judge
 
 
 @pytest.mark.parametrize(("after", "key"), [
@@ -109,5 +110,5 @@ def test_the_win_rate_check_counts_decided_comparisons_against_other_versions(tm
 ])
 def test_more_repetition_or_unfinished_summaries_are_refused(after: SummaryStats, key: str) -> None:
     guard = load_config(OnlineConfig, None, []).guard  # the documented defaults
-    (reason,) = refusals(SummaryStats(10.0, 0.1, 0.0), after, WinCount(0, 0), guard)
+    (reason,) = refusals(SummaryStats(10.0, 0.1, 0.0), after, Tally(0, 0), guard)
     assert reason.startswith(key)

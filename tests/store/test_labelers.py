@@ -100,7 +100,7 @@ def test_gold_scores_overlap_agreement_and_stats(store: FeedbackStore):
     store.record_choice(again.id, None, bob.id, verdict="cant_tell")
     assert queue.show_overlap(bob.id, rng, False) is None  # each pair once per labeler
     scores = labelers.gold_scores()
-    assert (scores[ann.id].accuracy, scores[bob.id].accuracy, scores[bob.id].answered) == (1.0, 0.0, 4)
+    assert (scores[ann.id].rate, scores[bob.id].rate, scores[bob.id].total) == (1.0, 0.0, 4)
     stats = {row.name: row for row in labelers.stats()}
     assert (stats["ann"].choices, stats["ann"].gold_answered, stats["ann"].overlap_pairs) == (5, 4, 1)
     assert stats["ann"].agreement == 0.0 and stats["bob"].cant_tell_share == 0.2
