@@ -1,5 +1,5 @@
 """What every job does the same way at run time: join Ray, tame Ray Data and Ray Train, derive seeds,
-and fit torch to the resources a worker reserved (its device, its threads).
+fit torch to the resources a worker reserved (its device, its threads), and import DeepSpeed.
 
 Jobs join Ray as Ray itself would (``RAY_ADDRESS``, else the head that ``ray start`` recorded,
 else a fresh local Ray) but fail in seconds, with the fix, where Ray would retry a dead head forever.
@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import InputError
@@ -92,6 +93,21 @@ def _reachable(gcs: str, within_s: float) -> bool:
             if left <= 0.5:
                 return False
             time.sleep(0.5)
+
+
+def import_deepspeed() -> ModuleType:
+    """DeepSpeed, with its shared-memory comm op switched off before any process group starts.
+
+    Gloo does not need the op, and on a CPU host DeepSpeed JIT-compiles it (about a minute of two
+    cores, and again whenever a process's compiler flags differ from the cached build's) the first
+    time ``deepspeed.comm`` initialises: in ``zero.Init`` (a ZeRO-3 model build) as much as in
+    ``deepspeed.initialize``. Every import of DeepSpeed in rlhf goes through here.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
 
 
 def quiet_ray_data() -> None:

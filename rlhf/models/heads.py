@@ -40,6 +40,7 @@ from rlhf.models.offline import resolve_name_or_path
 from rlhf.models.policy import enable_activation_checkpointing
 from rlhf.models.tiny import build_tiny_backbone, is_tiny_preset
 from rlhf.models.tokenizer import load_tokenizer
+from rlhf.runtime import import_deepspeed
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
 HEAD_META = "scalar_head.json"
@@ -70,9 +71,7 @@ def _writable(head: nn.Module) -> Iterator[None]:
     if not _partitioned(head):
         yield
         return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0):
+    with import_deepspeed().zero.GatheredParameters(list(head.parameters()), modifier_rank=0):
         yield
 
 
@@ -84,13 +83,12 @@ def _new_head(backbone: PreTrainedModel, seed: int, outputs: int = 1) -> nn.Line
     dtype = next(backbone.parameters()).dtype
     init: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if _partitioned(backbone):
-        import deepspeed
         from transformers.integrations.deepspeed import deepspeed_config
 
         # The config's precision, never Init(dtype=...): deepspeed 0.19 maps that to bf16 on a CPU.
         config = deepspeed_config() or {"train_micro_batch_size_per_gpu": 1,
                                         "bf16": {"enabled": dtype == torch.bfloat16}}
-        init = deepspeed.zero.Init(config_dict_or_path=config)
+        init = import_deepspeed().zero.Init(config_dict_or_path=config)
     with init:
         head = nn.Linear(hidden, outputs, dtype=dtype)
     # Small random init (std 1/sqrt(H+1), as in Ziegler et al. 2019): a zero head would make

@@ -15,7 +15,7 @@ from torch import nn
 
 from rlhf.config.sections import DeepSpeedConfig
 from rlhf.models.policy import resolve_dtype
-from rlhf.runtime import compute_device
+from rlhf.runtime import compute_device, import_deepspeed
 from rlhf.train.config import TrainConfig
 
 
@@ -84,13 +84,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def disable_shm_comm_op() -> None:
-    """Skip DeepSpeed's shared-memory comm op: gloo does not need it and it JIT-compiles ~43 s."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 @contextlib.contextmanager
 def zero3_init_context(ds_config: dict[str, Any]) -> Iterator[None]:
     """While open, Hugging Face ``from_pretrained``/``from_config`` partition weights at init."""
@@ -98,6 +91,8 @@ def zero3_init_context(ds_config: dict[str, Any]) -> Iterator[None]:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
+
+    import_deepspeed()  # before transformers' zero.Init starts deepspeed.comm
 
     keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference to it
     try:
@@ -110,10 +105,7 @@ def initialize(
     model: nn.Module, ds_config: dict[str, Any], lr_factor: Callable[[int], float] | None = None
 ) -> tuple[Any, Any]:
     """A DeepSpeed engine for ``model``; ``lr_factor(step)`` scales the LR (None = constant)."""
-    import deepspeed
-
-    disable_shm_comm_op()
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, optimizer, _, scheduler = import_deepspeed().initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,

@@ -19,6 +19,7 @@ from torch import nn
 from rlhf.config.sections import LoraPublish
 from rlhf.models.lora import StateDict, adapter_names
 from rlhf.models.policy import Policy
+from rlhf.runtime import import_deepspeed
 
 Gather = Callable[[list[torch.Tensor]], AbstractContextManager[None]]  # full values inside (ZeRO-3 shards)
 BUCKET_MB = 256.0  # roles.sync_bucket_mb: keeps the link busy without a second copy of the model
@@ -32,8 +33,7 @@ def parameter_gather(zero_stage: int) -> Gather:
     """
     if zero_stage != 3:
         return lambda tensors: contextlib.nullcontext()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     return lambda tensors: deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
 
 

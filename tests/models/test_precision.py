@@ -24,7 +24,6 @@ from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.train.config import RewardConfig
 from rlhf.train.deepspeed_setup import (
     deepspeed_config,
-    disable_shm_comm_op,
     initialize,
     training_config,
     zero3_init_context,
@@ -38,7 +37,6 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def one_rank_group() -> None:
     """DeepSpeed needs a default process group; one gloo rank, as a PPO Learner opens it."""
     init_process_group(0, 1, "127.0.0.1", free_port(), False)
-    disable_shm_comm_op()  # zero.Init (ZeRO-3 model build) runs before initialize would
 
 
 def test_dtype_choices_resolve_per_device() -> None:
