@@ -137,6 +137,10 @@ def test_reward_model_under_zero3_initializes_and_trains(tmp_path: Path, dtype: 
     with zero3_init_context(config):
         model = load_reward_model(model_cfg)
     engine, _ = initialize(model, config)
+    from deepspeed.comm import comm
+
+    # zero.Init started deepspeed.comm without building its shared-memory op (a minute of JIT compile)
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None
     head = engine.module.head
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert head.weight.ds_tensor.numel() > 0
