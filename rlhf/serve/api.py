@@ -1,6 +1,6 @@
 """The HTTP API and web page: FastAPI on a Ray Serve ingress deployment. Here the public and
-labeler routes, as ``FeedbackApi`` methods; the admin routes are ``admin.py``'s router, included
-in the same app.
+labeler routes, as ``FeedbackApi`` methods; the admin routes are ``admin.py``'s router and the
+OpenAI-compatible ones ``openai_routes.py``'s, both included in the same app.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures at runtime
 and Serve's class-based ingress cannot resolve string annotations.
@@ -20,10 +20,12 @@ from importlib import resources
 from typing import Annotated
 
 from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf.data.pdf import PdfError, extract_paper_isolated
 from rlhf.registry import PolicyRegistry
@@ -45,6 +47,10 @@ from rlhf.serve.messages import (
     SummarizeRequest,
     SummarizeResponse,
 )
+from rlhf.serve.openai_routes import OpenAIHandles, is_openai_route
+from rlhf.serve.openai_routes import http_error as openai_http_error
+from rlhf.serve.openai_routes import invalid_request as openai_invalid_request
+from rlhf.serve.openai_routes import router as openai_router
 from rlhf.serve.policy_versions import Summary
 from rlhf.serve.reward_versions import CurrentRewardModel, Selection
 from rlhf.store import AlreadyDecidedError, Comparison, FeedbackStore, NotFoundError, StoreInputError
@@ -87,8 +93,11 @@ for _error_class in ERROR_STATUS:
     app.add_exception_handler(_error_class, _client_error)
 
 
-async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, without echoing the input (which may not even be encodable)."""
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without echoing the input (which may not even be encodable); the
+    OpenAI routes answer 400 in OpenAI's shape."""
+    if is_openai_route(request):
+        return openai_invalid_request(exc)
     problems = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
@@ -98,7 +107,16 @@ async def _invalid_request(_request: Request, exc: RequestValidationError) -> JS
 
 # Starlette types a handler as taking any Exception, though it calls it only with the class it is for.
 app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's ``{"detail": ...}``, but OpenAI's error shape on the OpenAI routes."""
+    return openai_http_error(exc) if is_openai_route(request) else await http_exception_handler(request, exc)
+
+
+app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]  # as above
 app.include_router(admin_router)  # /admin/...: FeedbackApi puts what its routes use in app.state.admin
+app.include_router(openai_router)  # /v1/models, /v1/(chat/)completions: their handles in app.state.openai
 
 
 def _cut_to_bytes(text: str, limit: int) -> tuple[str, bool]:
@@ -141,8 +159,11 @@ class FeedbackApi:
         self.rewards = CurrentRewardModel(cfg.serve.reward_registry, cfg.policy) if uncertain else None
         self.recent_selections: deque[tuple[str, Selection]] = deque(maxlen=SELECTIONS_KEPT)
         self.pdf_parses = asyncio.Semaphore(cfg.serve.parallel_pdf_parses)
+        registry = PolicyRegistry(cfg.registry)
+        app.state.openai = OpenAIHandles(policy=policy, registry=registry, admit=self._admit,
+                                         max_text_bytes=cfg.serve.max_text_bytes)
         app.state.admin = AdminHandles(
-            policy=policy, store=self.store, registry=PolicyRegistry(cfg.registry), labelers=self.labelers,
+            policy=policy, store=self.store, registry=registry, labelers=self.labelers,
             queue=self.queue, recent_selections=self.recent_selections,
             max_upload_bytes=cfg.serve.max_upload_bytes, token_sha256=admin_token_sha256,
             token_env=cfg.serve.admin_token_env,

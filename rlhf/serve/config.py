@@ -56,8 +56,9 @@ class ServingConfig:
         "one). With a single version every strategy uses samples."
     )
     temperature: float = option(1.0, "Sampling temperature of /v1/compare summaries (/v1/summarize "
-                                     "is greedy).", gt=0)
-    top_p: float = option(0.95, "Nucleus sampling mass of /v1/compare summaries.", gt=0, le=1)
+                                     "is greedy), and of OpenAI-route requests that send none.", gt=0)
+    top_p: float = option(0.95, "Nucleus sampling mass of /v1/compare summaries, and of OpenAI-route "
+                                "requests that send none.", gt=0, le=1)
     reload_interval_s: float = option(2.0, "How often replicas look for a newly published or "
                                       "rolled-back version (the registry's CURRENT).", gt=0)
     admin_token_env: str = option(
@@ -71,9 +72,9 @@ class ServingConfig:
     )
     requests_per_minute_per_labeler: int = option(
         0, "Requests to the routes that generate or parse (/v1/summarize, /v1/compare, "
-        "/v1/documents) one labeler may make per minute, bursts up to that many (429 with "
-        "Retry-After above it); per ingress replica; 0 = no limit; anonymous callers are limited by "
-        "address only.", ge=0
+        "/v1/documents, /v1/chat/completions, /v1/completions) one labeler may make per minute, "
+        "bursts up to that many (429 with Retry-After above it); per ingress replica; 0 = no limit; "
+        "anonymous callers are limited by address only.", ge=0
     )
     requests_per_minute_per_address: int = option(
         0, "Requests to the same routes per minute from one client address (the peer, or the "

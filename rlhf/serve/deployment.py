@@ -13,7 +13,7 @@ from ray import serve
 
 from rlhf.runtime import compute_device, set_torch_threads
 from rlhf.serve.config import ServeConfig
-from rlhf.serve.policy_versions import PolicyVersions, Summary, SummaryRequest
+from rlhf.serve.policy_versions import PolicyVersions, Sampling, Summary, SummaryRequest
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +63,25 @@ class PolicyDeployment:
             raise result
         return result
 
-    def _request(self, text: str, version: str, sample: bool, max_new_tokens: int | None) -> SummaryRequest:
+    def _request(
+        self, text: str, version: str, sample: bool, max_new_tokens: int | None,
+        sampling: Sampling | None = None,
+    ) -> SummaryRequest:
         """A request at most ``serve.max_new_tokens`` long (the model may cut it further: Policy.generate)."""
         length = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        return SummaryRequest(text, version, sample, length)
+        return SummaryRequest(text, version, sample, length, sampling)
 
     async def summarize(self, text: str, max_new_tokens: int | None = None) -> Summary:
         """A greedy summary by the current version."""
         return await self._generate(self._request(text, self.versions.current, False, max_new_tokens))
+
+    async def complete(
+        self, text: str, version: str, max_new_tokens: int | None, sampling: Sampling | None
+    ) -> Summary:
+        """One choice of an OpenAI-compatible request (``rlhf.serve.openai_routes``): ``version`` by
+        name (the ingress checked it is servable), sampled with ``sampling``, greedy without it."""
+        request = self._request(text, version, sampling is not None, max_new_tokens, sampling)
+        return await self._generate(request)
 
     async def compare(self, text: str, max_new_tokens: int | None = None) -> tuple[Summary, Summary]:
         """(current version's summary, the other one) under the configured strategy, both sampled:

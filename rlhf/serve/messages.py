@@ -26,10 +26,15 @@ class RequestBody(BaseModel):
     @field_validator("*")
     @classmethod
     def _storable_text(cls, value: Any) -> Any:
-        if isinstance(value, str) and (bad := NOT_TEXT.search(value)):
-            raise ValueError(f"holds the character U+{ord(bad.group()):04X}, which is not text; send "
-                             "valid Unicode without NUL")
-        return value
+        return storable_text(value) if isinstance(value, str) else value
+
+
+def storable_text(value: str) -> str:
+    """``value``, unless it holds NUL or a lone surrogate (a field validator's ValueError)."""
+    if bad := NOT_TEXT.search(value):
+        raise ValueError(f"holds the character U+{ord(bad.group()):04X}, which is not text; send "
+                         "valid Unicode without NUL")
+    return value
 
 
 def _not_blank(value: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config.sections import ModelConfig
+from rlhf.models.encoding import new_token_room
 from rlhf.models.lora import (
     AdaptedModel,
     adapter_base,
@@ -45,14 +46,37 @@ logger = logging.getLogger(__name__)
 BASE_VERSION = "base"  # the configured policy, served while the registry is empty
 
 
+def servable_versions(registry: PolicyRegistry) -> list[str]:
+    """Every version that can be served, oldest first (the base policy while the registry is empty)."""
+    return registry.versions() or [BASE_VERSION]
+
+
+def registry_current(registry: PolicyRegistry) -> str:
+    """The registry's current version (``PolicyRegistry.current``: newest, or rolled back to)."""
+    current = registry.current()
+    return current.name if current is not None else BASE_VERSION
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampled request's own settings (the OpenAI-compatible routes); None: ``serve.temperature``
+    / ``serve.top_p``. A request with a seed is generated in a call of its own under that seed, so
+    the same request writes the same text whatever else the replica is batching."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
 @dataclass(frozen=True)
 class SummaryRequest:
-    """One summary to write: which version, greedy or sampled, how long."""
+    """One summary to write: which version, greedy or sampled (and how), how long."""
 
     text: str
     version: str
     sample: bool
     max_new_tokens: int
+    sampling: Sampling | None = None  # only read when ``sample``
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,9 @@ class Summary:
     text: str
     version: str
     truncated: bool  # the document was cut to the model's input window
+    prompt_tokens: int = 0  # the model's input, after the cut
+    completion_tokens: int = 0  # the summary re-encoded by the policy's tokenizer (eos not counted)
+    at_length_limit: bool = False  # stopped at max_new_tokens (or the model's positions), not at eos
 
 
 @dataclass(eq=False)
@@ -114,21 +141,16 @@ class PolicyVersions:
         # Loads and evictions (under it) are also all that change _backbones and their users.
         self._load_lock = threading.Lock()
         self._backbones: dict[str, Backbone] = {}  # by fingerprint: each base once
-        self.current = self._registry_current()
+        self.current = registry_current(self.registry)
         self.get(self.current)
-
-    def _registry_current(self) -> str:
-        """The registry's current version (``PolicyRegistry.current``: newest, or rolled back to)."""
-        current = self.registry.current()
-        return current.name if current is not None else BASE_VERSION
 
     def known(self) -> list[str]:
         """Every version that can be served, oldest first."""
-        return self.registry.versions() or [BASE_VERSION]
+        return servable_versions(self.registry)
 
     def refresh(self) -> bool:
         """Switch to the registry's current version if it changed; True when it did."""
-        wanted = self._registry_current()
+        wanted = registry_current(self.registry)
         if wanted == self.current:
             return False
         self.get(wanted)  # load first: requests keep using the old version meanwhile
@@ -254,10 +276,13 @@ class PolicyVersions:
         gets its exception in its place; the others in its batch still get their summaries."""
         results: dict[int, Summary | Exception] = {}
         with self._pinned({r.version for r in requests}) as loaded:
-            def key(i: int) -> tuple[int, str, bool, int]:
+            def key(i: int) -> tuple[int, str, bool, int, float, float, int]:
                 request, backbone = requests[i], loaded[requests[i].version].backbone
                 own_call = "" if mixes_adapters(backbone.policy.model) else request.version
-                return id(backbone), own_call, request.sample, request.max_new_tokens
+                temperature, top_p, seed = self._sampling(request)
+                alone = i if seed is not None else -1  # a seeded request's draws depend on no other row
+                return (id(backbone), own_call, request.sample, request.max_new_tokens, temperature, top_p,
+                        alone)
 
             for _, group in groupby(sorted(range(len(requests)), key=key), key):
                 indices = list(group)
@@ -265,6 +290,15 @@ class PolicyVersions:
                 for i, summary in zip(indices, self._generate_isolated(rows)):
                     results[i] = summary
         return [results[i] for i in range(len(requests))]
+
+    def _sampling(self, request: SummaryRequest) -> tuple[float, float, int | None]:
+        """(temperature, top_p, seed) of a sampled request, the config filling what it leaves out;
+        zeros for a greedy one."""
+        if not request.sample:
+            return 0.0, 0.0, None
+        own = request.sampling or Sampling()
+        temperature = self.serving.temperature if own.temperature is None else own.temperature
+        return temperature, self.serving.top_p if own.top_p is None else own.top_p, own.seed
 
     def _generate_isolated(
         self, rows: list[tuple[SummaryRequest, LoadedVersion]]
@@ -283,13 +317,41 @@ class PolicyVersions:
         """One ``generate`` call for requests on one backbone with the same sampling and length."""
         first, backbone = rows[0][0], rows[0][1].backbone
         texts = [request.text for request, _ in rows]
-        options = ({"do_sample": True, "temperature": self.serving.temperature, "top_p": self.serving.top_p}
+        temperature, top_p, seed = self._sampling(first)
+        options = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
                    if first.sample else {"do_sample": False})
-        with backbone.lock:
+        with backbone.lock, _seeded(seed, self.device):
             policy = backbone.policy
             with adapters_for_rows(policy.model, [loaded.adapter for _, loaded in rows]) as adapters:
                 outputs = policy.generate(texts, max_new_tokens=first.max_new_tokens, **options, **adapters)
         # A byte-level model can write NUL, which no database stores as text (the store refuses it):
         # what people are shown and what is stored is the summary without it.
-        return [Summary(output.replace("\x00", ""), request.version, cut)
-                for (request, _), output, cut in zip(rows, outputs, policy.truncated(texts))]
+        outputs = [output.replace("\x00", "") for output in outputs]
+        prompt_tokens, completion_tokens = _token_counts(policy, texts, outputs)
+        room = new_token_room(policy.model.config, policy.limits)
+        limit = first.max_new_tokens if room is None else min(first.max_new_tokens, room)
+        return [Summary(output, request.version, cut, prompt, completion, completion >= limit)
+                for (request, _), output, cut, prompt, completion
+                in zip(rows, outputs, policy.truncated(texts), prompt_tokens, completion_tokens)]
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """torch's generator seeded with ``seed`` for the block and restored after it (transformers'
+    ``generate`` takes no generator of its own), so the unseeded requests' stream goes on as if
+    the seeded call had not run; nothing without a seed."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _token_counts(policy: Policy, texts: list[str], outputs: list[str]) -> tuple[list[int], list[int]]:
+    """(input tokens the model read, summary tokens) per row: the OpenAI routes' ``usage``. The
+    summary is re-encoded (``Policy.generate`` returns text), which gives the generated count for
+    byte-level and almost always for BPE tokenizers."""
+    prompts = policy.encode_documents(texts)["attention_mask"].sum(dim=1).tolist()
+    encoded = policy.tokenizer(outputs, add_special_tokens=False, verbose=False)["input_ids"]
+    return prompts, [len(ids) for ids in encoded]
