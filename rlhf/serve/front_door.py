@@ -17,6 +17,7 @@ from typing import Any
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from rlhf.serve.config import ServingConfig
+from rlhf.serve.openai_messages import COMPLETION_PATHS, error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,12 +81,12 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _too_large(send, f"{declared} bytes", limit)
+            await _too_large(send, f"{declared} bytes", limit, scope["path"])
             return
-        await self.app(scope, *_counted(receive, send, limit))
+        await self.app(scope, *_counted(receive, send, limit, scope["path"]))
 
 
-def _counted(receive: Receive, send: Send, limit: int) -> tuple[Receive, Send]:
+def _counted(receive: Receive, send: Send, limit: int, path: str) -> tuple[Receive, Send]:
     """``receive`` that stops at ``limit`` body bytes (answering 413 and telling the app the client
     left), and ``send`` that drops what the app sends after that."""
     state = {"received": 0, "refused": False, "started": False}
@@ -97,7 +98,7 @@ def _counted(receive: Receive, send: Send, limit: int) -> tuple[Receive, Send]:
             if state["received"] > limit:
                 state["refused"] = True
                 if not state["started"]:
-                    await _too_large(send, f"more than {limit} bytes", limit)
+                    await _too_large(send, f"more than {limit} bytes", limit, path)
                 return {"type": "http.disconnect"}
         return message
 
@@ -120,13 +121,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _too_large(send: Send, size: str, limit: int) -> None:
-    body = json.dumps(
-        {
-            "detail": f"body: {size} is over this route's {limit}-byte limit; send less "
-            "(one document or section at a time)"
-        }
-    ).encode()
+async def _too_large(send: Send, size: str, limit: int, path: str) -> None:
+    """413 in the app's shape, or in OpenAI's on the OpenAI-compatible routes."""
+    message = (f"body: {size} is over this route's {limit}-byte limit; send less "
+               "(one document or section at a time)")
+    openai = path in COMPLETION_PATHS
+    refused = error_body(message, code="request_too_large") if openai else {"detail": message}
+    body = json.dumps(refused).encode()
     await send(
         {
             "type": "http.response.start",

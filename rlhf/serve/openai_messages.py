@@ -225,3 +225,13 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# The routes that answer in OpenAI's error shape, also when the front door refuses a body unread.
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body, ``{"error": {message, type, param, code}}``."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()

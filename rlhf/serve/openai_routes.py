@@ -46,13 +46,13 @@ from rlhf.serve.openai_messages import (
     Completion,
     CompletionChoice,
     CompletionRequest,
-    ErrorDetail,
     ErrorResponse,
     FinishReason,
     GenerationParams,
     ModelCard,
     ModelList,
     Usage,
+    error_body,
 )
 from rlhf.serve.policy_versions import Sampling, Summary, registry_current, servable_versions
 
@@ -108,8 +108,8 @@ def error_response(
     """OpenAI's error body: the type (and code, unless given) by status."""
     usual = ("server_error" if status >= 500 else "invalid_request_error", None)
     kind, usual_code = ERROR_KINDS.get(status, usual)
-    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code or usual_code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, param, code or usual_code), status_code=status,
+                        headers=headers)
 
 
 def http_error(exc: StarletteHTTPException) -> JSONResponse:

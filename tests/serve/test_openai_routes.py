@@ -266,6 +266,10 @@ def test_bad_input_answers_openai_errors_naming_the_parameter_never_500(app: App
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {app.token}"}
     not_json = requests.post(app.url + "/v1/completions", data="{oops", headers=headers, timeout=60)
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+    # A body over serve.max_json_bytes is refused unread by the front door, in the same shape.
+    unread = requests.post(app.url + "/v1/chat/completions", data=b"x" * 1_000_001, headers=headers,
+                           timeout=60)
+    assert unread.status_code == 413 and unread.json()["error"]["code"] == "request_too_large", unread.text
 
 
 def test_the_api_key_is_a_labeler_token_and_the_rate_limit_answers_429(app: App):
