@@ -11,9 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from rlhf.config.core import CliArgs, ConfigError, save_config
-from rlhf.config.sections import ModelConfig, StoreConfig
+from rlhf.config.core import CliArgs, ConfigError, save_config, to_dict
+from rlhf.config.sections import ModelConfig, StoreConfig, TrackingConfig
 from rlhf.errors import InputError
+from rlhf.metrics import flatten
+from rlhf.tracking import TrackedRun
 
 
 class JobConfig(Protocol):
@@ -23,6 +25,13 @@ class JobConfig(Protocol):
 
     @property
     def output_dir(self) -> str: ...
+
+
+class TrainingJobConfig(JobConfig, Protocol):
+    """A job that trains (sft, reward, dpo, ppo, online): it names its experiment trackers."""
+
+    @property
+    def tracking(self) -> TrackingConfig: ...
 
 
 T = TypeVar("T", bound=JobConfig)
@@ -75,6 +84,12 @@ def without_secrets(config: T) -> T:
         if isinstance(value, StoreConfig):
             value.url = redact_url(value.url)
     return saved
+
+
+def tracked_run(config: TrainingJobConfig) -> TrackedRun:
+    """What the trackers of a run of ``config`` log: its ``tracking`` section, and the config as
+    output_dir/config.yaml records it (secrets redacted) as flat dotted parameters."""
+    return TrackedRun(config.tracking, flatten(to_dict(without_secrets(config))))
 
 
 def _sections(config: Any) -> list[Any]:

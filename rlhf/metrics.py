@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard scalars, progress lines, and
+"""Run metrics: one JSON object per line in metrics.jsonl, passed on to the run's experiment trackers
+(:class:`Tracker`: TensorBoard, W&B, MLflow), progress lines, and
 the typed record of a PPO iteration (:class:`IterationMetrics`): PPO writes it, the online loop,
 ``rlhf.eval`` plots and the benchmarks read its fields, so a renamed metric fails where it is read.
 
@@ -16,37 +17,74 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    """An experiment-tracking backend a run logs to besides metrics.jsonl: TensorBoard, W&B, MLflow
+    (``rlhf.tracking`` builds them from a job's ``tracking`` section). Only the process that writes
+    metrics.jsonl holds trackers: the driver, or rank 0 of a Ray Train run."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """The run's resolved config, flat dotted keys (:func:`flatten`)."""
+
+    def log_metrics(self, row: dict[str, float], step: int) -> None:
+        """The numbers of one metrics row, flat dotted keys, at ``step``."""
+
+    def log_artifact(self, folder: Path) -> None:
+        """A finished model folder, where the backend stores files."""
+
+    def close(self) -> None:
+        """Finish the run: flush what is buffered and end the backend's processes."""
 
 
 class MetricsWriter:
-    """Appends records to ``output_dir/metrics.jsonl`` and mirrors numbers to TensorBoard."""
+    """Appends records to ``output_dir/metrics.jsonl`` (or ``file_name``) and hands each record's
+    numbers to the run's trackers, at the record's ``step_key`` value."""
 
-    def __init__(self, output_dir: str | Path, step_key: str, tensorboard: bool = True):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(self, output_dir: str | Path, step_key: str, trackers: Sequence[Tracker] = (),
+                 file_name: str = "metrics.jsonl"):
+        self.path = Path(output_dir) / file_name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step_key = step_key
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self.trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = record[self.step_key]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != self.step_key:
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        numbers = {key: float(value) for key, value in flatten(record).items()
+                   if isinstance(value, (int, float)) and key != self.step_key}
+        for tracker in self.trackers:
+            tracker.log_metrics(numbers, record[self.step_key])
+
+    def log_artifact(self, folder: Path) -> None:
+        for tracker in self.trackers:
+            tracker.log_artifact(folder)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: trackers take flat keys (an empty mapping stays a value,
+    so every config key is kept)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def progress_line(record: dict[str, Any], keys: list[str]) -> str:

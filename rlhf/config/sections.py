@@ -6,6 +6,7 @@ the code that dispatches on its choices; this module depends on nothing but :mod
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,11 @@ RewardScore = Literal["total", "quality", "length"]
 LoraPublish = Literal["merged", "adapter"]  # lora.publish: what a LoRA run saves
 RewardHead = Literal["quality", "total"]  # what RL optimises (reward.head) and eval judges
 DocumentPart = Literal["rest", "holdout"]  # data.part: which side of a document-hash split to read
+# Where a run's params and metrics go besides metrics.jsonl (rlhf.tracking builds one tracker each).
+TrackingBackend = Literal["tensorboard", "wandb", "mlflow"]
+WandbMode = Literal["offline", "online"]  # tracking.wandb_mode: offline writes a run folder to sync later
+# Backends whose package is the optional `tracking` extra (tensorboardX is a core dependency).
+TRACKING_EXTRA: dict[TrackingBackend, str] = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 @dataclass
@@ -116,3 +122,33 @@ class DeepSpeedConfig:
             raise ConfigError("offload_params", f"needs zero_stage=3, got zero_stage={self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("offload_optimizer", "needs zero_stage 1, 2 or 3, got zero_stage=0")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers a training job logs to: its config as parameters, every metrics.jsonl row
+    (cycles.jsonl in the online loop) and the final model folder."""
+
+    backends: list[TrackingBackend] = option(
+        factory=lambda: ["tensorboard"], help="Any of tensorboard (output_dir/tensorboard), wandb, mlflow; "
+        "wandb and mlflow need the tracking extra (pip install -e '.[tracking]')."
+    )
+    project: str = option("rlhf", "W&B project and MLflow experiment the run is filed under.")
+    run_name: str = option("", "Name of the run in W&B and MLflow; empty = output_dir's folder name.")
+    mlflow_uri: str = option(
+        "", "MLflow tracking URI: empty = a local store, output_dir/mlflow.db (SQLite; files in "
+        "output_dir/mlartifacts); or a server (http://host:5000) or another database (sqlite:///mlflow.db)."
+    )
+    wandb_mode: WandbMode = option(
+        "offline", "offline: the run folder is written under output_dir/wandb (upload it later with "
+        "`wandb sync`); online: streamed to W&B (needs WANDB_API_KEY or `wandb login`)."
+    )
+
+    def validate(self) -> None:
+        for backend in self.backends:
+            if self.backends.count(backend) > 1:
+                raise ConfigError("backends", f"{backend} is listed twice")
+            package = TRACKING_EXTRA.get(backend)
+            if package is not None and importlib.util.find_spec(package) is None:
+                raise ConfigError("backends",
+                                  f"{backend} needs the tracking extra: pip install -e '.[tracking]'")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.core import ConfigError, option
-from rlhf.config.sections import LoraConfig, ModelConfig
+from rlhf.config.sections import LoraConfig, ModelConfig, TrackingConfig
 from rlhf.dpo.loss import DPOKind
 from rlhf.train.config import ComparisonSourcesConfig, TrainConfig
 
@@ -57,6 +57,7 @@ class DPOConfig(ComparisonSourcesConfig):
         factory=LoraConfig, help="LoRA adapters; with dpo.reference=online the base with the adapter "
         "off is the reference (no second copy)."
     )
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="Experiment trackers (W&B, MLflow).")
 
     def validate(self) -> None:
         if self.data is None and not self.from_store:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from rlhf.cli import tracked_run
 from rlhf.config.sections import DType, LoraConfig, ModelConfig
 from rlhf.dpo.config import DPOAlgoConfig, DPOConfig
 from rlhf.dpo.loss import dpo_loss
@@ -26,6 +27,7 @@ from rlhf.models import Policy, load_policy, resolve_dtype
 from rlhf.models.scoring import load_frozen_policy
 from rlhf.runtime import compute_device, init_ray, quiet_ray_data, set_torch_threads
 from rlhf.store import check_url
+from rlhf.tracking import TrackedRun
 from rlhf.train.config import TrainConfig
 from rlhf.train.data import human_comparisons
 from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, built, check_data_size, run_training
@@ -162,8 +164,10 @@ def with_reference_logprobs(table: pa.Table, model_cfg: ModelConfig, train: Trai
 def train_dpo_policy(
     model_cfg: ModelConfig, train_cfg: TrainConfig, algo: DPOAlgoConfig, train: pa.Table,
     validation: pa.Table, output_dir: str, seed: int, resume: bool = False, lora: LoraConfig | None = None,
+    tracked: TrackedRun | None = None,
 ) -> TrainResult:
-    """DPO of ``model_cfg`` (also the reference) on comparisons; jobs/dpo.py and online cycles call it."""
+    """DPO of ``model_cfg`` (also the reference) on comparisons; jobs/dpo.py and online cycles call it
+    (a cycle's run logs to tensorboard only: ``tracked`` None)."""
     check_data_size(train.num_rows, train_cfg)  # before the reference pass
     validation = validation.slice(0, train_cfg.max_eval_rows)  # all the loop validates on
     if algo.reference == "cached":  # one Ray Data pass over both tables
@@ -171,7 +175,7 @@ def train_dpo_policy(
         scored = with_reference_logprobs(pa.concat_tables([train, validation]), model_cfg, train_cfg)
         train, validation = scored.slice(0, train.num_rows), scored.slice(train.num_rows)
     task = DPOTask(model_cfg, algo, train_cfg.batch_size, train_cfg.dtype, lora or LoraConfig())
-    settings = LoopSettings(train=train_cfg, seed=seed, output_dir=output_dir)
+    settings = LoopSettings(train_cfg, seed, output_dir, tracked or TrackedRun())
     return run_training(task, settings, train, validation, resume=resume)
 
 
@@ -185,4 +189,4 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> TrainResult:
                          "decided choices in store.url")
     emit(f"dpo: {train.num_rows} training pairs, {validation.num_rows} validation")
     return train_dpo_policy(cfg.model, cfg.train, cfg.dpo, train, validation, cfg.output_dir, cfg.seed,
-                            resume=resume, lora=cfg.lora)
+                            resume=resume, lora=cfg.lora, tracked=tracked_run(cfg))

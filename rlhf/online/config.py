@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.core import option
-from rlhf.config.sections import RewardHead, StoreConfig
+from rlhf.config.sections import RewardHead, StoreConfig, TrackingConfig
 from rlhf.dpo.config import DPOAlgoConfig
 from rlhf.ppo.config import PPOAlgoConfig, PPOTrainingConfig
 from rlhf.train.config import RewardTrainingConfig, TrainConfig
@@ -153,5 +153,9 @@ class OnlineConfig:
     dpo_train: TrainConfig = option(
         factory=lambda: TrainConfig(lr=5e-4, max_steps=20, eval_every=20, save_every=20),
         help="method=dpo: each cycle's DPO training (jobs/dpo.py's train); rl.policy gives the lengths.",
+    )
+    tracking: TrackingConfig = option(
+        factory=TrackingConfig, help="Experiment trackers of the loop: cycles.jsonl rows (each cycle's "
+        "own runs keep tensorboard only)."
     )
 

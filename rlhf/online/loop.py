@@ -6,20 +6,21 @@ The loop waits for K new choices, fixes the cycle's window, and drives the metho
 rlhf.online.reward_cycle (reward-model update, then RL with ``rl.ppo.advantage``'s estimator);
 method=dpo is rlhf.online.dpo_cycle (a DPO update of the served policy, no reward model). The
 ledger in the feedback database (rlhf.store.cycles) records each step before the next, which makes
-the loop resumable; cycles.jsonl and the progress lines are the loop's too.
+the loop resumable; cycles.jsonl (each row also to the loop's experiment trackers) and the progress
+lines are the loop's too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from rlhf.cli import tracked_run
 from rlhf.errors import InputError
-from rlhf.metrics import emit
+from rlhf.metrics import MetricsWriter, emit
 from rlhf.online.config import OnlineConfig, OnlineMethod
 from rlhf.online.cycle import CycleContext, OnlineCycle
 from rlhf.online.dpo_cycle import DPOCycle
@@ -51,20 +52,28 @@ class OnlineLoop:
         self.method = CYCLES[cfg.method](self.context)
 
     def run(self) -> list[Cycle]:
-        """Finish an interrupted cycle first, then start new ones; returns the cycles this call ran."""
-        ran: list[Cycle] = []
-        while True:
-            cycles = self.ledger.all()
-            last = cycles[-1] if cycles else None
-            finished = sum(c.done for c in cycles)
-            if last is not None and not last.done:
-                emit(f"online: resuming cycle {last.cycle} at stage {last.stage}")
-                cycle = last
-            elif self.cfg.cycles and finished >= self.cfg.cycles:
-                return ran
-            else:
-                cycle = self.start_cycle(last)
-            ran.append(self._finish(cycle))
+        """Finish an interrupted cycle first, then start new ones; returns the cycles this call ran.
+        Each finished cycle's row goes to cycles.jsonl and the trackers; at the end, the served policy
+        goes to the trackers as the run's model."""
+        trackers = tracked_run(self.cfg).open(self.output_dir)
+        with MetricsWriter(self.output_dir, "cycle", trackers, file_name="cycles.jsonl") as log:
+            ran: list[Cycle] = []
+            while True:
+                cycles = self.ledger.all()
+                last = cycles[-1] if cycles else None
+                finished = sum(c.done for c in cycles)
+                if last is not None and not last.done:
+                    emit(f"online: resuming cycle {last.cycle} at stage {last.stage}")
+                    cycle = last
+                elif self.cfg.cycles and finished >= self.cfg.cycles:
+                    break
+                else:
+                    cycle = self.start_cycle(last)
+                ran.append(self._finish(cycle, log))
+            served = self.policies.current()
+            if ran and served is not None:
+                log.log_artifact(served)
+        return ran
 
     def start_cycle(self, last: Cycle | None) -> Cycle:
         """Wait for K new choices after ``last``'s watermark, then fix the new cycle's window and what
@@ -94,7 +103,7 @@ class OnlineLoop:
             emit(f"online: cycle {number} waiting for feedback: {new}/{fb.min_new} new choices")
             time.sleep(fb.poll_interval_s)
 
-    def _finish(self, cycle: Cycle) -> Cycle:
+    def _finish(self, cycle: Cycle, log: MetricsWriter) -> Cycle:
         cycle_dir = self.output_dir / "cycles" / f"c{cycle.cycle:04d}"
         if cycle.stage == "started":
             cycle = self.ledger.advance(cycle.cycle, "reward_done", self.method.learn(cycle, cycle_dir))
@@ -105,8 +114,7 @@ class OnlineLoop:
         else:
             record = self.method.publish(cycle, cycle_dir)
         cycle = self.ledger.advance(cycle.cycle, "done", record)
-        with (self.output_dir / "cycles.jsonl").open("a") as log:
-            log.write(json.dumps({"cycle": cycle.cycle, **record.to_record()}) + "\n")
+        log.write({"cycle": cycle.cycle, **record.to_record()})
         emit(f"online: cycle {cycle.cycle} done: {self.method.verdict(record)}, {_outcome(record)}")
         return cycle
 

@@ -20,6 +20,7 @@ from rlhf.config.sections import (
     LoraConfig,
     ModelConfig,
     RewardHead,
+    TrackingConfig,
 )
 from rlhf.data import sample_source
 from rlhf.ppo.estimators import (
@@ -272,6 +273,7 @@ class PPOConfig(PPOTrainingConfig):
     prompts: DataSourceConfig = option(factory=lambda: sample_source("tldr_sft.jsonl"),
                                        help="Documents to summarise (any layout with a document column).")
     registry: str = option("", "Policy registry directory or URI; empty = output_dir/registry.")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="Experiment trackers (W&B, MLflow).")
 
     @classmethod
     def for_run(

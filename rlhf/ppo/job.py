@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from rlhf.cli import tracked_run
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import read_dataset
 from rlhf.metrics import IterationMetrics, MetricsWriter, emit, progress_line
@@ -49,19 +50,23 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> list[IterationMetrics]:
     init_ray()
     quiet_ray_data()
     prompts = prompt_stream(cfg)
-    roles = RayRoles(cfg)
-    metrics = MetricsWriter(cfg.output_dir, step_key="iteration")
+    trackers = tracked_run(cfg).open(cfg.output_dir)
+    with MetricsWriter(cfg.output_dir, step_key="iteration", trackers=trackers) as metrics:
 
-    def log(iteration: IterationMetrics) -> None:
-        metrics.write(iteration.to_record())
-        emit(f"ppo {iteration.iteration}/{cfg.ppo.iterations} | {progress(iteration)}")
+        def log(iteration: IterationMetrics) -> None:
+            metrics.write(iteration.to_record())
+            emit(f"ppo {iteration.iteration}/{cfg.ppo.iterations} | {progress(iteration)}")
 
-    trainer = PPOTrainer(cfg, roles, prompts, log)
-    if resume_from is not None:
-        trainer.restore(Path(resume_from))
-        emit(f"resumed from {resume_from} at iteration {trainer.iteration}")
-    try:
-        return trainer.run()
-    finally:
-        metrics.close()
-        roles.shutdown()
+        roles = RayRoles(cfg)
+        try:
+            trainer = PPOTrainer(cfg, roles, prompts, log)
+            if resume_from is not None:
+                trainer.restore(Path(resume_from))
+                emit(f"resumed from {resume_from} at iteration {trainer.iteration}")
+            history = trainer.run()
+        finally:
+            roles.shutdown()
+        final = trainer.registry.current()  # the last iteration always publishes
+        if final is not None:
+            metrics.log_artifact(final)
+        return history

@@ -19,6 +19,7 @@ from rlhf.config.sections import (
     ModelConfig,
     RewardHeads,
     StoreConfig,
+    TrackingConfig,
 )
 from rlhf.data import sample_source
 from rlhf.data.augment import CorruptionKind
@@ -74,6 +75,7 @@ class SFTConfig:
         0, "Print this many of those summaries (the same documents at every eval, the first before "
         "any training) to watch them change.", ge=0,
     )
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="Experiment trackers (W&B, MLflow).")
 
     def validate(self) -> None:
         if self.show_summaries > self.rouge_rows:
@@ -172,6 +174,7 @@ class RewardConfig(RewardTrainingConfig, ComparisonSourcesConfig):
     output_dir: str = option("runs/reward", "Checkpoints, metrics.jsonl and the resolved config go here.")
     seed: int = option(0, "Seed for head init, data order and augmentation.")
     augment: AugmentConfig = option(factory=AugmentConfig, help="Synthetic preference pairs.")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="Experiment trackers (W&B, MLflow).")
 
     def validate(self) -> None:
         super().validate()

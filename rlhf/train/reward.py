@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf.cli import tracked_run
 from rlhf.config.sections import LoraConfig, ModelConfig
 from rlhf.data.augment import synthetic_preferences
 from rlhf.data.schemas import Schema
@@ -29,6 +30,7 @@ from rlhf.metrics import emit
 from rlhf.models import RewardModel, load_reward_model
 from rlhf.models.heads import ScoreStats, check_reward_heads
 from rlhf.store import check_url
+from rlhf.tracking import TrackedRun
 from rlhf.train.config import RewardConfig, RewardHeadsConfig, RewardTrainingConfig
 from rlhf.train.data import human_comparisons, split_validation
 from rlhf.train.disentangle import length_correlation_loss, orthogonality_loss
@@ -207,15 +209,16 @@ def reward_data(cfg: RewardConfig) -> tuple[pa.Table, pa.Table]:
 
 def train_reward_model(
     training: RewardTrainingConfig, train: pa.Table, validation: pa.Table, output_dir: str, seed: int,
-    resume: bool = False,
+    resume: bool = False, tracked: TrackedRun | None = None,
 ) -> TrainResult:
-    """Train ``training.model`` on comparisons; jobs/reward.py and each online cycle call it."""
+    """Train ``training.model`` on comparisons; jobs/reward.py and each online cycle call it (a cycle's
+    run logs to tensorboard only: ``tracked`` None)."""
     check_reward_heads(training.model.name_or_path, training.heads.layout)  # before Ray starts
     if training.balance_longer:
         train = balance_by_longer(train, training.train.batch_size, seed)
         emit(f"reward: {train.num_rows} training pairs after balancing by the longer side")
     task = RewardTask(training.model, training.train.batch_size, seed, training.heads, training.lora)
-    settings = LoopSettings(train=training.train, seed=seed, output_dir=output_dir)
+    settings = LoopSettings(training.train, seed, output_dir, tracked or TrackedRun())
     return run_training(task, settings, train, validation, resume=resume)
 
 
@@ -225,4 +228,5 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> TrainResult:
         check_url(cfg.store.url)  # fail in seconds, before Ray starts
     train, validation = reward_data(cfg)
     emit(f"reward: {train.num_rows} training pairs, {validation.num_rows} validation")
-    return train_reward_model(cfg, train, validation, cfg.output_dir, cfg.seed, resume=resume)
+    return train_reward_model(cfg, train, validation, cfg.output_dir, cfg.seed, resume=resume,
+                              tracked=tracked_run(cfg))

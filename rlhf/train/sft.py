@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlhf.cli import tracked_run
 from rlhf.config.sections import LoraConfig, ModelConfig
 from rlhf.data.schemas import Schema
 from rlhf.eval.rouge import rouge
@@ -86,5 +87,5 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> TrainResult:
     emit(f"sft: {train.num_rows} training pairs, {validation.num_rows} validation pairs")
     task = SFTTask(cfg.model, cfg.train.batch_size, cfg.rouge_rows, cfg.train.deepspeed.zero_stage, cfg.lora,
                    cfg.show_summaries)
-    settings = LoopSettings(train=cfg.train, seed=cfg.seed, output_dir=cfg.output_dir)
+    settings = LoopSettings(cfg.train, cfg.seed, cfg.output_dir, tracked_run(cfg))
     return run_training(task, settings, train, validation, resume=resume)

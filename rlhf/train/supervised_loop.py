@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from rlhf.metrics import MetricsWriter, emit, progress_line
 from rlhf.runtime import derive_seed, init_ray, quiet_ray_data, set_torch_threads, sigint_restored
+from rlhf.tracking import TrackedRun
 from rlhf.train.config import TrainConfig
 from rlhf.train.deepspeed_setup import initialize, lr_lambda, training_config, zero3_init_context
 from rlhf.train.zero_gather import Gather, parameter_gather, rank
@@ -93,6 +94,7 @@ class LoopSettings:
     train: TrainConfig
     seed: int
     output_dir: str
+    tracked: TrackedRun = field(default_factory=TrackedRun)  # rank 0 opens the run's trackers
 
 
 # ---------------------------------------------------------------- worker side
@@ -128,13 +130,16 @@ def _read_all(shard: Any, limit: int) -> Rows:
 
 
 class _MetricsLog:
-    """Progress lines on stdout, metrics.jsonl and TensorBoard events, from rank 0 only."""
+    """Progress lines on stdout, metrics.jsonl and the experiment trackers, from rank 0 only."""
 
-    def __init__(self, output_dir: str, total_steps: int, start_step: int):
-        self.total = total_steps
+    def __init__(self, settings: LoopSettings, start_step: int):
+        self.total = settings.train.max_steps
         self.start_step = start_step
         self.t0 = time.time()
-        self.writer = MetricsWriter(output_dir, step_key="step") if rank() == 0 else None
+        self.writer = None
+        if rank() == 0:
+            trackers = settings.tracked.open(settings.output_dir)
+            self.writer = MetricsWriter(settings.output_dir, step_key="step", trackers=trackers)
 
     def progress(self, state: TrainState, metrics: dict[str, float], lr: float, samples_s: float) -> None:
         if self.writer is None:
@@ -152,20 +157,14 @@ class _MetricsLog:
         self.writer.write({"event": "eval", "step": step, **metrics})
         emit(f"eval step {step} | {progress_line(metrics, list(metrics))}")
 
+    def model(self, folder: Path) -> None:
+        """The final model folder, to the trackers that store files."""
+        if self.writer is not None:
+            self.writer.log_artifact(folder)
 
-def _save_checkpoint(task: TrainTask, engine: Any, state: TrainState, zero_stage: int,
-                     metrics: dict[str, float]) -> None:
-    """Every rank writes its DeepSpeed shard; rank 0 adds the HF model and the train state."""
-    import ray.train
-
-    directory = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
-    engine.save_checkpoint(str(directory), tag=DS_TAG)
-    task.save(engine.module, directory / MODEL_DIR, parameter_gather(zero_stage))
-    if rank() == 0:
-        state.save(directory)
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-    ray.train.report({"step": state.step, **metrics}, checkpoint=checkpoint)
-    shutil.rmtree(directory, ignore_errors=True)
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class _Window:
@@ -212,7 +211,7 @@ class _Worker:
         self.state = self._restore(config["resume_from"])
         self.shard = ray.train.get_dataset_shard("train")
         self.validation = _read_all(ray.train.get_dataset_shard("validation"), self.cfg.max_eval_rows)
-        self.log = _MetricsLog(self.settings.output_dir, self.cfg.max_steps, self.state.step)
+        self.log = _MetricsLog(self.settings, self.state.step)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.last_eval: dict[str, float] = {}
 
@@ -277,8 +276,25 @@ class _Worker:
             with torch.no_grad():
                 self.task.finalize(self.engine.module)
         if step % cfg.save_every == 0 or final:
-            _save_checkpoint(self.task, self.engine, self.state, cfg.deepspeed.zero_stage, self.last_eval)
+            self._save_checkpoint(final)
         return window
+
+    def _save_checkpoint(self, final: bool) -> None:
+        """Every rank writes its DeepSpeed shard; rank 0 adds the HF model and the train state, and
+        hands the final model to the trackers (the folder output_dir/model is copied from)."""
+        import ray.train
+
+        directory = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        gather = parameter_gather(self.cfg.deepspeed.zero_stage)
+        self.task.save(self.engine.module, directory / MODEL_DIR, gather)
+        if rank() == 0:
+            self.state.save(directory)
+        if final:
+            self.log.model(directory / MODEL_DIR)
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+        ray.train.report({"step": self.state.step, **self.last_eval}, checkpoint=checkpoint)
+        shutil.rmtree(directory, ignore_errors=True)
 
     def _evaluate(self) -> None:
         self.engine.eval()
@@ -289,7 +305,11 @@ class _Worker:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker."""
-    _Worker(config).run()
+    worker = _Worker(config)
+    try:
+        worker.run()
+    finally:
+        worker.log.close()
 
 
 # ---------------------------------------------------------------- driver side

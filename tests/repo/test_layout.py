@@ -12,7 +12,7 @@ MAX_FUNCTION_LINES = 60
 LAYERS = (
     {"errors"},
     {"config", "metrics", "registry", "runtime"},
-    {"data"},
+    {"data", "tracking"},
     {"models", "store"},
     {"eval", "cli"},
     {"train"},
