@@ -1,6 +1,7 @@
 """rlhf.tracking: a run's config, metrics rows and model folder in MLflow and W&B, read back through
-each backend's own files and client; a missing package is one line naming the extra; and a real SFT
-job logs from its rank-0 Ray Train worker."""
+each backend's own files and client; a missing package is one line naming the extra. The real job
+run with a tracker (an SFT job logging from its rank-0 Ray Train worker) is in
+tests/train/test_train.py, where that run also checks the SFT learns."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.paths import FIXTURES
 
 from rlhf.cli import tracked_run
 from rlhf.config.core import ConfigError, load_config, parse_cli
@@ -172,31 +172,3 @@ def test_tracking_backends_are_checked_like_every_key() -> None:
         load_config(SFTConfig, None, ["tracking.backends=[mlflow,mlflow]"])
     with pytest.raises(ConfigError, match="tracking.wandb_mode: expected one of 'offline', 'online'"):
         load_config(SFTConfig, None, ["tracking.wandb_mode=cloud"])
-
-
-@pytest.mark.usefixtures("ray_local")
-def test_an_sft_job_logs_from_its_rank_0_worker(tmp_path: Path) -> None:
-    """The one real job: Ray Train's rank 0 opens the trackers, the driver none."""
-    from mlflow.tracking import MlflowClient
-
-    from rlhf.train.sft import run_sft
-
-    cfg = load_config(SFTConfig, None, [
-        f"output_dir={tmp_path}", f"data.path={FIXTURES / 'tldr_sft_sample.jsonl'}", "data.limit=16",
-        "model.max_source_length=64", "model.max_target_length=16", "rouge_rows=0", "train.batch_size=4",
-        "train.max_steps=2", "train.log_every=1", "train.max_eval_rows=4", "tracking.backends=[mlflow]",
-    ])
-    run_sft(cfg)
-
-    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
-    assert (run.info.run_name, run.info.status) == (tmp_path.name, "FINISHED")  # named after output_dir
-    for key in ("loss", "val_loss"):
-        history = client.get_metric_history(run.info.run_id, key)
-        assert [(m.step, m.value) for m in history] == _series(written, key), key
-    assert [step for step, _ in _series(written, "loss")] == [1, 2]
-    assert run.data.params["train.max_steps"] == "2" and run.data.params["model.name_or_path"] == "tiny-t5"
-    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
-    assert model_files == {p.name for p in (tmp_path / "model").iterdir()}  # the final model, as copied
-    assert not (tmp_path / "tensorboard").exists()  # tensorboard only when listed

@@ -68,9 +68,12 @@ def _assert_sft_learned(output_dir: Path, model_dir: Path) -> None:
     assert not list(model_dir.glob("*.bin"))
 
 
-def test_sft_lowers_validation_loss_on_a_causal_policy(tmp_path: Path) -> None:
+def test_sft_on_a_causal_policy_learns_and_logs_from_its_rank_0_worker_to_mlflow(tmp_path: Path) -> None:
+    """The training jobs' one real run with a tracker (rlhf.tracking): Ray Train's rank 0 opens it."""
+    from mlflow.tracking import MlflowClient
+
     cfg = _sft_config(tmp_path, "model.name_or_path=tiny-gpt2", "train.max_steps=12",
-                      "train.eval_every=12", "train.save_every=12")
+                      "train.eval_every=12", "train.save_every=12", "tracking.backends=[mlflow]")
     ctrl_c = signal.getsignal(signal.SIGINT)
     result = run_sft(cfg)
     # Ray Train's fit() swaps the Ctrl-C handler for one holding its TrainController, which kept
@@ -78,6 +81,18 @@ def test_sft_lowers_validation_loss_on_a_causal_policy(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGINT) is ctrl_c
     assert _wait_for_no_train_controller(timeout_s=60) == []
     _assert_sft_learned(tmp_path, result.model_dir)
+
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
+    assert (run.info.run_name, run.info.status) == (tmp_path.name, "FINISHED")  # named after output_dir
+    for key in ("loss", "val_loss"):
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert history == [(row["step"], row[key]) for row in written if key in row], key
+    assert run.data.params["train.max_steps"] == "12" and run.data.params["model.name_or_path"] == "tiny-gpt2"
+    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
+    assert model_files == {p.name for p in result.model_dir.iterdir()}  # the final model, as copied
+    assert not (tmp_path / "tensorboard").exists()  # tensorboard only when listed
 
 
 def test_sft_learns_and_resumes_at_the_same_step_with_the_same_weights(tmp_path: Path) -> None:
