@@ -1,7 +1,8 @@
 """Token and sequence log-probs from logits: pure tensor functions, no models, no global state.
 
 They sit below both of their users, so each reads a response the same way: PPO (its
-``functional`` module re-exports the logits functions beside its math) and the scoring of given
+``functional`` module exposes them as ``logprobs_from_logits`` / ``entropy_from_logits``, the names
+its interface keeps) and the scoring of given
 summaries (``rlhf.models.scoring``: DPO, its reference, the implicit-reward eval). Shapes follow
 PPO's: ``(B, T)`` right-padded, ``mask`` 1.0 on response tokens and 0.0 on padding.
 """
@@ -34,7 +35,7 @@ def _logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each label under softmax(logits).
 
     logits: (B, T, V); labels: (B, T) integer token ids, all valid indices (use the pad id,
@@ -54,7 +55,7 @@ def _entropy(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * finite).sum(dim=-1)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
+def token_entropy(logits: Tensor) -> Tensor:
     """Entropy (nats) of the categorical distribution softmax(logits). logits: (B, T, V) -> (B, T).
 
     Tokens whose logit is -inf (e.g. banned by a logits processor) contribute 0, not nan.

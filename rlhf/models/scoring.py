@@ -25,7 +25,7 @@ from torch import nn
 from rlhf.config.sections import ModelConfig, RewardHeads, RewardScore
 from rlhf.models.encoding import IGNORE_INDEX, pad_rows, shift_right
 from rlhf.models.heads import positions_from_mask
-from rlhf.models.logprobs import entropy_from_logits, logprobs_from_logits, sequence_logprobs, temper_logits_
+from rlhf.models.logprobs import sequence_logprobs, temper_logits_, token_entropy, token_logprobs
 from rlhf.models.policy import Policy, load_policy
 from rlhf.models.vocab import known_logits
 
@@ -145,11 +145,11 @@ def response_logprobs(
     logits = temper_logits_(response_logits(model, policy, responses), temperature)  # (B, T, V), no copy
     padding = responses.mask.to(logits.device) == 0  # (B, T)
     labels = responses.response_ids.to(logits.device)  # (B, T)
-    logprobs = logprobs_from_logits(logits, labels).masked_fill(padding, 0.0)  # (B, T)
+    logprobs = token_logprobs(logits, labels).masked_fill(padding, 0.0)  # (B, T)
     if not with_entropy:
         return logprobs, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T)
+        entropy = token_entropy(logits).masked_fill(padding, 0.0)  # (B, T)
     return logprobs, entropy
 
 

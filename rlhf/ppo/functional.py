@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 # The logits functions live below PPO, where the scoring of given summaries (DPO, eval) uses them too.
-from rlhf.models.logprobs import entropy_from_logits, logprobs_from_logits, temper_logits_
+from rlhf.models.logprobs import temper_logits_, token_entropy, token_logprobs
 
 __all__ = [
     "KL_KINDS",
@@ -68,6 +68,23 @@ __all__ = [
     "temper_logits_",
     "value_loss",
 ]
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of each label under softmax(logits): logits (B, T, V), labels (B, T) -> (B, T).
+
+    The implementation is ``rlhf.models.logprobs.token_logprobs``, below both PPO and the scoring
+    of given summaries (DPO, eval), so every role reads a response the same way.
+    """
+    return token_logprobs(logits, labels)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy (nats) of softmax(logits): (B, T, V) -> (B, T); -inf logits contribute 0.
+
+    The implementation is ``rlhf.models.logprobs.token_entropy`` (see :func:`logprobs_from_logits`).
+    """
+    return token_entropy(logits)
 
 # Added to the variance before the inverse square root in masked_whiten (as in TRL).
 WHITEN_EPS = 1e-8
