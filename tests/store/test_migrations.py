@@ -200,17 +200,8 @@ def test_concurrent_stores_upgrade_a_version_1_database_once(url: str, caplog: p
 
 # Schema version 3 exactly as rlhf/store/tables.py defined it (before labelers and verdicts).
 V3 = sa.MetaData()
-V3_VERSION = sa.Table("schema_version", V3, sa.Column("version", sa.Integer, primary_key=True,
-                                                       autoincrement=False))
-V3_DOCUMENTS = sa.Table(
-    "documents", V3,
-    sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("text", sa.Text, nullable=False),
-    sa.Column("text_sha256", sa.String(64), nullable=False, unique=True),
-    sa.Column("title", sa.Text),
-    sa.Column("source", sa.String(32), nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
+# The version table and documents did not change from v1 to v3.
+V3_VERSION, V3_DOCUMENTS = V1_VERSION.to_metadata(V3), V1_DOCUMENTS.to_metadata(V3)
 V3_COMPARISONS = sa.Table(
     "comparisons", V3,
     sa.Column("id", sa.String(36), primary_key=True),
