@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -16,7 +17,9 @@ class PPOBatch:
 
     rollout: Rollout
     scores: torch.Tensor  # (B,) reward per summary, after normalisation and penalties
-    logprobs: torch.Tensor  # (B, T) log pi_old(a_t | s_t) under the policy that sampled
+    # (B, T) log pi_old(a_t | s_t) under the policy that sampled; None with ppo.single_update,
+    # where the learner's forward before its one step is pi_old
+    logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t | s_t) under the frozen initial policy
     values: torch.Tensor  # (B, T) V_old(s_t) before each response token; 0 without a value model
     rewards: torch.Tensor  # (B, T) -kl_coef * KL per token (0 with ppo.kl_in=loss), score at the last token
@@ -31,16 +34,16 @@ class PPOBatch:
     def __len__(self) -> int:
         return self.scores.shape[0]
 
-    def select(self, index: torch.Tensor) -> PPOBatch:
+    def select(self, index: torch.Tensor | slice) -> PPOBatch:
         """Rows ``index`` (a minibatch or a learner's shard)."""
-        tensors = {name: getattr(self, name)[index] for name in self._row_tensors()}
+        tensors: dict[str, Any] = {name: tensor[index] for name, tensor in self._row_tensors().items()}
         return replace(self, rollout=self.rollout.select(index), **tensors)
 
     def to(self, device: torch.device | str) -> PPOBatch:
-        tensors = {name: getattr(self, name).to(device) for name in self._row_tensors()}
+        tensors: dict[str, Any] = {name: tensor.to(device) for name, tensor in self._row_tensors().items()}
         return replace(self, rollout=self.rollout.to(device), **tensors)
 
-    @classmethod
-    def _row_tensors(cls) -> list[str]:
-        """The fields with one row per summary (all but the rollout and the loss's KL weight)."""
-        return [f.name for f in fields(cls) if f.name not in ("rollout", "loss_kl_coef")]
+    def _row_tensors(self) -> dict[str, torch.Tensor]:
+        """The fields with one row per summary (all but the rollout and the loss's KL weight) that are set."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("rollout", "loss_kl_coef") and getattr(self, f.name) is not None}

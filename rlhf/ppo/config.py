@@ -119,6 +119,14 @@ class PPOAlgoConfig:
     def summaries_per_iteration(self) -> int:
         return self.rollout_batch_size * self.samples_per_document
 
+    @property
+    def single_update(self) -> bool:
+        """One policy update per rollout, no critic and the KL in the loss: pi_old is then the
+        policy the update starts from, so the learner's own forward (detached) gives it and no
+        separate old-log-prob pass runs (TRL's ``num_iterations=1``)."""
+        return (self.epochs == 1 and self.minibatch_size >= self.summaries_per_iteration
+                and not self.uses_critic and self.kl_in == "loss")
+
     def with_given(self, given: frozenset[str]) -> PPOAlgoConfig:
         """The estimator's KL placement and the placement's estimator, where the user set neither."""
         kl_in = self.kl_in if "kl_in" in given else self.estimator.default_kl_in
@@ -197,10 +205,11 @@ class RolesConfig:
         "CPU), bf16 or fp32."
     )
     forward_batch_size: int = option(
-        0, "Rows per forward pass of generation, reward scoring, reference and old log-probs/values "
-        "(each actor's shard is split into chunks of at most this many; results are joined as one "
-        "pass would give): bounds activation memory for long documents. 0 = the whole shard in one "
-        "pass. Not the PPO update's minibatch (ppo.minibatch_size).", ge=0
+        0, "Rows per forward pass of generation, reward scoring, reference and old log-probs/values, "
+        "and per forward+backward of an update (each actor's shard or minibatch is split into chunks "
+        "of at most this many; results and gradients are joined as one pass would give): bounds "
+        "activation memory for long documents. 0 = one pass. The update's rows are still "
+        "ppo.minibatch_size.", ge=0
     )
     max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
     weight_sync: WeightSync = option(

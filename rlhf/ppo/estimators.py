@@ -29,7 +29,7 @@ class ScoredRollout:
     """What an estimator reads; rows are summaries, each document's k rows consecutive."""
 
     scores: torch.Tensor  # (B,) reward per summary, after normalisation and penalties
-    logprobs: torch.Tensor  # (B, T) under the policy that sampled
+    logprobs: torch.Tensor | None  # (B, T) under the policy that sampled; None with ppo.single_update
     ref_logprobs: torch.Tensor  # (B, T) under the frozen reference
     values: torch.Tensor  # (B, T) the value model's; 0 without one
     mask: torch.Tensor  # (B, T) 1 on response tokens
@@ -60,10 +60,23 @@ class Estimator:
     description: str  # one line for --help
 
 
+def shaped_rewards(
+    scored: ScoredRollout, scores: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig
+) -> torch.Tensor:
+    """``F.shape_rewards`` of ``scores`` (B,) with ``kl_coef`` times the per-token KL: (B, T).
+    Without the policy's log-probs (``ppo.single_update``) the KL sits in the loss (kl_coef 0)."""
+    if scored.logprobs is None:
+        if kl_coef:
+            raise ValueError("a KL penalty in the reward needs the rollout's log-probs")
+        logprobs = scored.ref_logprobs  # the KL term is weighted 0
+    else:
+        logprobs = scored.logprobs
+    return F.shape_rewards(scores, logprobs, scored.ref_logprobs, scored.mask, kl_coef, algo.kl_kind)
+
+
 def gae(scored: ScoredRollout, kl_coef: float, algo: PPOAlgoConfig) -> Estimate:
     """PPO: GAE with the value model on KL-shaped per-token rewards, whitened if configured."""
-    rewards = F.shape_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, scored.mask, kl_coef,
-                              algo.kl_kind)
+    rewards = shaped_rewards(scored, scored.scores, kl_coef, algo)
     advantages, returns = F.compute_gae(rewards, scored.values, scored.mask, algo.gamma, algo.lam)
     if algo.whiten_advantages:
         advantages = F.masked_whiten(advantages, scored.mask)
@@ -77,8 +90,7 @@ def group_relative(kind: F.GroupKind, scored: ScoredRollout, kl_coef: float, alg
     stays a sequence's, the group baseline also centres the KL, and with ``kl_in=loss`` (kl_coef 0)
     it is the score's.
     """
-    rewards = F.shape_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, scored.mask, kl_coef,
-                              algo.kl_kind)
+    rewards = shaped_rewards(scored, scored.scores, kl_coef, algo)
     advantages = F.group_advantages(rewards.sum(1), algo.samples_per_document, kind, algo.scale_by_std)
     spread = F.spread_over_tokens(advantages, scored.mask)
     return Estimate(rewards, spread, torch.zeros_like(spread))
@@ -88,8 +100,7 @@ def reinforce_pp(scored: ScoredRollout, kl_coef: float, algo: PPOAlgoConfig) -> 
     """REINFORCE++: the KL penalty stays per token (its returns-to-go, as OpenRLHF)."""
     k = algo.samples_per_document
     baselined = F.group_baseline(scored.scores, k) if k > 1 else scored.scores
-    rewards = F.shape_rewards(baselined, scored.logprobs, scored.ref_logprobs, scored.mask, kl_coef,
-                              algo.kl_kind)
+    rewards = shaped_rewards(scored, baselined, kl_coef, algo)
     advantages = F.reinforce_pp_advantages(rewards, scored.mask, algo.gamma)
     return Estimate(rewards, advantages, torch.zeros_like(advantages))
 

@@ -15,11 +15,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 from rlhf.models.encoding import ModelKind
-from rlhf.models.heads import ValueModel
+from rlhf.models.heads import ValueModel, positions_from_mask
 from rlhf.models.policy import Policy
-from rlhf.models.scoring import module_device, policy_inputs_for
+from rlhf.models.scoring import PromptGroups, module_device, policy_inputs_for, prompt_groups
 from rlhf.models.scoring import response_logprobs as response_logprobs  # what PPO's roles import
 
 # Hub generation configs often ask for beam search, repetition penalties, banned n-grams or a
@@ -145,6 +146,7 @@ def generate_rollout(
     min_new_tokens: int = 0,
     synced_gpus: bool = False,
     stop_at_eos: bool = True,
+    share_prompts: bool = True,
 ) -> Rollout:
     """Sample one response per document from ``policy.model`` (plain ancestral sampling).
 
@@ -161,12 +163,19 @@ def generate_rollout(
     benchmark setting): EOS is not a stop token, its probability is left untouched (rather than
     banned, which would change the distribution), every token is in the mask, and ``ended``
     says whether an EOS was sampled anywhere.
+
+    Repeated documents (``ppo.samples_per_document``) are read once (``shared_prompt_inputs``)
+    unless ``share_prompts`` is False; the samples are the same either way.
     """
     model, tokenizer = policy.model, policy.tokenizer
     query = {name: tensor.cpu() for name, tensor in policy.encode_documents(documents).items()}
+    inputs = {name: tensor.to(model.device) for name, tensor in query.items()}
+    groups = prompt_groups(query)
+    if share_prompts and groups.shared:
+        inputs.update(shared_prompt_inputs(policy, inputs, groups))
     # PeftModel forwards generate to the model it wraps (untyped __getattr__)
     output = model.generate(  # type: ignore[operator]
-        **{name: tensor.to(model.device) for name, tensor in query.items()},
+        **inputs,
         **_PLAIN_SAMPLING,
         temperature=temperature,
         top_p=top_p,
@@ -194,6 +203,32 @@ def generate_rollout(
         pad_token_id=tokenizer.pad_token_id,
         query_padding_side="right" if policy.is_encoder_decoder else "left",
     )
+
+
+@torch.no_grad()
+def shared_prompt_inputs(
+    policy: Policy, inputs: dict[str, torch.Tensor], groups: PromptGroups
+) -> dict[str, Any]:
+    """What ``generate`` takes to skip reading a prompt more than once: the encoder's states of the
+    distinct documents (seq2seq), or the KV cache of each distinct prompt but its last token
+    (causal: ``generate`` then reads that one column per row), indexed out to every row.
+
+    For GRPO's k samples per document this turns k prompt passes into one, the bulk of the
+    rollout's compute when prompts are long and responses short.
+    """
+    first, of_row = groups.first.to(policy.model.device), groups.of_row.to(policy.model.device)
+    if policy.is_encoder_decoder:
+        states = policy.model.get_encoder()(**{name: tensor[first] for name, tensor in inputs.items()})
+        return {"encoder_outputs": BaseModelOutput(last_hidden_state=states.last_hidden_state[of_row])}
+    prefix_mask = inputs["attention_mask"][first, :-1]  # (G, P-1)
+    if prefix_mask.shape[1] == 0:
+        return {}
+    prefix = policy.model(
+        input_ids=inputs["input_ids"][first, :-1], attention_mask=prefix_mask,
+        position_ids=positions_from_mask(prefix_mask), use_cache=True, logits_to_keep=1,
+    )
+    prefix.cache.batch_select_indices(of_row)  # (G, ...) -> (B, ...)
+    return {"cache": prefix.cache}
 
 
 def _check_value_model(value_model: ValueModel, policy: Policy) -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "group_baseline",
     "kl_penalty",
     "logprobs_from_logits",
+    "loss_share",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -383,6 +384,21 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, how: LossAggregation = 
         return masked_mean(per_token_loss, mask)
     row_means = masked_mean(per_token_loss, mask, dim=-1)  # (B,), 0 for an empty row
     return masked_mean(row_means, (mask != 0).any(dim=-1))
+
+
+def loss_share(part_mask: Tensor, whole_mask: Tensor, how: LossAggregation = "token_mean") -> float:
+    """Weight of ``aggregate_loss`` over some rows (``part_mask`` (b, T)) in the aggregate over all of
+    them (``whole_mask`` (B, T)): valid tokens of the part over those of the whole ("token_mean"), or
+    non-empty rows likewise ("sequence_mean"); 0 when the whole has none. The parts' aggregates times
+    their shares sum to the whole's exactly, so chunked backward passes accumulate the gradient of
+    one pass over the whole minibatch.
+    """
+    _check_choice(how, LossAggregation, "loss aggregation")
+    if how == "token_mean":
+        part, whole = part_mask.sum(), whole_mask.sum()  # mask values weigh tokens, as in masked_mean
+    else:
+        part, whole = (part_mask != 0).any(-1).sum(), (whole_mask != 0).any(-1).sum()
+    return part.item() / whole.item() if whole.item() else 0.0
 
 
 def policy_loss(

@@ -228,6 +228,9 @@ class LearnStats:
     entropy: float
     clip_fraction: float
     approx_kl: float
+    # KL(pi || pi_ref) per summary (k1, summed over its tokens) under the weights each update started
+    # from: the rollout's KL when one update is all (ppo.single_update skips the old-log-prob pass)
+    update_kl: float
 
     @staticmethod
     def mean(rows: list[dict[str, float]]) -> LearnStats:
@@ -305,38 +308,67 @@ class Learner:
         for _ in range(algo.epochs):
             order = torch.randperm(len(batch), generator=self.rng)
             for index in order.split(size):
-                rows.append(self._update(batch.select(index).to(self.device)))
+                # rows in rollout order: a document's k samples stay together, to share its prompt pass
+                rows.append(self._update(batch.select(index.sort().values).to(self.device)))
         return LearnStats.mean(rows)
 
     def _update(self, mb: PPOBatch) -> dict[str, float]:
         """One optimizer step on a minibatch: clipped policy loss + clipped value loss (gae; 0
         without a value model) - entropy (+ the KL to the reference with ``ppo.kl_in=loss``).
 
+        The minibatch runs forward and backward in chunks of ``roles.forward_batch_size`` rows, each
+        loss weighted by its share of the minibatch's (``F.loss_share``), so the accumulated
+        gradient is one pass's and only a chunk's activations are alive at a time.
+        """
+        algo = self.cfg.ppo
+        chunks = forward_chunks(len(mb), self.cfg.roles.forward_batch_size)
+        stats = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
+                               "update_kl"), 0.0)
+        for number, rows in enumerate(chunks):
+            part = mb.select(rows)
+            self.engine.set_gradient_accumulation_boundary(number == len(chunks) - 1)
+            share = F.loss_share(part.mask, mb.mask, algo.loss_aggregation)
+            loss, part_stats = self._loss(part, share, F.loss_share(part.mask, mb.mask), len(part) / len(mb))
+            self.engine.backward(loss)
+            for key, value in part_stats.items():
+                stats[key] += value
+        self.engine.step()
+        return stats
+
+    def _loss(self, part: PPOBatch, share: float, token_share: float, row_share: float
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+        """A chunk's loss and stats, each weighted by the chunk's share of the minibatch's: ``share``
+        of the policy loss and KL (``ppo.loss_aggregation``), ``token_share`` of token means,
+        ``row_share`` of per-summary means.
+
         With ``entropy_coef == 0`` the entropy is only reported, so it is built without a graph.
         """
         algo = self.cfg.ppo
         logprobs, entropy = response_logprobs(
-            self.policy.model, self.policy, mb.rollout, algo.temperature, with_entropy=True,
+            self.policy.model, self.policy, part.rollout, algo.temperature, with_entropy=True,
             entropy_grad=algo.entropy_coef > 0,
         )
         assert entropy is not None  # with_entropy=True
+        # None: ppo.single_update, where the policy before this step is pi_old
+        old_logprobs = logprobs.detach() if part.logprobs is None else part.logprobs
         pg_loss, clip_fraction, approx_kl = F.policy_loss(
-            logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip_eps, algo.loss_aggregation
+            logprobs, old_logprobs, part.advantages, part.mask, algo.clip_eps, algo.loss_aggregation
         )
         v_loss = torch.zeros((), device=pg_loss.device)
         if self.value is not None:
-            values = response_values(self.value, mb.rollout, self.policy)
-            v_loss = F.value_loss(values, mb.values, mb.returns, mb.mask, algo.value_clip_eps)
-        mean_entropy = F.masked_mean(entropy, mb.mask)
-        loss = pg_loss + algo.vf_coef * v_loss - algo.entropy_coef * mean_entropy
+            values = response_values(self.value, part.rollout, self.policy)
+            v_loss = F.value_loss(values, part.values, part.returns, part.mask, algo.value_clip_eps)
+        mean_entropy = F.masked_mean(entropy, part.mask)
+        loss = share * pg_loss + token_share * (algo.vf_coef * v_loss - algo.entropy_coef * mean_entropy)
         if algo.kl_in == "loss":
-            kl = F.kl_penalty(logprobs, mb.ref_logprobs, algo.kl_kind)  # (B, T), differentiable
-            loss = loss + mb.loss_kl_coef * F.aggregate_loss(kl, mb.mask, algo.loss_aggregation)
-        self.engine.backward(loss)
-        self.engine.step()
-        return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                "entropy": mean_entropy.item(), "clip_fraction": clip_fraction.item(),
-                "approx_kl": approx_kl.item()}
+            kl = F.kl_penalty(logprobs, part.ref_logprobs, algo.kl_kind)  # (B, T), differentiable
+            loss = loss + share * part.loss_kl_coef * F.aggregate_loss(kl, part.mask, algo.loss_aggregation)
+        with torch.no_grad():
+            update_kl = (F.kl_penalty(logprobs, part.ref_logprobs, "k1") * part.mask).sum(1).mean().item()
+        return loss, {"policy_loss": share * pg_loss.item(), "value_loss": token_share * v_loss.item(),
+                      "entropy": token_share * mean_entropy.item(),
+                      "clip_fraction": token_share * clip_fraction.item(),
+                      "approx_kl": token_share * approx_kl.item(), "update_kl": row_share * update_kl}
 
     def outgoing_weights(self, every: bool = False) -> tuple[StateDict, SyncReport]:
         """CPU copies of what this sync moves (see SyncPlan; ``every`` tensor for a restarted

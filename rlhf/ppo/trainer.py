@@ -88,8 +88,10 @@ def apply_no_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: flo
     return torch.where(ended, scores, torch.full_like(scores, penalty))
 
 
-def build_batch(rollout: Rollout, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                values: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig) -> PPOBatch:
+def build_batch(
+    rollout: Rollout, scores: torch.Tensor, logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor,
+    values: torch.Tensor, kl_coef: float, algo: PPOAlgoConfig,
+) -> PPOBatch:
     """Rewards, advantages and returns (all (B, T)) for a scored rollout, by ``ppo.advantage``'s
     estimator (``rlhf.ppo.estimators``).
 
@@ -159,14 +161,19 @@ class PPOTrainer:
         with timer("reference"):
             ref_logprobs = self.roles.ref_logprobs(rollout)
         with timer("learn"):
-            logprobs, values = self.roles.evaluate(rollout)
+            # single_update: the learner's forward is pi_old, and no critic means no values
+            logprobs, values = ((None, torch.zeros_like(ref_logprobs)) if algo.single_update
+                                else self.roles.evaluate(rollout))
             batch = build_batch(rollout, scores, logprobs, ref_logprobs, values, self.kl.value, algo)
             stats = self.roles.train(batch)
         with timer("sync"):
             sync = self.roles.sync()
-        kl_per_sequence = (F.kl_penalty(logprobs, ref_logprobs, "k1") * rollout.mask).sum(1)  # (B,)
+        learned = asdict(stats)
+        update_kl = learned.pop("update_kl")
+        kl_mean = (update_kl if logprobs is None
+                   else (F.kl_penalty(logprobs, ref_logprobs, "k1") * rollout.mask).sum(1).mean().item())
         kl_coef = self.kl.value
-        self.kl.update(kl_per_sequence.mean().item(), len(documents))
+        self.kl.update(kl_mean, len(documents))
         self.iteration += 1
         lengths = rollout.mask.sum(1)  # (B,)
         seconds = timer.seconds
@@ -174,9 +181,9 @@ class PPOTrainer:
             iteration=self.iteration,
             reward_mean=raw.mean().item(),
             reward_used_mean=scores.mean().item(),
-            kl_mean=kl_per_sequence.mean().item(),
+            kl_mean=kl_mean,
             kl_coef=kl_coef,
-            **asdict(stats),  # a LearnStats field IterationMetrics lacks is a TypeError here
+            **learned,  # a LearnStats field IterationMetrics lacks is a TypeError here
             explained_variance=(F.explained_variance(values, batch.returns, rollout.mask).item()
                                 if algo.uses_critic else float("nan")),
             response_length_mean=lengths.mean().item(),

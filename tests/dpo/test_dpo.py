@@ -1,5 +1,6 @@
-"""DPO/IPO on the shared training loop with tiny policies: learning, resume, the two reference
-modes, config errors, the implicit-reward eval and an online method=dpo cycle."""
+"""DPO/IPO on the shared training loop with tiny policies: learning, the two reference modes,
+config errors, the implicit-reward eval and an online method=dpo cycle. Resume is the shared
+supervised loop's (tests/train/test_train.py resumes SFT to the same weights)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _dpo_config(tmp_path: Path, data: Path, *overrides: str) -> DPOConfig:
         f"output_dir={tmp_path}", f"data.path={data}", f"eval_data.path={data}",
         "model.max_source_length=32", "model.max_target_length=16", "train.batch_size=8",
         "train.lr=5e-3", "train.lr_schedule=constant", "train.log_every=1", f"train.max_steps={STEPS}",
-        f"train.eval_every={STEPS}", f"train.save_every={STEPS // 2}", "dpo.beta=0.5", *overrides,
+        f"train.eval_every={STEPS}", f"train.save_every={STEPS}", "dpo.beta=0.5", *overrides,
     ])
 
 
@@ -56,10 +57,9 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def t5_run(ray_local, pairs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-t5, cached reference, stopped half way and resumed: what the t5 tests read."""
+    """tiny-t5 with the cached reference: what the t5 tests read."""
     output_dir = tmp_path_factory.mktemp("t5")
-    run_dpo(_dpo_config(output_dir, pairs, "model.name_or_path=tiny-t5", f"train.max_steps={STEPS // 2}"))
-    run_dpo(_dpo_config(output_dir, pairs, "model.name_or_path=tiny-t5"), resume=True)
+    run_dpo(_dpo_config(output_dir, pairs, "model.name_or_path=tiny-t5"))
     return output_dir
 
 
@@ -75,14 +75,10 @@ def _assert_learned(output_dir: Path) -> None:
 
 def test_dpo_on_a_seq2seq_policy_fits_its_pairs_and_saves_a_policy(t5_run: Path) -> None:
     _assert_learned(t5_run)
+    assert [r["step"] for r in _metrics(t5_run, "train")] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in _metrics(t5_run, "eval")] == [0, STEPS]
     policy = load_policy(ModelConfig(name_or_path=str(t5_run / "model"), max_target_length=8))
     assert policy.is_encoder_decoder and len(policy.generate(["post about cat"], do_sample=False)) == 1
-
-
-def test_resume_continues_at_the_same_step(t5_run: Path) -> None:
-    steps = [r["step"] for r in _metrics(t5_run, "train")]
-    assert steps == list(range(1, STEPS + 1))  # nothing trained twice, nothing skipped
-    assert [r["step"] for r in _metrics(t5_run, "eval")] == [0, STEPS // 2, STEPS]  # no second baseline
 
 
 @pytest.mark.parametrize("preset", ["tiny-t5", "tiny-gpt2"])

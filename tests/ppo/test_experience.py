@@ -363,3 +363,18 @@ def test_entropy_without_grad_reports_the_same_entropy(policies) -> None:
     _, with_grad = response_logprobs(policy.model, policy, rollout, with_entropy=True)
     assert logprobs.requires_grad and with_grad.requires_grad and not entropy.requires_grad
     torch.testing.assert_close(entropy, with_grad.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_repeated_documents_read_once_sample_the_same_tokens(policies, name: str) -> None:
+    """k samples per document share one prompt pass (KV cache or encoder states) and draw what
+    reading every row's prompt draws, under one seed."""
+    policy, rows = policies(name), [document for document in DOCUMENTS[:3] for _ in range(3)]
+    rollouts = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        rollouts.append(generate_rollout(policy, rows, max_new_tokens=MAX_NEW, share_prompts=share))
+    shared, plain = rollouts
+    assert torch.equal(shared.response_ids, plain.response_ids)
+    assert shared.summaries == plain.summaries
+    assert len(set(shared.summaries)) > 3  # the rows of one document were sampled apart

@@ -24,6 +24,7 @@ from rlhf.ppo.functional import (
     group_baseline,
     kl_penalty,
     logprobs_from_logits,
+    loss_share,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -618,6 +619,26 @@ def test_reinforce_pp_composes_group_baseline_shape_rewards_and_whitening() -> N
 
 
 # --------------------------------------------------------------------------- loss aggregation
+
+
+def test_loss_shares_of_chunks_sum_their_aggregates_to_the_whole() -> None:
+    loss = torch.tensor([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0], [7.0, 7.0, 7.0], [4.0, 6.0, 99.0]])
+    mask = lengths_to_mask([3, 1, 0], 3)
+    mask = torch.cat([mask, lengths_to_mask([2], 3)])  # rows: 3, 1, 0 and 2 valid tokens
+    first, second = slice(0, 2), slice(2, 4)
+    # token mean: 4 of the 6 valid tokens are in the first chunk, 2 in the second
+    assert loss_share(mask[first], mask) == pytest.approx(4 / 6)
+    assert loss_share(mask[second], mask, "token_mean") == pytest.approx(2 / 6)
+    # sequence mean: 2 of the 3 non-empty rows are in the first chunk
+    assert loss_share(mask[first], mask, "sequence_mean") == pytest.approx(2 / 3)
+    assert loss_share(mask[second], mask, "sequence_mean") == pytest.approx(1 / 3)
+    for how in ("token_mean", "sequence_mean"):
+        parts = sum(loss_share(mask[rows], mask, how) * aggregate_loss(loss[rows], mask[rows], how)
+                    for rows in (first, second))
+        close(parts, aggregate_loss(loss, mask, how).item())
+    close(aggregate_loss(loss, mask, "token_mean"), (1 + 2 + 3 + 10 + 4 + 6) / 6)
+    close(aggregate_loss(loss, mask, "sequence_mean"), (2 + 10 + 5) / 3)
+    assert loss_share(torch.zeros(1, 3), torch.zeros(2, 3)) == 0.0  # nothing valid: no share
 
 
 def test_aggregate_loss_token_vs_sequence_mean_on_rows_of_different_lengths() -> None:

@@ -14,9 +14,10 @@ from rlhf.errors import InputError
 from rlhf.metrics import IterationMetrics
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import response_mask
+from rlhf.ppo.functional import kl_penalty
 from rlhf.ppo.rewards import brevity, document_overlap, load_reward_fn
 from rlhf.ppo.roles import LocalRoles, forward_chunks
-from rlhf.ppo.trainer import PromptStream, apply_no_eos_penalty
+from rlhf.ppo.trainer import PromptStream, apply_no_eos_penalty, build_batch
 from rlhf.registry import PolicyRegistry
 
 
@@ -169,3 +170,98 @@ def test_chunked_generation_is_consistent_and_reproducible(local_roles: LocalRol
     assert torch.equal(first.mask, again.mask) and torch.equal(first.ended, again.ended)
     for name, tensor in first.query.items():
         assert torch.equal(tensor, again.query[name])
+
+
+@pytest.mark.parametrize(("overrides", "single"), [
+    (["ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=8",
+      "ppo.epochs=1"], True),
+    (["ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+      "ppo.epochs=1"], False),  # two updates: the second is off-policy
+    (["ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=8",
+      "ppo.epochs=2"], False),
+    (["ppo.advantage=rloo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=8",
+      "ppo.epochs=1"], False),  # KL in the reward needs the rollout's log-probs
+    (["ppo.rollout_batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=1", "ppo.kl_in=loss"], False),  # critic
+])
+def test_single_update_only_when_one_on_policy_step_is_all(overrides: list[str], single: bool) -> None:
+    assert load_config(PPOConfig, None, overrides).ppo.single_update is single
+
+
+def test_single_update_takes_pi_old_from_the_learners_forward(tmp_path: Path) -> None:
+    """With one update per rollout, skipping the old-log-prob pass changes neither the step nor the KL."""
+    cfg = load_config(PPOConfig, None, [
+        f"output_dir={tmp_path}", "policy.name_or_path=tiny-gpt2", "policy.max_source_length=64",
+        "ppo.max_new_tokens=10", "ppo.advantage=grpo", "ppo.samples_per_document=2",
+        "ppo.rollout_batch_size=4", "ppo.minibatch_size=8", "ppo.epochs=1", "ppo.lr=1e-2",
+    ])
+    assert cfg.ppo.single_update
+    rows = [document for document in CHUNK_DOCS[:4] for _ in range(2)]
+
+    def step(roles: LocalRoles, skip: bool, seed: int):
+        rollout = roles.generate(rows, seed=seed)
+        _, scores = roles.score(rows, rollout.summaries)
+        ref = roles.ref_logprobs(rollout)
+        logprobs, values = roles.evaluate(rollout)
+        batch = build_batch(rollout, scores, None if skip else logprobs, ref, values, 0.05, cfg.ppo)
+        stats = roles.train(batch)
+        return stats, (kl_penalty(logprobs, ref, "k1") * rollout.mask).sum(1).mean().item(), rollout
+
+    results = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        roles = LocalRoles(cfg)
+        step(roles, False, seed=2)  # the policy leaves the reference: a KL to measure
+        roles.sync()
+        stats, kl, rollout = step(roles, skip, seed=3)
+        weights = {k: v.clone() for k, v in roles.learner.policy.model.state_dict().items()}
+        results.append((stats, kl, weights, rollout.response_ids))
+    (skipped, kl, weights, ids), (evaluated, _, evaluated_weights, evaluated_ids) = results
+    assert torch.equal(ids, evaluated_ids)
+    assert skipped.update_kl == pytest.approx(kl, abs=1e-5) and kl > 0
+    assert skipped.policy_loss == pytest.approx(evaluated.policy_loss, abs=1e-6)
+    assert skipped.clip_fraction == skipped.approx_kl == 0.0
+    moved = 0
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, evaluated_weights[name], atol=1e-6, rtol=1e-5)
+        moved += not torch.equal(tensor, roles.generator.policy.model.state_dict()[name])
+    assert moved > 0  # the step changed the learner's weights
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # gae: value model, token-mean loss
+    ["ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.loss_aggregation=sequence_mean"],
+])
+def test_an_update_in_chunks_takes_the_step_of_one_pass(tmp_path: Path, overrides: list[str]) -> None:
+    """roles.forward_batch_size splits an update's forward and backward; the step stays one pass's."""
+    cfg = load_config(PPOConfig, None, [
+        f"output_dir={tmp_path}", "policy.name_or_path=tiny-gpt2", "policy.max_source_length=64",
+        "ppo.max_new_tokens=10", "ppo.rollout_batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=1",
+        "ppo.lr=1e-4", "ppo.stop_at_eos=true", *overrides,
+    ])
+    weights, stats = [], []
+    for chunk in (0, 3):
+        torch.manual_seed(0)
+        roles = LocalRoles(cfg)
+        cfg.roles.forward_batch_size = 0
+        rows = CHUNK_DOCS[: cfg.ppo.rollout_batch_size // cfg.ppo.samples_per_document]
+        rows = [document for document in rows for _ in range(cfg.ppo.samples_per_document)]
+        rollout = roles.generate(rows, seed=3)
+        rollout.mask[0, 2:] = 0  # rows of different lengths: shares differ by tokens and rows
+        _, scores = roles.score(rows, rollout.summaries)
+        logprobs, values = roles.evaluate(rollout)
+        batch = build_batch(rollout, scores, logprobs, roles.ref_logprobs(rollout), values, 0.05, cfg.ppo)
+        cfg.roles.forward_batch_size = chunk
+        stats.append(roles.train(batch))
+        weights.append({k: v.clone() for k, v in roles.learner.engine.module.state_dict().items()})
+    cfg.roles.forward_batch_size = 0
+    # Adam moves every weight by about lr whatever its gradient's size, so a float-rounding
+    # difference in a tiny gradient shows as up to ~lr/10; the gradients themselves agree to 1e-7.
+    start = {k: v for k, v in roles.generator.policy.model.state_dict().items()}
+    moved = max((tensor - start[name.removeprefix("policy.")]).abs().max().item()
+                for name, tensor in weights[0].items() if name.removeprefix("policy.") in start)
+    assert moved > 5e-5  # the step moved the policy by about lr
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], atol=1e-6, rtol=0, msg=name)
+    for key, value in vars(stats[0]).items():
+        assert getattr(stats[1], key) == pytest.approx(value, abs=1e-6), key
+    assert stats[0].policy_loss != 0.0

@@ -1,0 +1,275 @@
+"""Seconds per GRPO step on a real SmolLM2-135M-Instruct, ours beside TRL's GRPOTrainer, CPU.
+
+Mirrors ``../shared/bench/trl_grpo_anchor.py`` (its README section has the setup): the same fp32
+model folder (the anchor converts the GGUF once into ``--model-cache``), the same 8 TL;DR posts per
+step in file order, each cut to exactly 192 tokens + "\\nTL;DR:" (197 prompt tokens, no padding;
+checked), 4 summaries per post, exactly 48 new tokens (``ppo.stop_at_eos=false``), T=1, top_p=1,
+reward ``-|words - 20|`` (``reward_words`` below, as ``reward.fn``), one AdamW step (lr 1e-6,
+clip 1.0) per 32 summaries (``ppo.minibatch_size=32``, ``ppo.epochs=1``), KL to the initial
+policy in the loss with beta 0.04 (k3, GRPO's default placement and kind), fp32, 2 threads. With
+``--lora``: r=16, alpha 32, dropout 0 on q/k/v/o_proj, the base with the adapter off as reference.
+
+Configurations, each in its own process (``--config all`` runs them back to back):
+
+* ``single`` -- LocalRoles + PPOTrainer in one process, no Ray, 2 torch threads.
+* ``ray``    -- RayRoles + PPOTrainer on ``ray.init(num_cpus=2)``: generator, reward, learner (and
+  reference, full fine-tuning only) actors at 0.5 CPU with 2 threads each; they run one after another.
+* ``trl``    -- the anchor itself, in its own venv (``--trl-python``; install line in its README).
+* ``single_plain`` -- ``single`` with every prompt read once per row and the old-log-prob pass run
+  (the two changes of issue 30 switched off in this process): what they save.
+
+Step time = one ``PPOTrainer.step`` (generate, score, reference, learn, sync), after ``--warmup``.
+
+    python benchmarks/grpo_real.py --config all --warmup 1 --iters 3  # JSON: benchmarks/results/grpo_real
+    python benchmarks/grpo_real.py --config all --lora --warmup 1 --iters 3
+    python benchmarks/grpo_real.py --config summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when reward.fn loads this file in an actor
+from ppo_iteration import ENV_DEFAULTS, descendants_rss_mb, loadavg, peak_rss_mb, summarize, versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR = ROOT.parent / "shared" / "bench" / "trl_grpo_anchor.py"
+DATA = ROOT.parent / "shared" / "data" / "tldr_sft.jsonl"
+TRL_PYTHON = Path("/tmp/trl-grpo/bin/python")
+MODEL_CACHE = Path("/tmp/smollm2-135m-hf")
+CONFIGS = ("single", "ray", "trl", "single_plain")
+PROMPTS_PER_STEP, GROUP, PROMPT_TOKENS, NEW_TOKENS = 8, 4, 192, 48
+TARGET_WORDS, SEED, THREADS = 20, 42, 2
+ROLE_KEYS = ("time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s", "time_s")
+
+
+def reward_words(documents: list[str], summaries: list[str]) -> list[float]:
+    """The anchor's reward: prefer ~20-word summaries (``reward.fn=benchmarks/grpo_real.py:reward_words``)."""
+    return [-abs(len(summary.split()) - TARGET_WORDS) for summary in summaries]
+
+
+def build_documents(tokenizer, n: int) -> list[str]:
+    """The anchor's prompts without their "\\nTL;DR:" (our causal encoding appends it): the first ``n``
+    posts of at least 192 tokens, cut to exactly 192, whose prompt re-tokenizes to 197 tokens."""
+    from rlhf.models.encoding import CAUSAL_SEPARATOR
+
+    want = PROMPT_TOKENS + len(tokenizer(CAUSAL_SEPARATOR)["input_ids"])
+    documents = []
+    with DATA.open() as lines:
+        for line in lines:
+            ids = tokenizer(json.loads(line)["post"])["input_ids"]
+            text = tokenizer.decode(ids[:PROMPT_TOKENS])
+            if len(ids) >= PROMPT_TOKENS and len(tokenizer(text + CAUSAL_SEPARATOR)["input_ids"]) == want:
+                documents.append(text)
+            if len(documents) == n:
+                return documents
+    raise SystemExit(f"only {len(documents)} usable posts in {DATA}, need {n}")
+
+
+def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str]):
+    from rlhf.config.core import load_config
+    from rlhf.ppo.config import PPOConfig
+
+    never = iterations + 1000  # no checkpoint or publish inside the timed steps
+    lora_keys = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
+                 "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"] if lora else []
+    return load_config(PPOConfig, None, [
+        f"output_dir={workdir / 'run'}", f"seed={SEED}",
+        f"policy.name_or_path={MODEL_CACHE}", "policy.max_source_length=256",
+        f"policy.max_target_length={NEW_TOKENS}", f"reward.fn={Path(__file__).resolve()}:reward_words",
+        "ppo.advantage=grpo", f"ppo.samples_per_document={GROUP}",
+        f"ppo.rollout_batch_size={PROMPTS_PER_STEP}", f"ppo.minibatch_size={PROMPTS_PER_STEP * GROUP}",
+        "ppo.epochs=1", "ppo.lr=1e-6", "ppo.max_grad_norm=1.0",
+        "ppo.kl_coef=0.04", "ppo.clip_eps=0.2", "ppo.temperature=1.0", "ppo.top_p=1.0",
+        f"ppo.max_new_tokens={NEW_TOKENS}", "ppo.stop_at_eos=false", f"ppo.iterations={iterations}",
+        f"ppo.checkpoint_every={never}", f"ppo.publish_every={never}", "roles.dtype=fp32",
+        *lora_keys, *extra,
+    ])
+
+
+def switch_off_issue_30() -> None:
+    """``single_plain``: every row reads its own prompt, and the learner's old-log-prob pass runs."""
+    import functools
+
+    from rlhf.models import scoring
+    from rlhf.ppo import experience, roles
+    from rlhf.ppo.config import PPOAlgoConfig
+
+    experience.generate_rollout = functools.partial(experience.generate_rollout, share_prompts=False)
+    scoring.response_logits = functools.partial(scoring.response_logits, share_prompts=False)
+    roles.generate_rollout = experience.generate_rollout
+    PPOAlgoConfig.single_update = property(lambda self: False)  # type: ignore[assignment]
+
+
+def run_ours(name: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    from rlhf.models import load_policy
+    from rlhf.ppo.trainer import PPOTrainer, PromptStream
+
+    load_before = loadavg()
+    if name == "single_plain":
+        switch_off_issue_30()
+    workdir = Path(tempfile.mkdtemp(prefix=f"grpo-real-{name}-"))
+    iterations = args.warmup + args.iters
+    extra = ["roles.cpus_per_actor=0.5", f"roles.threads_per_actor={THREADS}"] if name == "ray" else []
+    extra.append(f"roles.forward_batch_size={args.forward_batch_size}")
+    cfg = grpo_config(workdir, iterations, args.lora, extra)
+    policy = load_policy(cfg.policy)
+    documents = build_documents(policy.tokenizer, PROMPTS_PER_STEP * iterations)
+    shape = list(policy.encode_documents(documents)["input_ids"].shape)
+    assert shape == [len(documents), PROMPT_TOKENS + 5], shape
+    del policy
+    stream = PromptStream(lambda epoch: iter(documents))  # file order, as the anchor's shuffle_dataset=False
+
+    start = time.perf_counter()
+    ray_mod = None
+    if name == "ray":
+        import ray as ray_mod
+
+        from rlhf.ppo.actors import RayRoles
+
+        ray_mod.init(address="local", num_cpus=2, include_dashboard=False)
+        roles = RayRoles(cfg)
+    else:
+        from rlhf.ppo.roles import LocalRoles
+
+        roles = LocalRoles(cfg, threads=THREADS)
+    setup_s = time.perf_counter() - start
+    trainer = PPOTrainer(cfg, roles, stream, log=lambda record: None)
+    records = []
+    try:
+        for _ in range(iterations):
+            metrics = trainer.step()
+            assert metrics.response_length_mean == NEW_TOKENS, metrics.response_length_mean
+            record = {key: getattr(metrics, key) for key in ROLE_KEYS}
+            record.update(reward_mean=metrics.reward_mean, kl_mean=metrics.kl_mean, peak_rss_mb=peak_rss_mb())
+            records.append(record)
+            print(f"[{name}{' lora' if args.lora else ''}] step {metrics.iteration}: "
+                  + " ".join(f"{key[5:-2]}={record[key]:.1f}" for key in ROLE_KEYS), flush=True)
+        actors_rss = descendants_rss_mb() if ray_mod is not None else None
+    finally:
+        if ray_mod is not None:
+            roles.shutdown()
+            ray_mod.shutdown()
+    measured = records[args.warmup:]
+    return {
+        "config": name, "mode": "lora" if args.lora else "full", "versions": versions(),
+        "forward_batch_size": args.forward_batch_size,
+        "torch_threads": torch.get_num_threads(), "prompt_shape": shape, "roles_setup_s": setup_s,
+        "single_update": cfg.ppo.single_update if name != "single_plain" else False,
+        "warmup_steps": args.warmup, "measured_steps": len(measured),
+        **{key: summarize([r[key] for r in measured]) for key in ROLE_KEYS},
+        "peak_rss_mb": peak_rss_mb(), "ray_descendants_rss_mb_at_end": actors_rss,
+        "loadavg_before": load_before, "loadavg_after": loadavg(), "records": records,
+    }
+
+
+def run_trl(args: argparse.Namespace, out: Path) -> None:
+    if not args.trl_python.exists():
+        raise SystemExit(f"{args.trl_python} not found: set up the anchor's venv as its README says")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    cmd = [str(args.trl_python), str(args.anchor), "--warmup", str(args.warmup), "--iters", str(args.iters),
+           "--model-cache", str(MODEL_CACHE), "--data", str(DATA), "--out", str(out),
+           *(["--lora"] if args.lora else [])]
+    print("[trl] " + " ".join(cmd), flush=True)
+    load_before = loadavg()
+    subprocess.run(cmd, check=True, env=env)
+    result = json.loads(out.read_text())
+    result.update(loadavg_before=load_before, loadavg_after=loadavg())
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def result_path(out_dir: Path, name: str, lora: bool, forward_batch_size: int = 0) -> Path:
+    chunks = f"_fbs{forward_batch_size}" if forward_batch_size else ""
+    return out_dir / f"grpo_{name}_{'lora' if lora else 'full'}{chunks}.json"
+
+
+def summary_table(out_dir: Path) -> str:
+    rows = ["| mode | config | steps | s/step (mean) | min | max | generate | score | reference | learn "
+            "| sync | peak RSS MB | vs TRL |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lora in (False, True):
+        results = {name: json.loads(path.read_text()) for name in CONFIGS
+                   if (path := result_path(out_dir, name, lora)).exists()}
+        trl = results.get("trl")
+        for name, res in results.items():
+            step = res["step_s"] if name == "trl" else res["time_s"]
+            if name == "trl":  # train_s = 4 micro-batch fwd+bwd + AdamW; ref = reference forwards
+                split = [res["generate_s"]["mean"], res["score_other_s"]["mean"], res["ref_logps_s"]["mean"],
+                         res["train_s"]["mean"], None]
+            else:
+                split = [res[f"time_{key}_s"]["mean"]
+                         for key in ("generate", "score", "reference", "learn", "sync")]
+            others = res.get("ray_descendants_rss_mb_at_end") or {}
+            rss = res["peak_rss_mb"] + sum(others.values())
+            vs = f"{step['mean'] / (trl['step_s']['mean']):.2f}" if trl else "-"
+            rows.append(f"| {'lora' if lora else 'full'} | {name} | {step['n']} | {step['mean']:.1f} | "
+                        f"{step['min']:.1f} | {step['max']:.1f} | "
+                        + " | ".join("-" if v is None else f"{v:.1f}" for v in split)
+                        + f" | {rss:,.0f} | {vs} |")
+    return "\n".join(rows)
+
+
+def memory_table(out_dir: Path) -> str:
+    """Peak RSS of ours per run (single: the one process; ray: the driver's peak plus every Ray
+    process at the end, by name), full vs LoRA, with and without forward chunks."""
+    rows = ["| mode | config | roles.forward_batch_size | s/step | peak RSS MB | Ray processes at the end "
+            "MB |", "|---|---|---|---|---|---|"]
+    for path in sorted(out_dir.glob("grpo_*.json")):
+        res = json.loads(path.read_text())
+        if res.get("config") not in ("single", "ray"):
+            continue
+        others = res.get("ray_descendants_rss_mb_at_end") or {}
+        actors = ", ".join(f"{name} {mb:,.0f}" for name, mb in sorted(others.items())
+                           if name.startswith("ray::"))
+        rows.append(f"| {res['mode']} | {res['config']} | {res.get('forward_batch_size', 0)} | "
+                    f"{res['time_s']['mean']:.1f} | {res['peak_rss_mb']:,.0f} | {actors or '-'} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary"), default="all")
+    parser.add_argument("--lora", action="store_true", help="LoRA r=16 on q/k/v/o_proj, not full fine-tuning")
+    parser.add_argument("--forward-batch-size", type=int, default=0,
+                        help="roles.forward_batch_size of ours (rows per forward and per update chunk)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/grpo_real"))
+    parser.add_argument("--anchor", type=Path, default=ANCHOR)
+    parser.add_argument("--trl-python", type=Path, default=TRL_PYTHON)
+    args = parser.parse_args()
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.config == "all":
+        for name in CONFIGS:
+            cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup), "--iters",
+                   str(args.iters), "--out-dir", str(args.out_dir), "--anchor", str(args.anchor),
+                   "--trl-python", str(args.trl_python), *(["--lora"] if args.lora else [])]
+            print(f"=== {' '.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True)
+    elif args.config == "trl":
+        run_trl(args, result_path(args.out_dir, "trl", args.lora))
+    elif args.config != "summary":
+        if args.config != "ray":  # before torch starts its thread pool
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+        result = run_ours(args.config, args)
+        result["argv"] = sys.argv
+        out = result_path(args.out_dir, args.config, args.lora, args.forward_batch_size)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.config in ("all", "summary"):
+        print(summary_table(args.out_dir))
+        print()
+        print(memory_table(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
