@@ -106,7 +106,7 @@ def main() -> None:
     @torch.no_grad()
     def decode_step():
         model(input_ids=token, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache.crop(length)  # back to the mid-response length: every call sees the same cache
+        cache.crop(-1)  # back to the mid-response length: every call sees the same cache
 
     variants = {"hf_generate": hf_generate(), "hf_static": hf_generate(cache_implementation="static"),
                 "ours_unshared": ours(False), "ours": ours(True)}

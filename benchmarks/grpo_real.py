@@ -103,7 +103,9 @@ def switch_off_issue_30() -> None:
     from rlhf.ppo.config import PPOAlgoConfig
 
     experience.generate_rollout = functools.partial(experience.generate_rollout, share_prompts=False)
-    scoring.response_logits = functools.partial(scoring.response_logits, share_prompts=False)
+    every_row = scoring.response_logits
+    scoring.response_logits = lambda model, policy, responses, share_prompts=False: every_row(  # type: ignore
+        model, policy, responses, False)
     roles.generate_rollout = experience.generate_rollout
     PPOAlgoConfig.single_update = property(lambda self: False)  # type: ignore[assignment]
 
@@ -155,6 +157,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             print(f"[{name}{' lora' if args.lora else ''}] step {metrics.iteration}: "
                   + " ".join(f"{key[5:-2]}={record[key]:.1f}" for key in ROLE_KEYS), flush=True)
         actors_rss = descendants_rss_mb() if ray_mod is not None else None
+        roles_peak = role_peaks(roles) if ray_mod is not None else None
     finally:
         if ray_mod is not None:
             roles.shutdown()
@@ -168,8 +171,23 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
         "warmup_steps": args.warmup, "measured_steps": len(measured),
         **{key: summarize([r[key] for r in measured]) for key in ROLE_KEYS},
         "peak_rss_mb": peak_rss_mb(), "ray_descendants_rss_mb_at_end": actors_rss,
+        "role_peak_rss_mb": roles_peak,
         "loadavg_before": load_before, "loadavg_after": loadavg(), "records": records,
     }
+
+
+def role_peaks(roles) -> dict[str, float]:
+    """Each Ray role's own peak RSS in MB (its process's high-water mark)."""
+    import ray
+
+    def peak(_actor) -> float:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    groups = {"generator": roles.generators, "reward": roles.scorers, "reference": roles.references,
+              "learner": roles.learners}
+    return {name: max(ray.get([actor.__ray_call__.remote(peak) for actor in actors]))
+            for name, actors in groups.items() if actors}
 
 
 def run_trl(args: argparse.Namespace, out: Path) -> None:
@@ -218,17 +236,16 @@ def summary_table(out_dir: Path) -> str:
 
 
 def memory_table(out_dir: Path) -> str:
-    """Peak RSS of ours per run (single: the one process; ray: the driver's peak plus every Ray
-    process at the end, by name), full vs LoRA, with and without forward chunks."""
-    rows = ["| mode | config | roles.forward_batch_size | s/step | peak RSS MB | Ray processes at the end "
-            "MB |", "|---|---|---|---|---|---|"]
+    """Peak RSS of ours per run (single: the one process; ray: the driver's and each role's own),
+    full vs LoRA, with and without forward chunks."""
+    rows = ["| mode | config | roles.forward_batch_size | s/step | peak RSS MB (ray: driver) | peak RSS "
+            "per Ray role MB |", "|---|---|---|---|---|---|"]
     for path in sorted(out_dir.glob("grpo_*.json")):
         res = json.loads(path.read_text())
         if res.get("config") not in ("single", "ray"):
             continue
-        others = res.get("ray_descendants_rss_mb_at_end") or {}
-        actors = ", ".join(f"{name} {mb:,.0f}" for name, mb in sorted(others.items())
-                           if name.startswith("ray::"))
+        peaks = res.get("role_peak_rss_mb") or {}
+        actors = ", ".join(f"{name} {mb:,.0f}" for name, mb in peaks.items())
         rows.append(f"| {res['mode']} | {res['config']} | {res.get('forward_batch_size', 0)} | "
                     f"{res['time_s']['mean']:.1f} | {res['peak_rss_mb']:,.0f} | {actors or '-'} |")
     return "\n".join(rows)
