@@ -120,6 +120,7 @@ class IterationMetrics:
     response_length_mean: float  # summary length in tokens, EOS included
     eos_fraction: float  # fraction of summaries that ended with EOS
     generate_tokens_per_s: float  # sampled tokens per second of the generate role
+    rollout_lag: int  # updates the sampling weights were behind the learner's (ppo.async_rollout: <= 1)
     sync_transfer_s: float  # seconds learner rank 0 spent gathering, checking and sending weights
     sync_bytes: int  # bytes sent to each rollout worker: the whole policy once, then trainable tensors
     time_s: float  # wall seconds of the whole iteration

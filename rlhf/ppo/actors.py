@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,9 +24,11 @@ from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout
 from rlhf.ppo.roles import (
+    BehaviourRollout,
     Generator,
     Learner,
     LearnStats,
+    PendingRollout,
     ReferenceScorer,
     RewardScorer,
     StaleWeightsError,
@@ -117,18 +120,36 @@ class RayRoles:
     # ------------------------------------------------------------ generation with recovery
 
     def generate(self, documents: list[str], seed: int) -> Rollout:
+        return self._gather(documents, seed, "generate", self._submit(documents, seed, "generate"))
+
+    def start_generate(self, documents: list[str], seed: int) -> PendingRollout:
+        """Sampling starts now with the generators' weights, while the caller goes on (training);
+        ``result`` waits. A sync sent meanwhile queues behind it on each generator."""
+        refs = self._submit(documents, seed, "generate_scored")
+        return RayPendingRollout(lambda: self._gather(documents, seed, "generate_scored", refs))
+
+    def _submit(self, documents: list[str], seed: int, method: str) -> list[Any]:
+        """One shard per generator, each with its own seed."""
         shards = _split(len(documents), len(self.generators))
-        refs = [g.generate.remote(documents[s], derive_seed(seed, i), self.version)
+        return [getattr(g, method).remote(documents[s], derive_seed(seed, i), self.version)
                 for i, (g, s) in enumerate(zip(self.generators, shards))]
+
+    def _gather(self, documents: list[str], seed: int, method: str, refs: list[Any]) -> Any:
+        """The shards of ``_submit`` joined in order; a failed shard is rerun (``_retry``)."""
+        shards = _split(len(documents), len(self.generators))
         parts = []
         for i, ref in enumerate(refs):
             try:
                 parts.append(ray.get(ref))
             except (RayActorError, StaleWeightsError) as err:
-                parts.append(self._retry_generate(i, documents[shards[i]], derive_seed(seed, i), err))
-        return Rollout.concat(parts)
+                parts.append(self._retry(i, documents[shards[i]], derive_seed(seed, i), method, err))
+        if method == "generate":
+            return Rollout.concat(parts)
+        rollout = Rollout.concat([part.rollout for part in parts])
+        logprobs = _pad_cat([part.logprobs for part in parts], rollout.response_ids.shape[1])
+        return BehaviourRollout(rollout, logprobs, min(part.version for part in parts))
 
-    def _retry_generate(self, index: int, documents: list[str], seed: int, error: Exception) -> Rollout:
+    def _retry(self, index: int, documents: list[str], seed: int, method: str, error: Exception) -> Any:
         """Wait for Ray to restart a dead generator, give it every current tensor, rerun its shard."""
         logger.warning("rollout worker %d failed (%s); retrying its batch", index, type(error).__name__)
         actor = self.generators[index]
@@ -136,7 +157,7 @@ class RayRoles:
         while True:
             try:
                 self._bring_up_to_date([actor])
-                return ray.get(actor.generate.remote(documents, seed, self.version))
+                return ray.get(getattr(actor, method).remote(documents, seed, self.version))
             except RayActorError:
                 if time.time() > deadline:
                     raise
@@ -233,6 +254,16 @@ class RayRoles:
         for actor in self.generators + self.scorers + self.references + self.learners:
             ray.kill(actor)
         remove_placement_group(self.pg)
+
+
+@dataclass
+class RayPendingRollout:
+    """Generators sampling on Ray; ``result`` waits for their shards (and reruns a failed one)."""
+
+    gather: Callable[[], BehaviourRollout]
+
+    def result(self) -> BehaviourRollout:
+        return self.gather()
 
 
 def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -58,6 +58,12 @@ class PPOAlgoConfig:
         8, "Summaries per optimizer step; divides rollout_batch_size x samples_per_document.", gt=0
     )
     epochs: int = option(4, "Passes over each rollout batch.", gt=0)
+    async_rollout: bool = option(
+        False, "One-step off-policy (AReaL, veRL, OpenRLHF's async mode): the next batch is sampled with "
+        "the weights of one update ago while the learner trains on this one; the ratio uses the "
+        "log-probs of the weights that sampled (the rollout worker computes them), and metrics record "
+        "the lag. Ray roles overlap the two; local roles run the same steps one after another."
+    )
     lr: float = option(
         1e-3, "Learning rate of policy and value model (tiny default; ~1e-5 for real models).", gt=0
     )
@@ -121,11 +127,12 @@ class PPOAlgoConfig:
 
     @property
     def single_update(self) -> bool:
-        """One policy update per rollout, no critic and the KL in the loss: pi_old is then the
-        policy the update starts from, so the learner's own forward (detached) gives it and no
-        separate old-log-prob pass runs (TRL's ``num_iterations=1``)."""
+        """One policy update per rollout, no critic, the KL in the loss and rollouts from the
+        current weights (not ``async_rollout``): pi_old is then the policy the update starts from,
+        so the learner's own forward (detached) gives it and no separate old-log-prob pass runs
+        (TRL's ``num_iterations=1``)."""
         return (self.epochs == 1 and self.minibatch_size >= self.summaries_per_iteration
-                and not self.uses_critic and self.kl_in == "loss")
+                and not self.uses_critic and self.kl_in == "loss" and not self.async_rollout)
 
     def with_given(self, given: frozenset[str]) -> PPOAlgoConfig:
         """The estimator's KL placement and the placement's estimator, where the user set neither."""

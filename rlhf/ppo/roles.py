@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,31 @@ def forward_chunks(rows: int, size: int) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, max(rows, 1), step)]
 
 
+@dataclass
+class BehaviourRollout:
+    """A rollout and the log-probs of its tokens under the weights that sampled it (async_rollout)."""
+
+    rollout: Rollout
+    logprobs: torch.Tensor  # (B, T) log pi_behaviour of the sampled tokens, 0 where mask == 0
+    version: int  # weight syncs the sampling generator had received
+
+
+class PendingRollout(Protocol):
+    """A rollout being sampled (on Ray, while the learner trains); ``result`` waits for it."""
+
+    def result(self) -> BehaviourRollout: ...
+
+
+@dataclass
+class Sampled:
+    """A rollout sampled before it was asked for (local roles)."""
+
+    value: BehaviourRollout
+
+    def result(self) -> BehaviourRollout:
+        return self.value
+
+
 class StaleWeightsError(RuntimeError):
     """A generator holds older weights than the learner's last sync (e.g. after a restart)."""
 
@@ -103,6 +129,18 @@ class Generator:
             for rows in forward_chunks(len(documents), self.cfg.roles.forward_batch_size)
         ]
         return Rollout.concat(parts)
+
+    @torch.no_grad()
+    def generate_scored(self, documents: list[str], seed: int, version: int) -> BehaviourRollout:
+        """``generate``, then the log-probs of the sampled tokens under these same weights: the
+        behaviour policy of an off-policy update (``ppo.async_rollout``)."""
+        rollout = self.generate(documents, seed, version)
+        logprobs = torch.cat([
+            response_logprobs(self.policy.model, self.policy, rollout.select(rows).to(self.device),
+                              self.cfg.ppo.temperature)[0].cpu()
+            for rows in forward_chunks(len(documents), self.cfg.roles.forward_batch_size)
+        ])
+        return BehaviourRollout(rollout, logprobs, self.version)
 
     def load_weights(self, weights: StateDict, version: int) -> None:
         """Copy in the tensors that changed since the last sync (a subset of the state dict)."""
@@ -439,6 +477,10 @@ class LocalRoles:
 
     def generate(self, documents: list[str], seed: int) -> Rollout:
         return self.generator.generate(documents, seed, self.version)
+
+    def start_generate(self, documents: list[str], seed: int) -> PendingRollout:
+        """Sample now, with the current weights: what Ray roles overlap with training, in order."""
+        return Sampled(self.generator.generate_scored(documents, seed, self.version))
 
     def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scorer.score(documents, summaries)

@@ -24,7 +24,7 @@ from rlhf.ppo.batch import PPOBatch
 from rlhf.ppo.config import PPOAlgoConfig, PPOConfig
 from rlhf.ppo.estimators import ScoredRollout
 from rlhf.ppo.experience import Rollout
-from rlhf.ppo.roles import LearnStats
+from rlhf.ppo.roles import LearnStats, PendingRollout
 from rlhf.ppo.weight_sync import SyncReport
 from rlhf.registry import PolicyRegistry
 from rlhf.runtime import derive_seed
@@ -35,7 +35,10 @@ TRAINER_STATE = "trainer_state.json"
 class Roles(Protocol):
     """What the loop needs from the roles, wherever they run."""
 
+    version: int  # weight syncs sent to the generators
+
     def generate(self, documents: list[str], seed: int) -> Rollout: ...
+    def start_generate(self, documents: list[str], seed: int) -> PendingRollout: ...
     def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor: ...
     def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -135,6 +138,10 @@ class PPOTrainer:
         self.kl = (F.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
                    if algo.kl_target is not None else F.FixedKLController(algo.kl_coef))
         self.iteration = 0
+        # ppo.async_rollout: the next iteration's rows, being sampled, and the data cursor before
+        # them (a checkpoint resumes there and samples them again)
+        self._pending: tuple[list[str], PendingRollout] | None = None
+        self._cursor_before_pending: dict[str, int] | None = None
         self.output_dir = Path(cfg.output_dir)
         self.registry = PolicyRegistry(cfg.registry or self.output_dir / "registry")
 
@@ -150,11 +157,8 @@ class PPOTrainer:
     def step(self) -> IterationMetrics:
         """One PPO iteration; returns its metrics."""
         algo, timer, start = self.cfg.ppo, RoleTimer(), time.perf_counter()
-        documents = self.prompts.next_batch(algo.rollout_batch_size)
-        # k rows per document, consecutive: one sampling pass draws every row with its own noise.
-        rows = [document for document in documents for _ in range(algo.samples_per_document)]
         with timer("generate"):
-            rollout = self.roles.generate(rows, seed=derive_seed(self.cfg.seed, self.iteration))
+            rows, rollout, behaviour_logprobs, lag = self._rollout()
         with timer("score"):
             raw, scores = self.roles.score(rows, rollout.summaries)
         scores = apply_no_eos_penalty(scores, rollout.ended, algo.no_eos_penalty)
@@ -164,6 +168,8 @@ class PPOTrainer:
             # single_update: the learner's forward is pi_old, and no critic means no values
             logprobs, values = ((None, torch.zeros_like(ref_logprobs)) if algo.single_update
                                 else self.roles.evaluate(rollout))
+            if behaviour_logprobs is not None:  # async_rollout: pi_old is the policy that sampled
+                logprobs = behaviour_logprobs
             batch = build_batch(rollout, scores, logprobs, ref_logprobs, values, self.kl.value, algo)
             stats = self.roles.train(batch)
         with timer("sync"):
@@ -173,7 +179,7 @@ class PPOTrainer:
         kl_mean = (update_kl if logprobs is None
                    else (F.kl_penalty(logprobs, ref_logprobs, "k1") * rollout.mask).sum(1).mean().item())
         kl_coef = self.kl.value
-        self.kl.update(kl_mean, len(documents))
+        self.kl.update(kl_mean, algo.rollout_batch_size)
         self.iteration += 1
         lengths = rollout.mask.sum(1)  # (B,)
         seconds = timer.seconds
@@ -189,6 +195,7 @@ class PPOTrainer:
             response_length_mean=lengths.mean().item(),
             eos_fraction=rollout.ended.float().mean().item(),
             generate_tokens_per_s=lengths.sum().item() / max(seconds["generate"], 1e-9),
+            rollout_lag=lag,
             sync_transfer_s=sync.seconds,
             sync_bytes=sync.bytes,
             time_s=time.perf_counter() - start,
@@ -198,6 +205,33 @@ class PPOTrainer:
             time_learn_s=seconds["learn"],
             time_sync_s=seconds["sync"],
         )
+
+    def _rollout(self) -> tuple[list[str], Rollout, torch.Tensor | None, int]:
+        """This iteration's rows (each document k times, consecutive: one sampling pass draws every
+        row with its own noise), their rollout, the sampling weights' log-probs (``async_rollout``,
+        else None) and how many updates those weights were behind the learner's."""
+        if not self.cfg.ppo.async_rollout:
+            rows = self._next_rows()
+            return rows, self.roles.generate(rows, seed=derive_seed(self.cfg.seed, self.iteration)), None, 0
+        if self._pending is None:  # the first iteration, also after a resume
+            self._start_sampling(self.iteration)
+        assert self._pending is not None
+        rows, pending = self._pending
+        behaviour = pending.result()
+        self._pending = self._cursor_before_pending = None
+        if self.iteration + 1 < self.cfg.ppo.iterations:
+            self._start_sampling(self.iteration + 1)  # with the weights this update starts from
+        return rows, behaviour.rollout, behaviour.logprobs, self.roles.version - behaviour.version
+
+    def _next_rows(self) -> list[str]:
+        documents = self.prompts.next_batch(self.cfg.ppo.rollout_batch_size)
+        return [document for document in documents for _ in range(self.cfg.ppo.samples_per_document)]
+
+    def _start_sampling(self, iteration: int) -> None:
+        """Start sampling iteration ``iteration``'s rows (0-based) with the generators' weights."""
+        self._cursor_before_pending = self.prompts.state()
+        rows = self._next_rows()
+        self._pending = rows, self.roles.start_generate(rows, seed=derive_seed(self.cfg.seed, iteration))
 
     # ------------------------------------------------------------ checkpoints and versions
 
@@ -215,7 +249,8 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         folder = self.output_dir / "checkpoints" / f"iter_{self.iteration:06d}"
         self.roles.save_checkpoint(str(folder))
-        state = TrainerState(self.iteration, self.prompts.state(), self.kl.state_dict())
+        cursor = self._cursor_before_pending or self.prompts.state()  # a pending batch is sampled again
+        state = TrainerState(self.iteration, cursor, self.kl.state_dict())
         (folder / TRAINER_STATE).write_text(json.dumps(asdict(state)))
         return folder
 
@@ -225,6 +260,7 @@ class PPOTrainer:
         self.roles.load_checkpoint(str(folder))
         self.iteration = state.iteration
         self.prompts.seek(state.prompts["epoch"], state.prompts["position"])
+        self._pending = self._cursor_before_pending = None
         self.kl.load_state_dict(state.kl)
 
 

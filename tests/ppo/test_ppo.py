@@ -190,6 +190,43 @@ def test_killed_rollout_workers_are_restarted_and_brought_up_to_date(tmp_path: P
         assert all(torch.equal(state[k], learner[k]) for k in learner)
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_ray_async_rollout_samples_the_next_batch_during_the_update_with_one_update_old_weights(
+    tmp_path: Path,
+) -> None:
+    """ppo.async_rollout on Ray actors: the next batch is asked for before the update and taken
+    after the sync, so every batch after the first was sampled one update behind."""
+    cfg = ppo_config(tmp_path, "ppo.iterations=3", "ppo.advantage=grpo", "ppo.samples_per_document=2",
+                     "ppo.rollout_batch_size=4", "ppo.minibatch_size=8", "ppo.epochs=1",
+                     "ppo.async_rollout=true", "roles.cpus_per_actor=0.5")
+    roles = RayRoles(cfg)
+    started: list[int] = []  # the learner's update count when each next batch was asked for
+    start_generate, train = roles.start_generate, roles.train
+    updates = []
+
+    def ask(documents, seed):
+        started.append(len(updates))
+        return start_generate(documents, seed)
+
+    def counted_train(batch):
+        stats = train(batch)
+        updates.append(stats)
+        return stats
+
+    roles.start_generate, roles.train = ask, counted_train
+    try:
+        history = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), lambda m: None).run()
+        learner = policy_state(roles.learners[0])
+        generator = policy_state(roles.generators[0])
+    finally:
+        roles.shutdown()
+    assert started == [0, 0, 1]  # iteration 2's batch was asked for before update 1, 3's before 2
+    assert [m.rollout_lag for m in history] == [0, 1, 1]
+    # pi_old is the generator's own log-probs: equal to the learner's up to float rounding at lag 0
+    assert history[0].approx_kl < 1e-9 and all(m.approx_kl > 1e-7 for m in history[1:]), history
+    assert all(torch.equal(generator[k], learner[k]) for k in learner)  # the last sync arrived
+
+
 def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "ppo.py"), f"output_dir={tmp_path}",

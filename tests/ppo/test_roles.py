@@ -17,7 +17,7 @@ from rlhf.ppo.experience import response_mask
 from rlhf.ppo.functional import kl_penalty
 from rlhf.ppo.rewards import brevity, document_overlap, load_reward_fn
 from rlhf.ppo.roles import LocalRoles, forward_chunks
-from rlhf.ppo.trainer import PromptStream, apply_no_eos_penalty, build_batch
+from rlhf.ppo.trainer import TRAINER_STATE, PPOTrainer, PromptStream, apply_no_eos_penalty, build_batch
 from rlhf.registry import PolicyRegistry
 
 
@@ -88,7 +88,7 @@ ITERATION_KEYS = {
     "iteration", "reward_mean", "kl_mean", "response_length_mean", "time_s",
     "time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s",
     "reward_used_mean", "kl_coef", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
-    "explained_variance", "eos_fraction", "generate_tokens_per_s", "sync_transfer_s",
+    "explained_variance", "eos_fraction", "generate_tokens_per_s", "rollout_lag", "sync_transfer_s",
     "sync_bytes",
 }
 
@@ -182,6 +182,8 @@ def test_chunked_generation_is_consistent_and_reproducible(local_roles: LocalRol
     (["ppo.advantage=rloo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=8",
       "ppo.epochs=1"], False),  # KL in the reward needs the rollout's log-probs
     (["ppo.rollout_batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=1", "ppo.kl_in=loss"], False),  # critic
+    (["ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=8",
+      "ppo.epochs=1", "ppo.async_rollout=true"], False),  # sampled by older weights
 ])
 def test_single_update_only_when_one_on_policy_step_is_all(overrides: list[str], single: bool) -> None:
     assert load_config(PPOConfig, None, overrides).ppo.single_update is single
@@ -265,3 +267,33 @@ def test_an_update_in_chunks_takes_the_step_of_one_pass(tmp_path: Path, override
     for key, value in vars(stats[0]).items():
         assert getattr(stats[1], key) == pytest.approx(value, abs=1e-6), key
     assert stats[0].policy_loss != 0.0
+
+
+def test_async_rollout_samples_with_the_weights_of_one_update_ago_and_resumes_before_them(
+    tmp_path: Path,
+) -> None:
+    """ppo.async_rollout on local roles: the same steps as on Ray, one after another. The first batch
+    is on-policy; each later one was sampled before the previous update, so its ratio starts away
+    from 1 (approx_kl > 0) where the synchronous loop's single update starts at exactly 1."""
+    overrides = [f"output_dir={tmp_path}", "policy.name_or_path=tiny-gpt2", "policy.max_source_length=64",
+                 "ppo.max_new_tokens=10", "ppo.advantage=grpo", "ppo.samples_per_document=2",
+                 "ppo.rollout_batch_size=4", "ppo.minibatch_size=8", "ppo.epochs=1", "ppo.lr=1e-2",
+                 "ppo.iterations=3", "ppo.checkpoint_every=2", "ppo.publish_every=100"]
+    documents = CHUNK_DOCS
+    runs = {}
+    for overlap in (False, True):
+        cfg = load_config(PPOConfig, None, [*overrides, f"ppo.async_rollout={str(overlap).lower()}",
+                                            f"output_dir={tmp_path / str(overlap)}"])
+        torch.manual_seed(0)
+        stream = PromptStream(lambda epoch: iter(documents))
+        trainer = PPOTrainer(cfg, LocalRoles(cfg), stream, lambda m: None)
+        runs[overlap] = trainer.run()
+    synchronous, overlapped = runs[False], runs[True]
+    assert [m.rollout_lag for m in synchronous] == [0, 0, 0]
+    assert [m.rollout_lag for m in overlapped] == [0, 1, 1]
+    assert all(m.approx_kl == 0.0 for m in synchronous)  # pi_old is the policy each update starts from
+    # pi_old is the generator's own log-probs: equal to the learner's up to float rounding at lag 0
+    assert overlapped[0].approx_kl < 1e-9 and all(m.approx_kl > 1e-6 for m in overlapped[1:])
+    # The checkpoint after iteration 2 resumes before iteration 3's rows, which were being sampled.
+    state = json.loads((tmp_path / "True" / "checkpoints" / "iter_000002" / TRAINER_STATE).read_text())
+    assert state["prompts"] == {"epoch": 0, "position": 8}
