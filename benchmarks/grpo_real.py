@@ -73,7 +73,7 @@ def build_documents(tokenizer, n: int) -> list[str]:
     raise SystemExit(f"only {len(documents)} usable posts in {DATA}, need {n}")
 
 
-def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str]):
+def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str], seed: int = SEED):
     from rlhf.config.core import load_config
     from rlhf.ppo.config import PPOConfig
 
@@ -81,12 +81,12 @@ def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str]):
     lora_keys = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
                  "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"] if lora else []
     return load_config(PPOConfig, None, [
-        f"output_dir={workdir / 'run'}", f"seed={SEED}",
+        f"output_dir={workdir / 'run'}", f"seed={seed}",
         f"policy.name_or_path={MODEL_CACHE}", "policy.max_source_length=256",
         f"policy.max_target_length={NEW_TOKENS}", f"reward.fn={Path(__file__).resolve()}:reward_words",
         "ppo.advantage=grpo", f"ppo.samples_per_document={GROUP}",
         f"ppo.rollout_batch_size={PROMPTS_PER_STEP}", f"ppo.minibatch_size={PROMPTS_PER_STEP * GROUP}",
-        "ppo.epochs=1", "ppo.lr=1e-6", "ppo.max_grad_norm=1.0",
+        "ppo.epochs=1", "ppo.max_grad_norm=1.0",
         "ppo.kl_coef=0.04", "ppo.clip_eps=0.2", "ppo.temperature=1.0", "ppo.top_p=1.0",
         f"ppo.max_new_tokens={NEW_TOKENS}", "ppo.stop_at_eos=false", f"ppo.iterations={iterations}",
         f"ppo.checkpoint_every={never}", f"ppo.publish_every={never}", "roles.dtype=fp32",
@@ -121,9 +121,10 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
         switch_off_issue_30()
     workdir = Path(tempfile.mkdtemp(prefix=f"grpo-real-{name}-"))
     iterations = args.warmup + args.iters
-    extra = ["roles.cpus_per_actor=0.5", f"roles.threads_per_actor={THREADS}"] if name == "ray" else []
-    extra.append(f"roles.forward_batch_size={args.forward_batch_size}")
-    cfg = grpo_config(workdir, iterations, args.lora, extra)
+    extra = ["roles.cpus_per_actor=0.5", f"roles.threads_per_actor={args.threads}"] if name == "ray" else []
+    extra += [f"roles.forward_batch_size={args.forward_batch_size}",
+              f"ppo.async_rollout={str(args.async_rollout).lower()}", f"ppo.lr={args.lr}"]
+    cfg = grpo_config(workdir, iterations, args.lora, extra, args.seed)
     policy = load_policy(cfg.policy)
     documents = build_documents(policy.tokenizer, PROMPTS_PER_STEP * iterations)
     shape = list(policy.encode_documents(documents)["input_ids"].shape)
@@ -152,7 +153,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             metrics = trainer.step()
             assert metrics.response_length_mean == NEW_TOKENS, metrics.response_length_mean
             record = {key: getattr(metrics, key) for key in ROLE_KEYS}
-            record.update(reward_mean=metrics.reward_mean, kl_mean=metrics.kl_mean, peak_rss_mb=peak_rss_mb())
+            record.update(reward_mean=metrics.reward_mean, kl_mean=metrics.kl_mean, peak_rss_mb=peak_rss_mb(),
+                          rollout_lag=metrics.rollout_lag, approx_kl=metrics.approx_kl)
             records.append(record)
             print(f"[{name}{' lora' if args.lora else ''}] step {metrics.iteration}: "
                   + " ".join(f"{key[5:-2]}={record[key]:.1f}" for key in ROLE_KEYS), flush=True)
@@ -165,7 +167,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     measured = records[args.warmup:]
     return {
         "config": name, "mode": "lora" if args.lora else "full", "versions": versions(),
-        "forward_batch_size": args.forward_batch_size,
+        "forward_batch_size": args.forward_batch_size, "async_rollout": args.async_rollout,
+        "threads_per_actor": args.threads if name == "ray" else THREADS, "lr": args.lr, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "prompt_shape": shape, "roles_setup_s": setup_s,
         "single_update": cfg.ppo.single_update if name != "single_plain" else False,
         "warmup_steps": args.warmup, "measured_steps": len(measured),
@@ -205,9 +208,9 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def result_path(out_dir: Path, name: str, lora: bool, forward_batch_size: int = 0) -> Path:
+def result_path(out_dir: Path, name: str, lora: bool, forward_batch_size: int = 0, tag: str = "") -> Path:
     chunks = f"_fbs{forward_batch_size}" if forward_batch_size else ""
-    return out_dir / f"grpo_{name}_{'lora' if lora else 'full'}{chunks}.json"
+    return out_dir / f"grpo_{name}_{'lora' if lora else 'full'}{chunks}{tag}.json"
 
 
 def summary_table(out_dir: Path) -> str:
@@ -257,6 +260,11 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on q/k/v/o_proj, not full fine-tuning")
     parser.add_argument("--forward-batch-size", type=int, default=0,
                         help="roles.forward_batch_size of ours (rows per forward and per update chunk)")
+    parser.add_argument("--async-rollout", action="store_true", help="ppo.async_rollout=true (ours)")
+    parser.add_argument("--threads", type=int, default=THREADS, help="roles.threads_per_actor of ray")
+    parser.add_argument("--lr", type=float, default=1e-6, help="ppo.lr of ours (the anchor's: 1e-6)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of ours (sampling, data order, init)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/grpo_real"))
@@ -280,7 +288,7 @@ def main() -> None:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
         result = run_ours(args.config, args)
         result["argv"] = sys.argv
-        out = result_path(args.out_dir, args.config, args.lora, args.forward_batch_size)
+        out = result_path(args.out_dir, args.config, args.lora, args.forward_batch_size, args.tag)
         out.write_text(json.dumps(result, indent=2) + "\n")
     if args.config in ("all", "summary"):
         print(summary_table(args.out_dir))

@@ -187,6 +187,15 @@ def generate_rollout(
         logits_processor=policy.logits_processors(),
         synced_gpus=synced_gpus,
     ).cpu()  # (B, prefix + T): seq2seq prefix is the start token, causal prefix the prompt
+    return _sampled_rollout(policy, documents, query, output, stop_at_eos)
+
+
+def _sampled_rollout(
+    policy: Policy, documents: list[str], query: dict[str, torch.Tensor], output: torch.Tensor,
+    stop_at_eos: bool,
+) -> Rollout:
+    """The ``Rollout`` of ``generate``'s ``output`` (B, prefix + T) for ``query`` (on the CPU)."""
+    tokenizer = policy.tokenizer
     prefix = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
     response_ids = output[:, prefix:]  # (B, T), generate pads each row after its EOS
     if stop_at_eos:
