@@ -165,10 +165,12 @@ class PPOTrainer:
         with timer("reference"):
             ref_logprobs = self.roles.ref_logprobs(rollout)
         with timer("learn"):
-            # single_update: the learner's forward is pi_old, and no critic means no values
-            logprobs, values = ((None, torch.zeros_like(ref_logprobs)) if algo.single_update
-                                else self.roles.evaluate(rollout))
-            if behaviour_logprobs is not None:  # async_rollout: pi_old is the policy that sampled
+            # pi_old: the sampling weights' log-probs (async_rollout), else the learner's own forward
+            # before the update (single_update) or its old-log-prob pass; values only with a critic
+            evaluated = algo.uses_critic or (behaviour_logprobs is None and not algo.single_update)
+            logprobs, values = (self.roles.evaluate(rollout) if evaluated
+                                else (None, torch.zeros_like(ref_logprobs)))
+            if behaviour_logprobs is not None:
                 logprobs = behaviour_logprobs
             batch = build_batch(rollout, scores, logprobs, ref_logprobs, values, self.kl.value, algo)
             stats = self.roles.train(batch)

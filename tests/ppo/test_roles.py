@@ -285,9 +285,13 @@ def test_async_rollout_samples_with_the_weights_of_one_update_ago_and_resumes_be
         cfg = load_config(PPOConfig, None, [*overrides, f"ppo.async_rollout={str(overlap).lower()}",
                                             f"output_dir={tmp_path / str(overlap)}"])
         torch.manual_seed(0)
-        stream = PromptStream(lambda epoch: iter(documents))
-        trainer = PPOTrainer(cfg, LocalRoles(cfg), stream, lambda m: None)
-        runs[overlap] = trainer.run()
+        stream, roles = PromptStream(lambda epoch: iter(documents)), LocalRoles(cfg)
+
+        def no_old_logprob_pass(rollout):
+            raise AssertionError("pi_old is the learner's own forward, or the sampler's log-probs")
+
+        roles.evaluate = no_old_logprob_pass  # type: ignore[method-assign]
+        runs[overlap] = PPOTrainer(cfg, roles, stream, lambda m: None).run()
     synchronous, overlapped = runs[False], runs[True]
     assert [m.rollout_lag for m in synchronous] == [0, 0, 0]
     assert [m.rollout_lag for m in overlapped] == [0, 1, 1]
