@@ -241,16 +241,18 @@ def summary_table(out_dir: Path) -> str:
 def memory_table(out_dir: Path) -> str:
     """Peak RSS of ours per run (single: the one process; ray: the driver's and each role's own),
     full vs LoRA, with and without forward chunks."""
-    rows = ["| mode | config | roles.forward_batch_size | s/step | peak RSS MB (ray: driver) | peak RSS "
-            "per Ray role MB |", "|---|---|---|---|---|---|"]
+    rows = ["| run (JSON) | threads | async | roles.forward_batch_size | s/step | peak RSS MB (ray: driver) "
+            "| peak RSS per Ray role MB |", "|---|---|---|---|---|---|---|"]
     for path in sorted(out_dir.glob("grpo_*.json")):
         res = json.loads(path.read_text())
         if res.get("config") not in ("single", "ray"):
             continue
         peaks = res.get("role_peak_rss_mb") or {}
         actors = ", ".join(f"{name} {mb:,.0f}" for name, mb in peaks.items())
-        rows.append(f"| {res['mode']} | {res['config']} | {res.get('forward_batch_size', 0)} | "
-                    f"{res['time_s']['mean']:.1f} | {res['peak_rss_mb']:,.0f} | {actors or '-'} |")
+        threads, overlap = res.get("threads_per_actor", THREADS), res.get("async_rollout", False)
+        rows.append(f"| {path.stem} | {threads} | {overlap} | {res.get('forward_batch_size', 0)} | "
+                    f"{res['time_s']['mean']:.1f} | "
+                    f"{res['peak_rss_mb']:,.0f} | {actors or '-'} |")
     return "\n".join(rows)
 
 
