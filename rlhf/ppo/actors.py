@@ -120,22 +120,24 @@ class RayRoles:
     # ------------------------------------------------------------ generation with recovery
 
     def generate(self, documents: list[str], seed: int) -> Rollout:
-        return self._gather(documents, seed, "generate", self._submit(documents, seed, "generate"))
+        refs = self._submit(documents, seed, "generate")
+        return Rollout.concat(self._gather(documents, seed, "generate", refs))
 
     def start_generate(self, documents: list[str], seed: int) -> PendingRollout:
         """Sampling starts now with the generators' weights, while the caller goes on (training);
         ``result`` waits. A sync sent meanwhile queues behind it on each generator."""
         refs = self._submit(documents, seed, "generate_scored")
-        return RayPendingRollout(lambda: self._gather(documents, seed, "generate_scored", refs))
+        return RayPendingRollout(
+            lambda: BehaviourRollout.concat(self._gather(documents, seed, "generate_scored", refs)))
 
     def _submit(self, documents: list[str], seed: int, method: str) -> list[Any]:
-        """One shard per generator, each with its own seed."""
+        """One shard per generator, each with its own seed, through generator ``method``."""
         shards = _split(len(documents), len(self.generators))
         return [getattr(g, method).remote(documents[s], derive_seed(seed, i), self.version)
                 for i, (g, s) in enumerate(zip(self.generators, shards))]
 
-    def _gather(self, documents: list[str], seed: int, method: str, refs: list[Any]) -> Any:
-        """The shards of ``_submit`` joined in order; a failed shard is rerun (``_retry``)."""
+    def _gather(self, documents: list[str], seed: int, method: str, refs: list[Any]) -> list[Any]:
+        """The shards of ``_submit``, in order; a failed shard is rerun (``_retry``)."""
         shards = _split(len(documents), len(self.generators))
         parts = []
         for i, ref in enumerate(refs):
@@ -143,11 +145,7 @@ class RayRoles:
                 parts.append(ray.get(ref))
             except (RayActorError, StaleWeightsError) as err:
                 parts.append(self._retry(i, documents[shards[i]], derive_seed(seed, i), method, err))
-        if method == "generate":
-            return Rollout.concat(parts)
-        rollout = Rollout.concat([part.rollout for part in parts])
-        logprobs = _pad_cat([part.logprobs for part in parts], rollout.response_ids.shape[1])
-        return BehaviourRollout(rollout, logprobs, min(part.version for part in parts))
+        return parts
 
     def _retry(self, index: int, documents: list[str], seed: int, method: str, error: Exception) -> Any:
         """Wait for Ray to restart a dead generator, give it every current tensor, rerun its shard."""

@@ -69,6 +69,16 @@ def forward_chunks(rows: int, size: int) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, max(rows, 1), step)]
 
 
+@torch.no_grad()
+def chunked_logprobs(policy: Policy, device: torch.device, rollout: Rollout, cfg: PPOConfig) -> torch.Tensor:
+    """(B, T) log-probs of the rollout's tokens under ``policy.model`` on the CPU, one forward per
+    ``roles.forward_batch_size`` rows (``select`` keeps the widths, so the chunks join as one pass)."""
+    return torch.cat([
+        response_logprobs(policy.model, policy, rollout.select(rows).to(device), cfg.ppo.temperature)[0].cpu()
+        for rows in forward_chunks(len(rollout.documents), cfg.roles.forward_batch_size)
+    ])
+
+
 @dataclass
 class BehaviourRollout:
     """A rollout and the log-probs of its tokens under the weights that sampled it (async_rollout)."""
@@ -76,6 +86,16 @@ class BehaviourRollout:
     rollout: Rollout
     logprobs: torch.Tensor  # (B, T) log pi_behaviour of the sampled tokens, 0 where mask == 0
     version: int  # weight syncs the sampling generator had received
+
+    @classmethod
+    def concat(cls, parts: list[BehaviourRollout]) -> BehaviourRollout:
+        """The rows of ``parts`` in order (shards of several generators), log-probs zero-padded to the
+        joined rollout's width; the oldest shard's version."""
+        rollout = Rollout.concat([part.rollout for part in parts])
+        width = rollout.response_ids.shape[1]
+        logprobs = torch.cat([nn.functional.pad(part.logprobs, (0, width - part.logprobs.shape[1]))
+                              for part in parts])
+        return cls(rollout, logprobs, min(part.version for part in parts))
 
 
 class PendingRollout(Protocol):
@@ -135,12 +155,8 @@ class Generator:
         """``generate``, then the log-probs of the sampled tokens under these same weights: the
         behaviour policy of an off-policy update (``ppo.async_rollout``)."""
         rollout = self.generate(documents, seed, version)
-        logprobs = torch.cat([
-            response_logprobs(self.policy.model, self.policy, rollout.select(rows).to(self.device),
-                              self.cfg.ppo.temperature)[0].cpu()
-            for rows in forward_chunks(len(documents), self.cfg.roles.forward_batch_size)
-        ])
-        return BehaviourRollout(rollout, logprobs, self.version)
+        return BehaviourRollout(rollout, chunked_logprobs(self.policy, self.device, rollout, self.cfg),
+                                self.version)
 
     def load_weights(self, weights: StateDict, version: int) -> None:
         """Copy in the tensors that changed since the last sync (a subset of the state dict)."""
@@ -209,16 +225,9 @@ class ReferenceScorer:
         self.cfg = cfg
         self.policy, self.device = _frozen_policy(cfg, threads)
 
-    @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) log pi_ref of the sampled tokens, one forward per ``roles.forward_batch_size`` rows."""
-        chunks = forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size)
-        return torch.cat([
-            response_logprobs(
-                self.policy.model, self.policy, rollout.select(rows).to(self.device), self.cfg.ppo.temperature
-            )[0].cpu()
-            for rows in chunks
-        ])
+        return chunked_logprobs(self.policy, self.device, rollout, self.cfg)
 
 
 class ActorCritic(nn.Module):
@@ -312,13 +321,12 @@ class Learner:
         """(log pi_old, V_old), each (B, T), for the rollout as sampled; V_old is 0 without a value
         model (critic-free estimators). One forward per ``roles.forward_batch_size`` rows."""
         self.engine.eval()
-        parts, values = [], []
-        for chunk in self._chunks(rollout):
-            parts.append(self._logprobs(chunk))
-            if self.value is not None:
-                values.append(response_values(self.value, chunk, self.policy).float().cpu())
-        logprobs = torch.cat(parts)
-        return logprobs, torch.cat(values) if values else torch.zeros_like(logprobs)
+        logprobs = chunked_logprobs(self.policy, self.device, rollout, self.cfg)
+        if self.value is None:
+            return logprobs, torch.zeros_like(logprobs)
+        values = [response_values(self.value, rollout.select(rows).to(self.device), self.policy).float().cpu()
+                  for rows in forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size)]
+        return logprobs, torch.cat(values)
 
     @torch.no_grad()
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -326,16 +334,7 @@ class Learner:
         added to is the initial policy, so no reference copy of the model is loaded."""
         self.engine.eval()
         with self.policy.model.disable_adapter():  # type: ignore[operator]  # PeftModel's, untyped
-            return torch.cat([self._logprobs(chunk) for chunk in self._chunks(rollout)])
-
-    def _chunks(self, rollout: Rollout) -> list[Rollout]:
-        """``rollout`` on this device in ``roles.forward_batch_size`` rows; ``select`` keeps the
-        widths, so per-chunk results concatenate into what a single pass gives."""
-        rows = forward_chunks(len(rollout.documents), self.cfg.roles.forward_batch_size)
-        return [rollout.select(chunk).to(self.device) for chunk in rows]
-
-    def _logprobs(self, chunk: Rollout) -> torch.Tensor:
-        return response_logprobs(self.policy.model, self.policy, chunk, self.cfg.ppo.temperature)[0].cpu()
+            return chunked_logprobs(self.policy, self.device, rollout, self.cfg)
 
     def train(self, batch: PPOBatch) -> LearnStats:
         """PPO epochs over minibatches of this rank's shard of the batch."""

@@ -25,6 +25,7 @@ from rlhf.config.core import (
 )
 from rlhf.dpo.config import DPOConfig
 from rlhf.eval.config import EvalConfig
+from rlhf.metrics import flatten
 from rlhf.online.config import OnlineConfig
 from rlhf.ppo.config import PPOConfig
 from rlhf.serve.config import ServeConfig
@@ -224,17 +225,6 @@ JOBS = {"sft.py": SFTConfig, "reward.py": RewardConfig, "eval.py": EvalConfig, "
         "serve.py": ServeConfig, "online.py": OnlineConfig, "dpo.py": DPOConfig}
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    """{dotted key: value} of every leaf of a resolved config's YAML data."""
-    leaves = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            leaves.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
 # Runs each job file as `python jobs/<job> --help` does (as __main__, with that argv), all in one
 # process so that the imports are paid once; prints {job: (exit code, stdout)} as JSON.
 HELP_OF_EVERY_JOB = """
@@ -278,7 +268,7 @@ def _help_rows(job: str) -> list[tuple[str, object, str]]:
 def test_help_shows_exactly_what_a_run_resolves_and_records(job: str, tmp_path: Path) -> None:
     # What run_main records in output_dir/config.yaml for a run with no overrides.
     recorded = yaml.safe_load(save_config(default_config(JOBS[job]), tmp_path / "config.yaml").read_text())
-    resolved = _leaves(recorded)
+    resolved = flatten(recorded)
     rows = _help_rows(job)
     shown = {key: value for key, value, waits_for in rows if not waits_for}
     assert shown == resolved
