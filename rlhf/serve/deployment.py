@@ -13,7 +13,7 @@ from ray import serve
 
 from rlhf.runtime import compute_device, set_torch_threads
 from rlhf.serve.config import ServeConfig
-from rlhf.serve.policy_versions import PolicyVersions, Sampling, Summary, SummaryRequest
+from rlhf.serve.policy_versions import BatchSizes, PolicyVersions, Sampling, Summary, SummaryRequest
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class PolicyDeployment:
         current = self.versions.current
         return {"version": current, "versions": self.versions.known(),
                 "metrics": self.versions.metrics(current)}
+
+    def batch_sizes(self) -> BatchSizes:
+        """This replica's batches so far, by size (``PolicyVersions.batch_sizes``)."""
+        return self.versions.batch_sizes
 
     def reload(self) -> dict:
         """Switch to the registry's current version now instead of at the next poll."""

@@ -89,6 +89,22 @@ class Summary:
     at_length_limit: bool = False  # stopped at max_new_tokens (or the model's positions), not at eos
 
 
+@dataclass
+class BatchSizes:
+    """The batches a replica formed, counted by size: requests per ``generate`` batch (what
+    ``serve.max_batch_size`` bounds) and rows per model call (a batch splits by model, sampling and
+    length: a compare's two versions are two calls unless they are adapters of one base). Tells an
+    operator whether batching pays: a replica whose calls stay near 1 row serves one at a time."""
+
+    requests: Counter[int] = field(default_factory=Counter)
+    rows: Counter[int] = field(default_factory=Counter)
+
+    def mean_rows(self) -> float:
+        """Rows per model call, on average (0 before the first call)."""
+        calls = sum(self.rows.values())
+        return sum(size * n for size, n in self.rows.items()) / calls if calls else 0.0
+
+
 @dataclass(eq=False)
 class Backbone:
     """One model in memory: a full version, or the base that adapter versions are attached to.
@@ -141,6 +157,7 @@ class PolicyVersions:
         # Loads and evictions (under it) are also all that change _backbones and their users.
         self._load_lock = threading.Lock()
         self._backbones: dict[str, Backbone] = {}  # by fingerprint: each base once
+        self.batch_sizes = BatchSizes()
         self.current = registry_current(self.registry)
         self.get(self.current)
 
@@ -275,6 +292,7 @@ class PolicyVersions:
         version for a family that cannot mix them, see ``mixes_adapters``). A request that fails
         gets its exception in its place; the others in its batch still get their summaries."""
         results: dict[int, Summary | Exception] = {}
+        self.batch_sizes.requests[len(requests)] += 1
         with self._pinned({r.version for r in requests}) as loaded:
             def key(i: int) -> tuple[int, str, bool, int, float, float, int]:
                 request, backbone = requests[i], loaded[requests[i].version].backbone
@@ -286,6 +304,7 @@ class PolicyVersions:
 
             for _, group in groupby(sorted(range(len(requests)), key=key), key):
                 indices = list(group)
+                self.batch_sizes.rows[len(indices)] += 1
                 rows = [(requests[i], loaded[requests[i].version]) for i in indices]
                 for i, summary in zip(indices, self._generate_isolated(rows)):
                     results[i] = summary

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import yaml
+from support.cli import run_cli
 from support.paths import ROOT
 
 from rlhf.config.core import (
@@ -127,16 +125,11 @@ def test_parse_cli_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_job_cli_help_and_error_exit_codes() -> None:
-    help_run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "sft.py"), "--help"], capture_output=True, text=True
-    )
+    help_run = run_cli("sft.py", "--help")
     assert help_run.returncode == 0
     assert "train.deepspeed.zero_stage = 0" in help_run.stdout
     assert "DeepSpeed ZeRO stage" in help_run.stdout
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "sft.py"), "train.batch_size=0"],
-        capture_output=True, text=True,
-    )
+    bad = run_cli("sft.py", "train.batch_size=0")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["sft.py: error: train.batch_size: must be > 0, got 0"]
 
@@ -225,30 +218,10 @@ JOBS = {"sft.py": SFTConfig, "reward.py": RewardConfig, "eval.py": EvalConfig, "
         "serve.py": ServeConfig, "online.py": OnlineConfig, "dpo.py": DPOConfig}
 
 
-# Runs each job file as `python jobs/<job> --help` does (as __main__, with that argv), all in one
-# process so that the imports are paid once; prints {job: (exit code, stdout)} as JSON.
-HELP_OF_EVERY_JOB = """
-import contextlib, io, json, runpy, sys
-jobs, out = sys.argv[1:], {}
-for job in jobs:
-    sys.argv, stdout, code = [job, "--help"], io.StringIO(), None
-    with contextlib.redirect_stdout(stdout):
-        try:
-            runpy.run_path(job, run_name="__main__")
-        except SystemExit as exit:
-            code = exit.code
-    out[job] = (code, stdout.getvalue())
-print(json.dumps(out))
-"""
-
-
 @functools.cache
-def _help_outputs() -> dict[str, tuple[int | None, str]]:
+def _help_outputs() -> dict[str, tuple[int, str]]:
     """{job file name: (exit code, stdout)} of every job's ``--help``."""
-    paths = [str(ROOT / "jobs" / job) for job in sorted(JOBS)]
-    run = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_JOB, *paths], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    return {Path(path).name: tuple(result) for path, result in json.loads(run.stdout).items()}
+    return {job: (ran.returncode, ran.stdout) for job in sorted(JOBS) for ran in [run_cli(job, "--help")]}
 
 
 def _help_rows(job: str) -> list[tuple[str, object, str]]:
@@ -288,10 +261,7 @@ def test_help_shows_each_jobs_own_defaults_for_shared_sections() -> None:
 
 
 def test_a_reward_model_and_a_reward_fn_both_given_exit_2_naming_both() -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "ppo.py"), "reward.model.name_or_path=tiny-gpt2",
-         "reward.fn=rlhf.ppo.rewards:brevity"], capture_output=True, text=True,
-    )
+    run = run_cli("ppo.py", "reward.model.name_or_path=tiny-gpt2", "reward.fn=rlhf.ppo.rewards:brevity")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "ppo.py: error: reward.model: reward.model and reward.fn ('rlhf.ppo.rewards:brevity') are both "
@@ -305,8 +275,7 @@ LEARNERS = {"sft.py": "train.", "reward.py": "train.", "ppo.py": "roles.", "onli
 @pytest.mark.parametrize("job", sorted(LEARNERS))
 def test_bad_learner_settings_exit_2_with_the_same_message_in_every_job(job: str) -> None:
     section = LEARNERS[job] + "deepspeed."
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / job), f"{section}offload_params=true"],
-                         capture_output=True, text=True)
+    run = run_cli(job, f"{section}offload_params=true")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         f"{job}: error: {section}offload_params: needs zero_stage=3, got zero_stage=0"]

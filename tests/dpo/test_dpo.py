@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import get_args
 
 import pytest
+from support.cli import run_cli
 from support.online import label_choices, online_config
 from support.paths import ROOT
 from support.serve import publish_tiny
@@ -121,8 +120,7 @@ def test_eval_scores_a_dpo_policy_as_an_implicit_reward_model(t5_run: Path, pair
      "dpo.py: error: dpo.label_smoothing: applies to loss=sigmoid only; set it to 0 for ipo"),
 ])
 def test_bad_dpo_settings_exit_2_with_one_line(override: str, line: str, tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "dpo.py"), f"output_dir={tmp_path}",
-                          *override.split()], capture_output=True, text=True, timeout=120)
+    run = run_cli("dpo.py", f"output_dir={tmp_path}", *override.split())
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [line], run.stderr
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
+from support.cli import run_cli
 from support.paths import ROOT
 
 from rlhf.config.sections import ModelConfig
@@ -94,14 +93,10 @@ def test_eval_job_writes_reward_and_policy_metrics(tmp_path: Path) -> None:
     load_reward_model(ModelConfig(name_or_path="tiny-gpt2", max_source_length=128)).save(reward_dir)
     out = tmp_path / "eval"
     comparisons = DATA / "tldr_comparisons_sample.jsonl"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "eval.py"), f"output_dir={out}",
-         f"reward_model.name_or_path={reward_dir}", "reward_model.max_source_length=128",
-         f"comparisons.path={comparisons}", "policy.name_or_path=tiny-t5",
-         "policy.max_target_length=8", f"references.path={DATA / 'tldr_sft_sample.jsonl'}",
-         "references.limit=3", "batch_size=8"],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = run_cli("eval.py", f"output_dir={out}", f"reward_model.name_or_path={reward_dir}",
+                  "reward_model.max_source_length=128", f"comparisons.path={comparisons}",
+                  "policy.name_or_path=tiny-t5", "policy.max_target_length=8",
+                  f"references.path={DATA / 'tldr_sft_sample.jsonl'}", "references.limit=3", "batch_size=8")
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((out / "eval.json").read_text())
     rows, baseline = _raw_length_baseline(comparisons)
@@ -126,8 +121,7 @@ def test_eval_job_writes_reward_and_policy_metrics(tmp_path: Path) -> None:
 
 
 def test_eval_job_with_nothing_to_evaluate_exits_2() -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "eval.py")], capture_output=True,
-                         text=True, timeout=60)
+    run = run_cli("eval.py")
     assert run.returncode == 2
     assert run.stderr.strip() == ("eval.py: error: comparisons: nothing to evaluate: "
                                   "set comparisons.path or references.path")
@@ -137,12 +131,10 @@ def test_plot_renders_ppo_curves_to_png(tmp_path: Path) -> None:
     records = [{"iteration": i, "reward_mean": 0.1 * i, "kl_mean": 0.5 * i, "entropy": 4 - 0.1 * i,
                 "response_length_mean": 30 - i} for i in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    run = subprocess.run([sys.executable, "-m", "rlhf.eval", "plot", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("rlhf.eval", "plot", str(tmp_path))
     assert run.returncode == 0, run.stderr
     png = tmp_path / "curves.png"
     assert run.stdout.strip() == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    missing = subprocess.run([sys.executable, "-m", "rlhf.eval", "plot", str(tmp_path / "none")],
-                             capture_output=True, text=True, timeout=120)
+    missing = run_cli("rlhf.eval", "plot", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
-from support.paths import ROOT
+from support.cli import run_cli
 
 from rlhf.config.core import ConfigError, load_config
 from rlhf.config.sections import ModelConfig
@@ -191,11 +189,8 @@ def test_bad_head_configs_are_clear_errors(tmp_path: Path) -> None:
         load_config(RewardConfig, None, ["heads.layout=disentangled", "train.deepspeed.zero_stage=3"])
     reward = load_reward_model(_cfg("tiny-gpt2"))
     reward.save(tmp_path / "single")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "reward.py"), f"output_dir={tmp_path / 'run'}",
-         f"model.name_or_path={tmp_path / 'single'}", "heads.layout=disentangled"],
-        capture_output=True, text=True, timeout=120,
-    )
+    run = run_cli("reward.py", f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'single'}",
+                  "heads.layout=disentangled")
     assert run.returncode == 2, run.stderr[-2000:]
     assert "heads.layout:" in run.stderr and "is a single-head reward model" in run.stderr
 

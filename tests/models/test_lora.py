@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.cli import run_cli
 from support.paths import ROOT
 from support.train import easy_preferences
 
@@ -87,8 +88,7 @@ def test_an_adapter_folder_names_its_base_and_merges_into_a_plain_model(tmp_path
                                rtol=1e-4, atol=1e-4)  # merged: W + BA in one matmul
 
     merged = tmp_path / "merged"
-    run = subprocess.run([sys.executable, "-m", "rlhf.models", "merge", str(adapter), str(merged)],
-                         capture_output=True, text=True, timeout=300)
+    run = run_cli("rlhf.models", "merge", str(adapter), str(merged))
     assert run.returncode == 0, run.stderr
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
     # It loads with transformers alone (peft made unimportable) and gives the adapted outputs.
@@ -102,8 +102,7 @@ def test_an_adapter_folder_names_its_base_and_merges_into_a_plain_model(tmp_path
     torch.testing.assert_close(_logits(load_policy(ModelConfig(name_or_path=str(merged)))), expected,
                                rtol=1e-4, atol=1e-4)  # merged: W + BA in one matmul
 
-    wrong = subprocess.run([sys.executable, "-m", "rlhf.models", "merge", str(merged), str(tmp_path / "x")],
-                           capture_output=True, text=True, timeout=300)
+    wrong = run_cli("rlhf.models", "merge", str(merged), str(tmp_path / "x"))
     assert wrong.returncode == 2 and "has no adapter_config.json" in wrong.stderr
     assert "Traceback" not in wrong.stderr
 

@@ -3,15 +3,13 @@ the reference, a sync moves the adapters alone on both transports, runs resume a
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
-from support.paths import ROOT
+from support.cli import run_cli
 from support.ppo import DOCUMENTS, policy_state, ppo_config
 
 from rlhf.config.core import ConfigError
@@ -117,8 +115,7 @@ def test_ppo_with_lora_raises_a_rule_based_reward_with_bounded_kl(
 
 
 def test_bad_lora_values_exit_2_naming_the_key(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "ppo.py"), "lora.r=-1"],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("ppo.py", "lora.r=-1")
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "error: lora.r" in run.stderr, run.stderr
     for override, key in (("lora.alpha=0", "lora.alpha"), ("lora.dropout=1.5", "lora.dropout")):
         with pytest.raises(ConfigError, match=rf"^{key}:"):

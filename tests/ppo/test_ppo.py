@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from support.cli import run_cli
 from support.paths import ROOT
 from support.ppo import DOCUMENTS, policy_state, ppo_config
 
@@ -228,11 +227,7 @@ def test_ray_async_rollout_samples_the_next_batch_during_the_update_with_one_upd
 
 
 def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "ppo.py"), f"output_dir={tmp_path}",
-         "roles.cpus_per_actor=1000"],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = run_cli("ppo.py", f"output_dir={tmp_path}", "roles.cpus_per_actor=1000")
     assert run.returncode == 2
     error_lines = [line for line in run.stderr.splitlines() if line.startswith("ppo.py: error")]
     assert len(error_lines) == 1

@@ -11,7 +11,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.paths import ROOT
+from support.cli import run_cli
 from support.pdf import piled_lines, short_word_lines
 from support.serve import publish_tiny, serve_config, start_with_admin
 
@@ -365,27 +364,13 @@ def test_readiness_names_the_part_that_failed_but_not_its_error(app: App):
     assert answer.json() == {"detail": "not ready: the database did not answer (details in the server log)"}
 
 
-def _serve_job(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "jobs/serve.py", *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**dict(__import__("os").environ), **(env or {})},
-    )
-
-
 def test_unsafe_exposure_and_short_admin_tokens_are_refused_at_start(tmp_path: Path):
-    public = _serve_job("serve.host=0.0.0.0", f"output_dir={tmp_path}")
+    public = run_cli("serve.py", "serve.host=0.0.0.0", f"output_dir={tmp_path}")
     assert public.returncode == 2 and "serve.labeler_auth" in public.stderr.strip(), public.stderr
-    unnamed = _serve_job("serve.host=0.0.0.0", "serve.labeler_auth=true", f"output_dir={tmp_path}")
+    unnamed = run_cli("serve.py", "serve.host=0.0.0.0", "serve.labeler_auth=true", f"output_dir={tmp_path}")
     assert unnamed.returncode == 2 and "serve.allowed_hosts" in unnamed.stderr, unnamed.stderr
-    short = _serve_job(
-        f"output_dir={tmp_path}",
-        f"store.url=sqlite:///{tmp_path}/f.db",
-        env={"RLHF_ADMIN_TOKEN": "too-short"},
-    )
+    short = run_cli("serve.py", f"output_dir={tmp_path}", f"store.url=sqlite:///{tmp_path}/f.db",
+                    env={"RLHF_ADMIN_TOKEN": "too-short"})
     assert (
         short.returncode == 2
         and "at least 32" in short.stderr

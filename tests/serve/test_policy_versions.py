@@ -75,6 +75,10 @@ def test_a_mixed_batch_matches_one_request_at_a_time(tmp_path: Path):
     together = versions.generate(batch)
     alone = [versions.generate([request])[0] for request in batch]
     assert together == alone
+    # one batch of 8 in four calls of 2 (version x length), then 8 batches of one row each
+    assert versions.batch_sizes.requests == {8: 1, 1: 8}
+    assert versions.batch_sizes.rows == {2: 4, 1: 8}
+    assert versions.batch_sizes.mean_rows() == pytest.approx(16 / 12)
     assert [s.version for s in together] == [r.version for r in batch]
     assert len({s.text for s in together}) > 1  # different versions/lengths write different text
 

@@ -6,8 +6,6 @@ import contextlib
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.cli import run_cli
 from support.paths import ROOT
 from support.train import easy_preferences
 
@@ -68,40 +67,24 @@ def _assert_sft_learned(output_dir: Path, model_dir: Path) -> None:
     assert not list(model_dir.glob("*.bin"))
 
 
-def test_sft_on_a_causal_policy_learns_and_logs_from_its_rank_0_worker_to_mlflow(tmp_path: Path) -> None:
-    """The training jobs' one real run with a tracker (rlhf.tracking): Ray Train's rank 0 opens it."""
-    from mlflow.tracking import MlflowClient
-
-    cfg = _sft_config(tmp_path, "model.name_or_path=tiny-gpt2", "train.max_steps=12",
-                      "train.eval_every=12", "train.save_every=12", "tracking.backends=[mlflow]")
+def test_sft_learns_logs_from_rank_0_to_mlflow_and_resumes_at_the_same_step_with_the_same_weights(
+    tmp_path: Path,
+) -> None:
+    """A causal policy learns in 12 steps, logged by Ray Train's rank-0 worker to MLflow (the training
+    jobs' one real run with a tracker, rlhf.tracking); a run killed after step 6 resumes there and
+    ends with the same weights as the run that was never stopped. Seq2seq SFT on Ray Train:
+    tests/models/test_lora.py."""
+    common = ("model.name_or_path=tiny-gpt2", "train.lr_schedule=constant", "train.max_steps=12",
+              "train.eval_every=12", "train.save_every=6")
     ctrl_c = signal.getsignal(signal.SIGINT)
-    result = run_sft(cfg)
+    straight = run_sft(_sft_config(tmp_path / "a", *common, "tracking.backends=[mlflow]"))
     # Ray Train's fit() swaps the Ctrl-C handler for one holding its TrainController, which kept
     # that process alive after the run; run_training puts the handler back, so the process ends.
     assert signal.getsignal(signal.SIGINT) is ctrl_c
     assert _wait_for_no_train_controller(timeout_s=60) == []
-    _assert_sft_learned(tmp_path, result.model_dir)
-
-    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
-    assert (run.info.run_name, run.info.status) == (tmp_path.name, "FINISHED")  # named after output_dir
-    for key in ("loss", "val_loss"):
-        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-        assert history == [(row["step"], row[key]) for row in written if key in row], key
-    assert run.data.params["train.max_steps"] == "12" and run.data.params["model.name_or_path"] == "tiny-gpt2"
-    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
-    assert model_files == {p.name for p in result.model_dir.iterdir()}  # the final model, as copied
-    assert not (tmp_path / "tensorboard").exists()  # tensorboard only when listed
-
-
-def test_sft_learns_and_resumes_at_the_same_step_with_the_same_weights(tmp_path: Path) -> None:
-    """A seq2seq policy learns in 12 steps; a run killed after step 6 resumes there and ends with the
-    same weights as the run that was never stopped."""
-    common = ("model.name_or_path=tiny-t5", "train.lr_schedule=constant", "train.max_steps=12",
-              "train.eval_every=12", "train.save_every=6")
-    straight = run_sft(_sft_config(tmp_path / "a", *common))
     _assert_sft_learned(tmp_path / "a", straight.model_dir)
+    _assert_logged_to_mlflow(tmp_path / "a", straight.model_dir)
+
     # The straight run's step-6 checkpoint, alone in a new output dir, is what a run killed after
     # step 6 would have left.
     (step_6,) = [state.parent for state in (tmp_path / "a").glob(f"ray_train-*/checkpoint_*/{STATE_FILE}")
@@ -116,6 +99,24 @@ def test_sft_learns_and_resumes_at_the_same_step_with_the_same_weights(tmp_path:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _assert_logged_to_mlflow(output_dir: Path, model_dir: Path) -> None:
+    """One finished MLflow run named after ``output_dir`` with metrics.jsonl's history, the config
+    as params and the final model as artifacts; no TensorBoard (only when listed)."""
+    from mlflow.tracking import MlflowClient
+
+    written = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    client = MlflowClient(f"sqlite:///{output_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
+    assert (run.info.run_name, run.info.status) == (output_dir.name, "FINISHED")  # named after output_dir
+    for key in ("loss", "val_loss"):
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert history == [(row["step"], row[key]) for row in written if key in row], key
+    assert run.data.params["train.max_steps"] == "12" and run.data.params["model.name_or_path"] == "tiny-gpt2"
+    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
+    assert model_files == {p.name for p in model_dir.iterdir()}  # the final model, as copied
+    assert not (output_dir / "tensorboard").exists()
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
@@ -182,11 +183,8 @@ def test_minilm_reward_backbone_trains_with_zero3_on_two_workers(tmp_path: Path)
 
 
 def test_bad_data_stops_the_job_with_one_line(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "reward.py"), f"output_dir={tmp_path}",
-         f"data.path={DATA / 'bad_rows.jsonl'}", "data.strict=true"],
-        capture_output=True, text=True, timeout=120,
-    )
+    run = run_cli("reward.py", f"output_dir={tmp_path}", f"data.path={DATA / 'bad_rows.jsonl'}",
+                  "data.strict=true")
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad_rows.jsonl" in lines[0] and "row" in lines[0], run.stderr
