@@ -23,6 +23,7 @@ Step time = one ``PPOTrainer.step`` (generate, score, reference, learn, sync), a
     python benchmarks/grpo_real.py --config all --warmup 1 --iters 3  # JSON: benchmarks/results/grpo_real
     python benchmarks/grpo_real.py --config all --lora --warmup 1 --iters 3
     python benchmarks/grpo_real.py --config summary
+    python benchmarks/grpo_real.py --config scaling --warmup 1 --iters 1  # 8/16/32 x 32/64/128 tokens
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ DATA = ROOT.parent / "shared" / "data" / "tldr_sft.jsonl"
 TRL_PYTHON = Path("/tmp/trl-grpo/bin/python")
 MODEL_CACHE = Path("/tmp/smollm2-135m-hf")
 CONFIGS = ("single", "ray", "trl", "single_plain")
+# The scaling grid (``--config scaling``): summaries per step (posts x GROUP) x tokens per summary.
+SCALING_PROMPTS, SCALING_TOKENS = (2, 4, 8), (32, 64, 128)
 PROMPTS_PER_STEP, GROUP, PROMPT_TOKENS, NEW_TOKENS = 8, 4, 192, 48
 TARGET_WORDS, SEED, THREADS = 20, 42, 2
 ROLE_KEYS = ("time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s", "time_s")
@@ -73,7 +76,8 @@ def build_documents(tokenizer, n: int) -> list[str]:
     raise SystemExit(f"only {len(documents)} usable posts in {DATA}, need {n}")
 
 
-def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str], seed: int = SEED):
+def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str], seed: int = SEED,
+                prompts: int = PROMPTS_PER_STEP, new_tokens: int = NEW_TOKENS):
     from rlhf.config.core import load_config
     from rlhf.ppo.config import PPOConfig
 
@@ -83,12 +87,12 @@ def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str], se
     return load_config(PPOConfig, None, [
         f"output_dir={workdir / 'run'}", f"seed={seed}",
         f"policy.name_or_path={MODEL_CACHE}", "policy.max_source_length=256",
-        f"policy.max_target_length={NEW_TOKENS}", f"reward.fn={Path(__file__).resolve()}:reward_words",
+        f"policy.max_target_length={new_tokens}", f"reward.fn={Path(__file__).resolve()}:reward_words",
         "ppo.advantage=grpo", f"ppo.samples_per_document={GROUP}",
-        f"ppo.rollout_batch_size={PROMPTS_PER_STEP}", f"ppo.minibatch_size={PROMPTS_PER_STEP * GROUP}",
+        f"ppo.rollout_batch_size={prompts}", f"ppo.minibatch_size={prompts * GROUP}",
         "ppo.epochs=1", "ppo.max_grad_norm=1.0",
         "ppo.kl_coef=0.04", "ppo.clip_eps=0.2", "ppo.temperature=1.0", "ppo.top_p=1.0",
-        f"ppo.max_new_tokens={NEW_TOKENS}", "ppo.stop_at_eos=false", f"ppo.iterations={iterations}",
+        f"ppo.max_new_tokens={new_tokens}", "ppo.stop_at_eos=false", f"ppo.iterations={iterations}",
         f"ppo.checkpoint_every={never}", f"ppo.publish_every={never}", "roles.dtype=fp32",
         *lora_keys, *extra,
     ])
@@ -124,9 +128,9 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     extra = ["roles.cpus_per_actor=0.5", f"roles.threads_per_actor={args.threads}"] if name == "ray" else []
     extra += [f"roles.forward_batch_size={args.forward_batch_size}",
               f"ppo.async_rollout={str(args.async_rollout).lower()}", f"ppo.lr={args.lr}"]
-    cfg = grpo_config(workdir, iterations, args.lora, extra, args.seed)
+    cfg = grpo_config(workdir, iterations, args.lora, extra, args.seed, *step_shape(args))
     policy = load_policy(cfg.policy)
-    documents = build_documents(policy.tokenizer, PROMPTS_PER_STEP * iterations)
+    documents = build_documents(policy.tokenizer, args.prompts_per_step * iterations)
     shape = list(policy.encode_documents(documents)["input_ids"].shape)
     assert shape == [len(documents), PROMPT_TOKENS + 5], shape
     del policy
@@ -151,7 +155,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     try:
         for _ in range(iterations):
             metrics = trainer.step()
-            assert metrics.response_length_mean == NEW_TOKENS, metrics.response_length_mean
+            assert metrics.response_length_mean == args.new_tokens, metrics.response_length_mean
             record = {key: getattr(metrics, key) for key in ROLE_KEYS}
             record.update(reward_mean=metrics.reward_mean, kl_mean=metrics.kl_mean, peak_rss_mb=peak_rss_mb(),
                           rollout_lag=metrics.rollout_lag, approx_kl=metrics.approx_kl)
@@ -168,6 +172,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     return {
         "config": name, "mode": "lora" if args.lora else "full", "versions": versions(),
         "forward_batch_size": args.forward_batch_size, "async_rollout": args.async_rollout,
+        "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens,
         "threads_per_actor": args.threads if name == "ray" else THREADS, "lr": args.lr, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "prompt_shape": shape, "roles_setup_s": setup_s,
         "single_update": cfg.ppo.single_update if name != "single_plain" else False,
@@ -199,6 +204,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     cmd = [str(args.trl_python), str(args.anchor), "--warmup", str(args.warmup), "--iters", str(args.iters),
            "--model-cache", str(MODEL_CACHE), "--data", str(DATA), "--out", str(out),
+           "--prompts-per-step", str(args.prompts_per_step), "--new-tokens", str(args.new_tokens),
            *(["--lora"] if args.lora else [])]
     print("[trl] " + " ".join(cmd), flush=True)
     load_before = loadavg()
@@ -208,9 +214,17 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def result_path(out_dir: Path, name: str, lora: bool, forward_batch_size: int = 0, tag: str = "") -> Path:
+def step_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(posts per step, tokens per summary) of a run."""
+    return args.prompts_per_step, args.new_tokens
+
+
+def result_path(out_dir: Path, name: str, lora: bool, forward_batch_size: int = 0, tag: str = "",
+                shape: tuple[int, int] = (PROMPTS_PER_STEP, NEW_TOKENS)) -> Path:
+    """The JSON of one run; a step shape other than the anchor's (prompts, new tokens) is in its name."""
     chunks = f"_fbs{forward_batch_size}" if forward_batch_size else ""
-    return out_dir / f"grpo_{name}_{'lora' if lora else 'full'}{chunks}{tag}.json"
+    sized = "" if shape == (PROMPTS_PER_STEP, NEW_TOKENS) else f"_p{shape[0]}_n{shape[1]}"
+    return out_dir / f"grpo_{name}_{'lora' if lora else 'full'}{chunks}{sized}{tag}.json"
 
 
 def summary_table(out_dir: Path) -> str:
@@ -238,6 +252,24 @@ def summary_table(out_dir: Path) -> str:
     return "\n".join(rows)
 
 
+def scaling_table(out_dir: Path, lora: bool = False) -> str:
+    """Seconds per step over the scaling grid: ours (no Ray) / TRL and their ratio, per cell."""
+    rows = ["| summaries per step | " + " | ".join(f"{n} tokens: ours / TRL (ratio)" for n in SCALING_TOKENS)
+            + " |", "|---|" + "---|" * len(SCALING_TOKENS)]
+    for prompts in SCALING_PROMPTS:
+        cells = []
+        for tokens in SCALING_TOKENS:
+            paths = [result_path(out_dir, name, lora, shape=(prompts, tokens)) for name in ("single", "trl")]
+            if not all(path.exists() for path in paths):
+                cells.append("-")
+                continue
+            ours, trl = (json.loads(path.read_text()) for path in paths)
+            ours_s, trl_s = ours["time_s"]["mean"], trl["step_s"]["mean"]
+            cells.append(f"{ours_s:.1f} / {trl_s:.1f} ({ours_s / trl_s:.2f})")
+        rows.append(f"| {prompts * GROUP} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def memory_table(out_dir: Path) -> str:
     """Peak RSS of ours per run (single: the one process; ray: the driver's and each role's own),
     full vs LoRA, with and without forward chunks."""
@@ -258,7 +290,8 @@ def memory_table(out_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary"), default="all")
+    parser.add_argument("--config", choices=(*CONFIGS, "all", "summary", "scaling"), default="all",
+                        help="scaling: ours (single) and TRL over SCALING_PROMPTS x SCALING_TOKENS")
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on q/k/v/o_proj, not full fine-tuning")
     parser.add_argument("--forward-batch-size", type=int, default=0,
                         help="roles.forward_batch_size of ours (rows per forward and per update chunk)")
@@ -267,6 +300,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-6, help="ppo.lr of ours (the anchor's: 1e-6)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of ours (sampling, data order, init)")
+    parser.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP,
+                        help=f"posts per step, {GROUP} summaries each (both systems)")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                        help="tokens per summary (both systems)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/grpo_real"))
@@ -276,21 +313,36 @@ def main() -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.config == "all":
+    if args.config == "scaling":
+        for prompts in SCALING_PROMPTS:
+            for tokens in SCALING_TOKENS:
+                for name in ("single", "trl"):
+                    if result_path(args.out_dir, name, args.lora, shape=(prompts, tokens)).exists():
+                        continue  # a grid cut short goes on where it stopped
+                    cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup),
+                           "--iters", str(args.iters), "--out-dir", str(args.out_dir),
+                           "--prompts-per-step", str(prompts), "--new-tokens", str(tokens),
+                           "--trl-python", str(args.trl_python), *(["--lora"] if args.lora else [])]
+                    print(f"=== {' '.join(cmd)}", flush=True)
+                    subprocess.run(cmd, check=True)
+        print(scaling_table(args.out_dir, args.lora))
+    elif args.config == "all":
         for name in CONFIGS:
             cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup), "--iters",
                    str(args.iters), "--out-dir", str(args.out_dir), "--anchor", str(args.anchor),
-                   "--trl-python", str(args.trl_python), *(["--lora"] if args.lora else [])]
+                   "--trl-python", str(args.trl_python), "--prompts-per-step", str(args.prompts_per_step),
+                   "--new-tokens", str(args.new_tokens), *(["--lora"] if args.lora else [])]
             print(f"=== {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)
     elif args.config == "trl":
-        run_trl(args, result_path(args.out_dir, "trl", args.lora))
+        run_trl(args, result_path(args.out_dir, "trl", args.lora, shape=step_shape(args)))
     elif args.config != "summary":
         if args.config != "ray":  # before torch starts its thread pool
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
         result = run_ours(args.config, args)
         result["argv"] = sys.argv
-        out = result_path(args.out_dir, args.config, args.lora, args.forward_batch_size, args.tag)
+        out = result_path(args.out_dir, args.config, args.lora, args.forward_batch_size, args.tag,
+                          step_shape(args))
         out.write_text(json.dumps(result, indent=2) + "\n")
     if args.config in ("all", "summary"):
         print(summary_table(args.out_dir))

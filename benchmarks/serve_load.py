@@ -200,7 +200,8 @@ def main() -> None:
         p50, p99 = row["p50_ms"], row["p99_ms"]
         print(f"| {row['clients']} | {row['max_batch_size']} | {row['requests']} | {row['requests_per_s']} | "
               + " | ".join(f"{p50[route]} / {p99[route]}" for route in ROUTES)
-              + f" | {row['batch_sizes']['mean_rows_per_call']} | {row['errors']} | {row['stored_equals_accepted']} |")
+              + f" | {row['batch_sizes']['mean_rows_per_call']} | {row['errors']} "
+              + f"| {row['stored_equals_accepted']} |")
     for ratio in ratios:
         print(f"{ratio['clients']} clients, batching on/off: {ratio['batching_speedup_requests_per_s']}x "
               f"requests/s, compare p50 ratio {ratio['batching_compare_p50_ratio']}")
