@@ -37,6 +37,8 @@ from architectures import ARCHITECTURES, save_random  # noqa: E402
 from gpu_common import device_report  # noqa: E402
 from support.serve import publish_tiny, serve_config  # noqa: E402
 
+from rlhf.serve.config import ServingConfig  # noqa: E402
+
 ROUTES = ("/v1/compare", "/v1/feedback")
 TEXT = ("The city council voted on Tuesday to extend the bike lane network across the river, "
         "after a year of debate about parking and safety near the schools. Client {client}, round {round}.")
@@ -99,8 +101,7 @@ def run_load(url: str, max_batch_size: int, clients: int, rounds: int, seconds: 
     from rlhf.store import FeedbackStore
 
     cfg = serve_config(workdir / "registry", workdir / f"feedback-c{clients}-b{max_batch_size}.db",
-                       f"serve.max_batch_size={max_batch_size}", "serve.batch_wait_timeout_s=0.01",
-                       *overrides)
+                       f"serve.max_batch_size={max_batch_size}", *overrides)
     serve.run(build_app(cfg), name="load", route_prefix="/")
     requests.post(url + "/v1/summarize", json={"text": "warm up"}, timeout=120).raise_for_status()
     results = [{"latency_s": {route: [] for route in ROUTES}, "errors": 0,
@@ -155,6 +156,10 @@ def main() -> None:
     parser.add_argument("--arch", default="tiny", choices=("tiny", *ARCHITECTURES))
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--batch-wait-s", type=float, default=ServingConfig.batch_wait_timeout_s,
+                        help="serve.batch_wait_timeout_s of both runs")
+    parser.add_argument("--threads-per-replica", type=int, default=ServingConfig.threads_per_replica,
+                        help="serve.threads_per_replica of both runs (0: one per reserved CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args()
     for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
@@ -170,7 +175,9 @@ def main() -> None:
     port = serve_config(workdir / "registry", workdir / "unused.db").serve.port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    overrides = [f"serve.gpus_per_replica={args.gpus_per_replica}", f"serve.max_new_tokens={args.new_tokens}"]
+    overrides = [f"serve.gpus_per_replica={args.gpus_per_replica}", f"serve.max_new_tokens={args.new_tokens}",
+                 f"serve.batch_wait_timeout_s={args.batch_wait_s}",
+                 f"serve.threads_per_replica={args.threads_per_replica}"]
     rows, ratios = [], []
     for clients in args.clients:
         on, off = (run_load(url, size, clients, args.rounds, args.seconds, workdir, overrides)
@@ -187,6 +194,7 @@ def main() -> None:
     report = {
         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
         "arch": args.arch, "gpus_per_replica": args.gpus_per_replica, "new_tokens": args.new_tokens,
+        "batch_wait_s": args.batch_wait_s, "threads_per_replica": args.threads_per_replica,
         **device_report(),
         "runs": rows,
         "ratios": ratios,

@@ -141,7 +141,8 @@ def store(url: str) -> Iterator[FeedbackStore]:
 
 # Test files taking longest (pytest --durations), run first: `pytest -n 2 --dist loadfile` hands
 # out whole files in collection order, so starting the long ones first lets both workers finish
-# together instead of one waiting on the end-to-end test alone.
+# together instead of one waiting on the end-to-end test alone. pyproject's addopts pass
+# --no-loadscope-reorder: by default pytest-xdist re-sorts files by their number of tests.
 LONGEST_FIRST = ("online/test_e2e.py", "train/test_train.py", "ppo/test_ppo.py", "models/test_offline.py",
                  "dpo/test_dpo.py", "online/test_loop.py", "ppo/test_lora.py", "serve/test_app.py",
                  "serve/test_front_door.py", "models/test_lora.py")
