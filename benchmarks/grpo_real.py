@@ -316,7 +316,7 @@ def main() -> None:
     if args.config == "scaling":
         for prompts in SCALING_PROMPTS:
             for tokens in SCALING_TOKENS:
-                for name in ("single", "trl"):
+                for name in ("trl", "single"):  # the anchor first: it converts the model folder once
                     if result_path(args.out_dir, name, args.lora, shape=(prompts, tokens)).exists():
                         continue  # a grid cut short goes on where it stopped
                     cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup),
