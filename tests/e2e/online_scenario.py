@@ -1,12 +1,16 @@
-"""End to end on a real local Ray cluster: PPO job -> Serve app -> a simulated person -> online cycles.
+"""End to end on a real local Ray cluster: a published policy -> Serve app -> a simulated person -> an
+online cycle (reward model, then PPO on Ray actors) -> the next served version.
 
     python tests/e2e/online_scenario.py WORKDIR
 
-Runs `ray start --head`, `ray job submit` of jobs/ppo.py, jobs/serve.py and jobs/online.py, a
-simulated user who prefers the shorter summary answering /v1/compare + /v1/feedback over HTTP, and
-`ray stop`. The online job runs one `method=reward_model` cycle (reward model, then PPO); the DPO cycle
-is tested in-process on a real store (tests/dpo/test_dpo.py), which costs a third of a second job here.
-Writes WORKDIR/summary.json and exits non-zero on the first failed expectation.
+Publishes jobs/ppo.py's untrained default policy as v0001, runs `ray start --head`, `ray job submit`
+of jobs/serve.py and jobs/online.py, a simulated user who prefers the shorter summary answering
+/v1/compare + /v1/feedback over HTTP, and `ray stop`. The online job runs one `method=reward_model`
+cycle (reward model, then PPO); the DPO cycle is tested in-process on a real store
+(tests/dpo/test_dpo.py), and jobs/ppo.py itself (with --resume) by tests/ppo/test_ppo.py, each of
+which would cost a third of this scenario again as a submitted job.
+Writes WORKDIR/summary.json with the wall and CPU seconds of each phase, and exits non-zero on the
+first failed expectation.
 `ray stop` ends every Ray process on the machine: tests/online/test_e2e.py runs this script in its
 own PID namespace (unshare) so that only this cluster stops.
 """
@@ -151,6 +155,27 @@ class SimulatedUser(threading.Thread):
             self.answered += 1
 
 
+class Phases:
+    """Wall seconds and machine CPU seconds (every core, /proc/stat) of each phase, for the summary:
+    what the scenario spends where, since its cost is the suite's largest."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict[str, float]] = {}
+        self.last = (time.monotonic(), self.machine_cpu_s())
+
+    @staticmethod
+    def machine_cpu_s() -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def end(self, name: str) -> None:
+        now = (time.monotonic(), self.machine_cpu_s())
+        wall, cpu = now[0] - self.last[0], now[1] - self.last[1]
+        self.table[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        self.last = now
+
+
 def served(url: str) -> str:
     return requests.get(url + "/v1/policy", timeout=30).json()["version"]
 
@@ -225,6 +250,17 @@ def held_out_accuracy(db_url: str, reward_folder: str, holdout_fraction: float) 
     return evaluate_reward_model(model, rows, batch_size=16)
 
 
+def publish_start(registry: Path) -> None:
+    """v0001: the policy jobs/ppo.py starts from by default, untrained (the online cycle trains it)."""
+    from rlhf.config.core import load_config
+    from rlhf.models import load_policy
+    from rlhf.ppo.config import PPOConfig
+    from rlhf.registry import PolicyRegistry
+
+    policy = load_policy(load_config(PPOConfig, None, []).policy)
+    PolicyRegistry(registry).publish(policy.save, {"iteration": 0})
+
+
 def _documents() -> list[str]:
     from rlhf.config.sections import DataSourceConfig
     from rlhf.data.schemas import Schema
@@ -255,17 +291,15 @@ def main() -> None:
     registry, db_url = work / "registry", f"sqlite:///{work / 'feedback.db'}"
     documents = _documents()
     summary: dict = {}
+    phases = Phases()
+    publish_start(registry)
+    phases.end("publish_v0001")
     ray("start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
         *(f"--{name}={port}" for name, port in node_ports.items()))
+    phases.end("ray_start")
     user = None
     try:
-        started = time.monotonic()
-        ppo_log = submit(address, "ppo.py", f"output_dir={work / 'ppo'}", f"registry={registry}",
-                         "ppo.iterations=2", "ppo.publish_every=2", wait=True)
-        assert "published policy" in ppo_log and (registry / "v0001").is_dir(), ppo_log[-2000:]
-        summary["ppo_job_s"] = round(time.monotonic() - started, 1)
-
         serve_job = submit(address, "serve.py", f"output_dir={work / 'serve'}", f"registry={registry}",
                            f"store.url={db_url}", f"serve.port={serve_port}", "serve.cpus_per_replica=0.5",
                            "serve.reload_interval_s=1", f"serve.max_new_tokens={MAX_NEW_TOKENS}", wait=False)
@@ -275,9 +309,15 @@ def main() -> None:
             try:
                 return requests.get(url + "/readyz", timeout=5).status_code == 200
             except requests.RequestException:  # the proxy is up before the app: timeouts too
+                status = job_status(address, serve_job)
+                if status in ("FAILED", "STOPPED", "SUCCEEDED"):  # it will never answer: say why
+                    logs = ray("job", "logs", "--address", address, serve_job)[-4000:]
+                    ended = f"the serve job ended ({status}) before its app answered:\n{logs}"
+                    raise SystemExit(ended) from None
                 return False
 
         wait_until("the Serve app", ready, timeout=180)
+        phases.end("serve_ready")
         served_before = served(url)
         user = SimulatedUser(url, documents)
         user.allow(CHOICES)
@@ -288,9 +328,11 @@ def main() -> None:
         run_online(address, "reward_model", work / "online", *common, "cycles=1", "reward.train.max_steps=60",
                    "reward.train.batch_size=8", "reward.train.eval_every=60", "reward.train.save_every=60",
                    "rl.ppo.iterations=6", "rl.ppo.max_new_tokens=24")
+        phases.end("online_cycle")
         user.stop.set()
         user.join(timeout=120)
         wait_until("v0002 to be served", lambda: served(url) == "v0002", timeout=60)
+        phases.end("v0002_served")
         cycles = [json.loads(line) for line in (work / "online" / "cycles.jsonl").read_text().splitlines()]
         summary.update(
             served_before=served_before,
@@ -304,16 +346,23 @@ def main() -> None:
             win_rate_vs_start=preference_win_rates(registry, documents[:32]),
             newest_preferred_in_compares=newest_preferred(db_url),
         )
-        ray("job", "stop", "--address", address, serve_job)
+        phases.end("measures")
     except BaseException as failure:  # noqa: BLE001 - recorded for the test's message, then re-raised
         summary["error"] = f"{type(failure).__name__}: {failure}"[-6000:]
         if user is not None and user.error:
             summary["error"] = f"simulated user: {user.error}; {summary['error']}"
         raise
     finally:
-        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        ray("stop")
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        # SIGKILL at once (the store committed each choice before answering it). The killed processes
+        # stay zombies until this script, PID 1 of the test's namespace, exits: `ray stop` would
+        # wait its whole grace period (16 s) for them to go.
+        try:
+            ray("stop", "--force", "--grace-period=1")
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+            phases.end("ray_stop")
+            summary["phases"] = phases.table
+            (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

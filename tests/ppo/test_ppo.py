@@ -13,7 +13,7 @@ import ray
 import torch
 from support.cli import run_cli
 from support.paths import ROOT
-from support.ppo import DOCUMENTS, policy_state, ppo_config
+from support.ppo import DOCUMENTS, policy_state, ppo_config, ppo_overrides
 
 from rlhf.config.sections import ModelConfig
 from rlhf.metrics import IterationMetrics
@@ -94,9 +94,10 @@ def test_ray_ppo_with_zero3_learners_resumes_syncs_and_saves_bucket_by_bucket(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two ZeRO-3 ranks gather 20 KiB at a time for every weight sync and save; a run stopped after
-    iteration 1 resumes at iteration 2, and its rollout worker and its published policy end with the
-    same trained weights. With GRPO (2 summaries of each of 2 documents), so the Ray roles run a
-    critic-free estimator: no value model on any rank."""
+    iteration 1 resumes at iteration 2 (``python jobs/ppo.py --resume``, as a user or ``ray job
+    submit`` runs it), and its rollout worker and its published policy end with the same trained
+    weights. With GRPO (2 summaries of each of 2 documents), so the Ray roles run a critic-free
+    estimator: no value model on any rank."""
     common = ("ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=2",
               "ppo.minibatch_size=4", "ppo.epochs=1", "roles.learner_workers=2",
               "roles.deepspeed.zero_stage=3", "roles.cpus_per_actor=0.4", "roles.weight_sync=collective",
@@ -114,8 +115,10 @@ def test_ray_ppo_with_zero3_learners_resumes_syncs_and_saves_bucket_by_bucket(
     monkeypatch.setattr(RayRoles, "shutdown", read_then_shut_down)
     first = run_ppo(ppo_config(tmp_path, *common, "ppo.iterations=1"))
     assert [h.iteration for h in first] == [1]
-    resumed = run_ppo(ppo_config(tmp_path, *common, "ppo.iterations=2"), resume=True)
-    assert [h.iteration for h in resumed] == [2]
+    resumed = run_cli("ppo.py", "--resume", *ppo_overrides(tmp_path, *common, "ppo.iterations=2"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "iter_000001" in resumed.stdout, resumed.stdout
+    assert "ppo 2/2 |" in resumed.stdout and "published policy " in resumed.stdout, resumed.stdout
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [IterationMetrics.from_record(json.loads(line)) for line in lines]  # every key, no other
     assert [r.iteration for r in records] == [1, 2]

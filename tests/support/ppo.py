@@ -18,16 +18,22 @@ LOWERCASE_REWARD = (
 )
 
 
-def ppo_config(tmp_path: Path, *overrides: str, rule_reward: bool = True) -> PPOConfig:
-    """The test setup; with ``rule_reward`` the lowercase rule scores, else overrides name the reward."""
+def ppo_overrides(tmp_path: Path, *overrides: str, rule_reward: bool = True) -> list[str]:
+    """The test setup as ``jobs/ppo.py`` arguments; with ``rule_reward`` the lowercase rule scores
+    (written under ``tmp_path``), else overrides name the reward."""
     reward = tmp_path / "lowercase_reward.py"
     reward.write_text(LOWERCASE_REWARD)
-    return load_config(PPOConfig, None, [
+    return [
         *([f"reward.fn={reward}:score"] if rule_reward else []),
         f"output_dir={tmp_path / 'run'}", "policy.max_source_length=96",
         "ppo.max_new_tokens=24", "ppo.kl_coef=0.01", "ppo.lr=1e-3", "ppo.iterations=12",
         "ppo.checkpoint_every=100", "ppo.publish_every=100", *overrides,
-    ])
+    ]
+
+
+def ppo_config(tmp_path: Path, *overrides: str, rule_reward: bool = True) -> PPOConfig:
+    """The config of ``ppo_overrides``, loaded as the job loads it."""
+    return load_config(PPOConfig, None, ppo_overrides(tmp_path, *overrides, rule_reward=rule_reward))
 
 
 def policy_state(actor) -> dict[str, torch.Tensor]:
