@@ -1,4 +1,4 @@
-"""Seconds per GRPO step on a real SmolLM2-135M-Instruct, ours beside TRL's GRPOTrainer, CPU.
+"""Seconds per GRPO (or PPO) step on a real SmolLM2-135M-Instruct, ours beside TRL's trainer, CPU.
 
 Mirrors ``../shared/bench/trl_grpo_anchor.py`` (its README section has the setup): the same fp32
 model folder (the anchor converts the GGUF once into ``--model-cache``), the same 8 TL;DR posts per
@@ -18,12 +18,22 @@ Configurations, each in its own process (``--config all`` runs them back to back
 * ``single_plain`` -- ``single`` with every prompt read once per row and the old-log-prob pass run
   (the two changes of issue 30 switched off in this process): what they save.
 
+``--algo ppo``: PPO with a critic beside TRL 0.28's PPOTrainer (``trl_ppo_real_anchor.py`` here, in
+its own venv ``/tmp/trl``): 32 posts per step cut as above, one summary each, exactly 48 new tokens,
+reward and value models the SmolLM2 backbone under a 1-output head (ours: ``reward.model`` and
+``value`` on the same folder), GAE (gamma 1, lam 0.95), KL k1 0.05 in the reward, vf_coef 0.1,
+one AdamW step per rollout; ``--forward-batch-size 8`` matches TRL's micro-batches of 8 (its
+generation is one call over the 32 rows: ``--generate-batch-size 32``).
+
 Step time = one ``PPOTrainer.step`` (generate, score, reference, learn, sync), after ``--warmup``.
 
     python benchmarks/grpo_real.py --config all --warmup 1 --iters 3  # JSON: benchmarks/results/grpo_real
     python benchmarks/grpo_real.py --config all --lora --warmup 1 --iters 3
     python benchmarks/grpo_real.py --config summary
     python benchmarks/grpo_real.py --config scaling --warmup 1 --iters 1  # 8/16/32 x 32/64/128 tokens
+    python benchmarks/grpo_real.py --algo ppo --config all --forward-batch-size 8 --warmup 1 --iters 2
+    python benchmarks/grpo_real.py --algo ppo --config single --forward-batch-size 8 \
+        --generate-batch-size 32 --tag _gen32 --warmup 1 --iters 2
 """
 
 from __future__ import annotations
@@ -41,14 +51,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when reward.fn 
 from ppo_iteration import ENV_DEFAULTS, descendants_rss_mb, loadavg, peak_rss_mb, summarize, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ANCHOR = ROOT.parent / "shared" / "bench" / "trl_grpo_anchor.py"
+ANCHORS = {"grpo": ROOT.parent / "shared" / "bench" / "trl_grpo_anchor.py",
+           "ppo": ROOT / "benchmarks" / "trl_ppo_real_anchor.py"}
 DATA = ROOT.parent / "shared" / "data" / "tldr_sft.jsonl"
-TRL_PYTHON = Path("/tmp/trl-grpo/bin/python")
+TRL_PYTHONS = {"grpo": Path("/tmp/trl-grpo/bin/python"), "ppo": Path("/tmp/trl/bin/python")}  # 1.16, 0.28
 MODEL_CACHE = Path("/tmp/smollm2-135m-hf")
 CONFIGS = ("single", "ray", "trl", "single_plain")
 # The scaling grid (``--config scaling``): summaries per step (posts x GROUP) x tokens per summary.
 SCALING_PROMPTS, SCALING_TOKENS = (2, 4, 8), (32, 64, 128)
 PROMPTS_PER_STEP, GROUP, PROMPT_TOKENS, NEW_TOKENS = 8, 4, 192, 48
+PPO_PROMPTS_PER_STEP, PPO_KL = 32, 0.05  # PPO: one summary per post, 32 per step as GRPO's 8 x 4
 TARGET_WORDS, SEED, THREADS = 20, 42, 2
 ROLE_KEYS = ("time_generate_s", "time_score_s", "time_reference_s", "time_learn_s", "time_sync_s", "time_s")
 
@@ -76,8 +88,22 @@ def build_documents(tokenizer, n: int) -> list[str]:
     raise SystemExit(f"only {len(documents)} usable posts in {DATA}, need {n}")
 
 
+def algo_keys(algo: str, prompts: int) -> list[str]:
+    """What differs between the two mirrors: GRPO's groups and rule reward, PPO's models and GAE."""
+    if algo == "grpo":
+        return [f"reward.fn={Path(__file__).resolve()}:reward_words", "ppo.advantage=grpo",
+                f"ppo.samples_per_document={GROUP}", f"ppo.rollout_batch_size={prompts}",
+                f"ppo.minibatch_size={prompts * GROUP}", "ppo.kl_coef=0.04", "ppo.max_grad_norm=1.0"]
+    return [f"reward.model.name_or_path={MODEL_CACHE}", "reward.model.max_source_length=256",
+            "reward.normalize=false", f"value.name_or_path={MODEL_CACHE}", "value.max_source_length=256",
+            "ppo.advantage=gae", "ppo.samples_per_document=1", f"ppo.rollout_batch_size={prompts}",
+            f"ppo.minibatch_size={prompts}", f"ppo.kl_coef={PPO_KL}", "ppo.kl_in=reward", "ppo.kl_kind=k1",
+            "ppo.gamma=1.0", "ppo.lam=0.95", "ppo.vf_coef=0.1", "ppo.value_clip_eps=0.2",
+            "ppo.max_grad_norm=1e9"]  # TRL's PPO loop steps AdamW without clipping
+
+
 def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str], seed: int = SEED,
-                prompts: int = PROMPTS_PER_STEP, new_tokens: int = NEW_TOKENS):
+                prompts: int = PROMPTS_PER_STEP, new_tokens: int = NEW_TOKENS, algo: str = "grpo"):
     from rlhf.config.core import load_config
     from rlhf.ppo.config import PPOConfig
 
@@ -87,11 +113,8 @@ def grpo_config(workdir: Path, iterations: int, lora: bool, extra: list[str], se
     return load_config(PPOConfig, None, [
         f"output_dir={workdir / 'run'}", f"seed={seed}",
         f"policy.name_or_path={MODEL_CACHE}", "policy.max_source_length=256",
-        f"policy.max_target_length={new_tokens}", f"reward.fn={Path(__file__).resolve()}:reward_words",
-        "ppo.advantage=grpo", f"ppo.samples_per_document={GROUP}",
-        f"ppo.rollout_batch_size={prompts}", f"ppo.minibatch_size={prompts * GROUP}",
-        "ppo.epochs=1", "ppo.max_grad_norm=1.0",
-        "ppo.kl_coef=0.04", "ppo.clip_eps=0.2", "ppo.temperature=1.0", "ppo.top_p=1.0",
+        f"policy.max_target_length={new_tokens}", *algo_keys(algo, prompts),
+        "ppo.epochs=1", "ppo.clip_eps=0.2", "ppo.temperature=1.0", "ppo.top_p=1.0",
         f"ppo.max_new_tokens={new_tokens}", "ppo.stop_at_eos=false", f"ppo.iterations={iterations}",
         f"ppo.checkpoint_every={never}", f"ppo.publish_every={never}", "roles.dtype=fp32",
         *lora_keys, *extra,
@@ -123,12 +146,13 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
     load_before = loadavg()
     if name == "single_plain":
         switch_off_issue_30()
-    workdir = Path(tempfile.mkdtemp(prefix=f"grpo-real-{name}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{args.algo}-real-{name}-"))
     iterations = args.warmup + args.iters
     extra = ["roles.cpus_per_actor=0.5", f"roles.threads_per_actor={args.threads}"] if name == "ray" else []
     extra += [f"roles.forward_batch_size={args.forward_batch_size}",
+              f"roles.generate_batch_size={args.generate_batch_size}",
               f"ppo.async_rollout={str(args.async_rollout).lower()}", f"ppo.lr={args.lr}"]
-    cfg = grpo_config(workdir, iterations, args.lora, extra, args.seed, *step_shape(args))
+    cfg = grpo_config(workdir, iterations, args.lora, extra, args.seed, *step_shape(args), algo=args.algo)
     policy = load_policy(cfg.policy)
     documents = build_documents(policy.tokenizer, args.prompts_per_step * iterations)
     shape = list(policy.encode_documents(documents)["input_ids"].shape)
@@ -160,7 +184,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             record.update(reward_mean=metrics.reward_mean, kl_mean=metrics.kl_mean, peak_rss_mb=peak_rss_mb(),
                           rollout_lag=metrics.rollout_lag, approx_kl=metrics.approx_kl)
             records.append(record)
-            print(f"[{name}{' lora' if args.lora else ''}] step {metrics.iteration}: "
+            print(f"[{args.algo} {name}{' lora' if args.lora else ''}] step {metrics.iteration}: "
                   + " ".join(f"{key[5:-2]}={record[key]:.1f}" for key in ROLE_KEYS), flush=True)
         actors_rss = descendants_rss_mb() if ray_mod is not None else None
         roles_peak = role_peaks(roles) if ray_mod is not None else None
@@ -170,8 +194,9 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
             ray_mod.shutdown()
     measured = records[args.warmup:]
     return {
-        "config": name, "mode": "lora" if args.lora else "full", "versions": versions(),
-        "forward_batch_size": args.forward_batch_size, "async_rollout": args.async_rollout,
+        "config": name, "algo": args.algo, "mode": "lora" if args.lora else "full", "versions": versions(),
+        "forward_batch_size": args.forward_batch_size, "generate_batch_size": args.generate_batch_size,
+        "async_rollout": args.async_rollout,
         "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens,
         "threads_per_actor": args.threads if name == "ray" else THREADS, "lr": args.lr, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "prompt_shape": shape, "roles_setup_s": setup_s,
@@ -199,10 +224,13 @@ def role_peaks(roles) -> dict[str, float]:
 
 
 def run_trl(args: argparse.Namespace, out: Path) -> None:
-    if not args.trl_python.exists():
-        raise SystemExit(f"{args.trl_python} not found: set up the anchor's venv as its README says")
+    trl_python = args.trl_python or TRL_PYTHONS[args.algo]
+    if not trl_python.exists():
+        raise SystemExit(f"{trl_python} not found: set up the anchor's venv as its docstring or README says")
+    if args.algo == "ppo" and args.lora:
+        raise SystemExit("--lora: the PPO anchor runs full fine-tuning only")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    cmd = [str(args.trl_python), str(args.anchor), "--warmup", str(args.warmup), "--iters", str(args.iters),
+    cmd = [str(trl_python), str(ANCHORS[args.algo]), "--warmup", str(args.warmup), "--iters", str(args.iters),
            "--model-cache", str(MODEL_CACHE), "--data", str(DATA), "--out", str(out),
            "--prompts-per-step", str(args.prompts_per_step), "--new-tokens", str(args.new_tokens),
            *(["--lora"] if args.lora else [])]
@@ -220,25 +248,34 @@ def step_shape(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def result_path(out_dir: Path, name: str, lora: bool, forward_batch_size: int = 0, tag: str = "",
-                shape: tuple[int, int] = (PROMPTS_PER_STEP, NEW_TOKENS)) -> Path:
+                shape: tuple[int, int] = (PROMPTS_PER_STEP, NEW_TOKENS), algo: str = "grpo") -> Path:
     """The JSON of one run; a step shape other than the anchor's (prompts, new tokens) is in its name."""
     chunks = f"_fbs{forward_batch_size}" if forward_batch_size else ""
-    sized = "" if shape == (PROMPTS_PER_STEP, NEW_TOKENS) else f"_p{shape[0]}_n{shape[1]}"
-    return out_dir / f"grpo_{name}_{'lora' if lora else 'full'}{chunks}{sized}{tag}.json"
+    sized = "" if shape == (default_prompts(algo), NEW_TOKENS) else f"_p{shape[0]}_n{shape[1]}"
+    return out_dir / f"{algo}_{name}_{'lora' if lora else 'full'}{chunks}{sized}{tag}.json"
 
 
-def summary_table(out_dir: Path) -> str:
+def default_prompts(algo: str) -> int:
+    """Posts per step: 8 x 4 summaries for GRPO, 32 x 1 for PPO."""
+    return PROMPTS_PER_STEP if algo == "grpo" else PPO_PROMPTS_PER_STEP
+
+
+def summary_table(out_dir: Path, algo: str = "grpo", forward_batch_size: int = 0) -> str:
     rows = ["| mode | config | steps | s/step (mean) | min | max | generate | score | reference | learn "
             "| sync | peak RSS MB | vs TRL |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lora in (False, True):
-        results = {name: json.loads(path.read_text()) for name in CONFIGS
-                   if (path := result_path(out_dir, name, lora)).exists()}
+        paths = {name: result_path(out_dir, name, lora, 0 if name == "trl" else forward_batch_size,
+                                   shape=(default_prompts(algo), NEW_TOKENS), algo=algo) for name in CONFIGS}
+        results = {name: json.loads(path.read_text()) for name, path in paths.items() if path.exists()}
         trl = results.get("trl")
         for name, res in results.items():
             step = res["step_s"] if name == "trl" else res["time_s"]
-            if name == "trl":  # train_s = 4 micro-batch fwd+bwd + AdamW; ref = reference forwards
+            if name == "trl" and algo == "grpo":  # train_s = 4 micro-batch fwd+bwd + AdamW
                 split = [res["generate_s"]["mean"], res["score_other_s"]["mean"], res["ref_logps_s"]["mean"],
                          res["train_s"]["mean"], None]
+            elif name == "trl":  # PPO: score = policy, reference, value and reward forwards + GAE
+                split = [res["generate_s"]["mean"], res["score_s"]["mean"], None, res["train_s"]["mean"],
+                         None]
             else:
                 split = [res[f"time_{key}_s"]["mean"]
                          for key in ("generate", "score", "reference", "learn", "sync")]
@@ -275,7 +312,7 @@ def memory_table(out_dir: Path) -> str:
     full vs LoRA, with and without forward chunks."""
     rows = ["| run (JSON) | threads | async | roles.forward_batch_size | s/step | peak RSS MB (ray: driver) "
             "| peak RSS per Ray role MB |", "|---|---|---|---|---|---|---|"]
-    for path in sorted(out_dir.glob("grpo_*.json")):
+    for path in sorted(out_dir.glob("*.json")):
         res = json.loads(path.read_text())
         if res.get("config") not in ("single", "ray"):
             continue
@@ -288,28 +325,44 @@ def memory_table(out_dir: Path) -> str:
     return "\n".join(rows)
 
 
+def child_command(args: argparse.Namespace, name: str, prompts: int, tokens: int) -> list[str]:
+    """This script for one configuration and step shape, in its own process (peak RSS is per process)."""
+    return [sys.executable, __file__, "--algo", args.algo, "--config", name, "--warmup", str(args.warmup),
+            "--iters", str(args.iters), "--out-dir", str(args.out_dir), "--prompts-per-step", str(prompts),
+            "--new-tokens", str(tokens), "--forward-batch-size", str(args.forward_batch_size),
+            "--generate-batch-size", str(args.generate_batch_size),
+            *(["--trl-python", str(args.trl_python)] if args.trl_python else []),
+            *(["--lora"] if args.lora else [])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo",
+                        help="ppo: GAE with a critic and a reward model, beside TRL 0.28's PPOTrainer")
     parser.add_argument("--config", choices=(*CONFIGS, "all", "summary", "scaling"), default="all",
                         help="scaling: ours (single) and TRL over SCALING_PROMPTS x SCALING_TOKENS")
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on q/k/v/o_proj, not full fine-tuning")
     parser.add_argument("--forward-batch-size", type=int, default=0,
                         help="roles.forward_batch_size of ours (rows per forward and per update chunk)")
+    parser.add_argument("--generate-batch-size", type=int, default=0,
+                        help="roles.generate_batch_size of ours (0: as --forward-batch-size)")
     parser.add_argument("--async-rollout", action="store_true", help="ppo.async_rollout=true (ours)")
     parser.add_argument("--threads", type=int, default=THREADS, help="roles.threads_per_actor of ray")
-    parser.add_argument("--lr", type=float, default=1e-6, help="ppo.lr of ours (the anchor's: 1e-6)")
+    parser.add_argument("--lr", type=float, default=1e-6, help="ppo.lr of ours (the anchors': 1e-6)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of ours (sampling, data order, init)")
-    parser.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP,
-                        help=f"posts per step, {GROUP} summaries each (both systems)")
+    parser.add_argument("--prompts-per-step", type=int, default=None,
+                        help=f"posts per step (both systems; default {PROMPTS_PER_STEP} for grpo, {GROUP} "
+                             f"summaries each, {PPO_PROMPTS_PER_STEP} for ppo, one each)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                         help="tokens per summary (both systems)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/grpo_real"))
-    parser.add_argument("--anchor", type=Path, default=ANCHOR)
-    parser.add_argument("--trl-python", type=Path, default=TRL_PYTHON)
+    parser.add_argument("--trl-python", type=Path, default=None,
+                        help="the anchor's venv python (default: /tmp/trl-grpo for grpo, /tmp/trl for ppo)")
     args = parser.parse_args()
+    args.prompts_per_step = args.prompts_per_step or default_prompts(args.algo)
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,33 +372,27 @@ def main() -> None:
                 for name in ("trl", "single"):  # the anchor first: it converts the model folder once
                     if result_path(args.out_dir, name, args.lora, shape=(prompts, tokens)).exists():
                         continue  # a grid cut short goes on where it stopped
-                    cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup),
-                           "--iters", str(args.iters), "--out-dir", str(args.out_dir),
-                           "--prompts-per-step", str(prompts), "--new-tokens", str(tokens),
-                           "--trl-python", str(args.trl_python), *(["--lora"] if args.lora else [])]
+                    cmd = child_command(args, name, prompts, tokens)
                     print(f"=== {' '.join(cmd)}", flush=True)
                     subprocess.run(cmd, check=True)
         print(scaling_table(args.out_dir, args.lora))
     elif args.config == "all":
-        for name in CONFIGS:
-            cmd = [sys.executable, __file__, "--config", name, "--warmup", str(args.warmup), "--iters",
-                   str(args.iters), "--out-dir", str(args.out_dir), "--anchor", str(args.anchor),
-                   "--trl-python", str(args.trl_python), "--prompts-per-step", str(args.prompts_per_step),
-                   "--new-tokens", str(args.new_tokens), *(["--lora"] if args.lora else [])]
+        for name in CONFIGS if args.algo == "grpo" else ("trl", "single", "ray"):
+            cmd = child_command(args, name, args.prompts_per_step, args.new_tokens)
             print(f"=== {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)
     elif args.config == "trl":
-        run_trl(args, result_path(args.out_dir, "trl", args.lora, shape=step_shape(args)))
+        run_trl(args, result_path(args.out_dir, "trl", args.lora, shape=step_shape(args), algo=args.algo))
     elif args.config != "summary":
         if args.config != "ray":  # before torch starts its thread pool
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
         result = run_ours(args.config, args)
         result["argv"] = sys.argv
         out = result_path(args.out_dir, args.config, args.lora, args.forward_batch_size, args.tag,
-                          step_shape(args))
+                          step_shape(args), args.algo)
         out.write_text(json.dumps(result, indent=2) + "\n")
     if args.config in ("all", "summary"):
-        print(summary_table(args.out_dir))
+        print(summary_table(args.out_dir, args.algo, args.forward_batch_size))
         print()
         print(memory_table(args.out_dir))
 

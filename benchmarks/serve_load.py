@@ -5,6 +5,11 @@ committed before the answer) until it has sent ``--rounds`` pairs or ``--seconds
 runs back to back on one local Ray: dynamic batching on (``--batch-size``) and off (1), each with a
 fresh SQLite database, so the stored rows can be checked against the accepted requests.
 
+Besides the whole run, each row has its steady state: compares answered per second between the
+moment every client has had its first compare answered (ramp-up over) and the moment the first
+client sends its last one (drain begins). A closed loop of few rounds is mostly ramp-up and drain,
+which the whole-run figure mixes in.
+
     python benchmarks/serve_load.py --clients 16 --rounds 12 --seconds 120
     python benchmarks/serve_load.py --arch gpt2-125m --gpus-per-replica 1 --clients 1 8 32   # issue 7
 
@@ -64,13 +69,30 @@ def _client(url: str, client: int, rounds: int, deadline: float, out: dict) -> N
         if time.monotonic() > deadline:
             return
         document = {"text": TEXT.format(client=client, round=round_)}
+        out["compare_sent"].append(time.monotonic())
         compared = _post(session, url, "/v1/compare", document, out)
         if compared is None:
             continue
+        out["compare_answered"].append(time.monotonic())
         out["accepted"]["compare"] += 1
         choice = {"comparison_id": compared["comparison_id"], "choice": round_ % 2}
         if _post(session, url, "/v1/feedback", choice, out) is not None:
             out["accepted"]["feedback"] += 1
+
+
+def steady_state(clients: list[dict]) -> dict:
+    """Compares answered per second while every client is in its loop: after each has had a first
+    answer, before any sends its last compare (each client's ``compare_sent``/``compare_answered``
+    are monotonic times)."""
+    answered = [c["compare_answered"] for c in clients]
+    if any(len(times) < 2 for times in answered):
+        return {"window_s": 0.0, "compares": 0, "compares_per_s": None}
+    start = max(times[0] for times in answered)
+    end = min(c["compare_sent"][-1] for c in clients)
+    inside = sum(start < t <= end for times in answered for t in times)
+    window = end - start
+    return {"window_s": round(window, 1), "compares": inside,
+            "compares_per_s": round(inside / window, 3) if window > 0 and inside else None}
 
 
 def _percentile_ms(sorted_values: list[float], q: float) -> float:
@@ -105,7 +127,7 @@ def run_load(url: str, max_batch_size: int, clients: int, rounds: int, seconds: 
     serve.run(build_app(cfg), name="load", route_prefix="/")
     requests.post(url + "/v1/summarize", json={"text": "warm up"}, timeout=120).raise_for_status()
     results = [{"latency_s": {route: [] for route in ROUTES}, "errors": 0,
-                "accepted": {"compare": 0, "feedback": 0}}
+                "accepted": {"compare": 0, "feedback": 0}, "compare_sent": [], "compare_answered": []}
                for _ in range(clients)]
     deadline = time.monotonic() + seconds
     threads = [threading.Thread(target=_client, args=(url, i, rounds, deadline, results[i]))
@@ -134,6 +156,7 @@ def run_load(url: str, max_batch_size: int, clients: int, rounds: int, seconds: 
         "p50_ms": {route: _percentile_ms(values, 0.5) for route, values in latencies.items()},
         "p99_ms": {route: _percentile_ms(values, 0.99) for route, values in latencies.items()},
         "p50_ms_all": _percentile_ms(sorted(x for values in latencies.values() for x in values), 0.5),
+        "steady_state": steady_state(results),
         "errors": sum(r["errors"] for r in results),
         # the warm-up request included; sizes as strings (JSON keys)
         "batch_sizes": {"requests": dict(sorted(sizes.requests.items())),
@@ -183,9 +206,12 @@ def main() -> None:
         on, off = (run_load(url, size, clients, args.rounds, args.seconds, workdir, overrides)
                    for size in (args.batch_size, 1))
         rows += [on, off]
+        steady = on["steady_state"]["compares_per_s"], off["steady_state"]["compares_per_s"]
         ratios.append({
             "clients": clients,
             "batching_speedup_requests_per_s": round(on["requests_per_s"] / off["requests_per_s"], 2),
+            "batching_speedup_steady_compares_per_s": (round(steady[0] / steady[1], 2) if all(steady)
+                                                       else None),
             "batching_compare_p50_ratio": round(on["p50_ms"]["/v1/compare"]
                                                 / off["p50_ms"]["/v1/compare"], 2),
         })
@@ -201,18 +227,20 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| clients | max_batch_size | requests | req/s | compare p50/p99 ms | feedback p50/p99 ms "
-          "| rows per generate call (mean) | errors | stored = accepted |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| clients | max_batch_size | requests | req/s | steady compares/s (window s) | compare p50/p99 ms "
+          "| feedback p50/p99 ms | rows per generate call (mean) | errors | stored = accepted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        p50, p99 = row["p50_ms"], row["p99_ms"]
+        p50, p99, steady = row["p50_ms"], row["p99_ms"], row["steady_state"]
         print(f"| {row['clients']} | {row['max_batch_size']} | {row['requests']} | {row['requests_per_s']} | "
+              f"{steady['compares_per_s']} ({steady['window_s']}) | "
               + " | ".join(f"{p50[route]} / {p99[route]}" for route in ROUTES)
               + f" | {row['batch_sizes']['mean_rows_per_call']} | {row['errors']} "
               + f"| {row['stored_equals_accepted']} |")
     for ratio in ratios:
         print(f"{ratio['clients']} clients, batching on/off: {ratio['batching_speedup_requests_per_s']}x "
-              f"requests/s, compare p50 ratio {ratio['batching_compare_p50_ratio']}")
+              f"requests/s, {ratio['batching_speedup_steady_compares_per_s']}x steady compares/s, "
+              f"compare p50 ratio {ratio['batching_compare_p50_ratio']}")
 
 
 if __name__ == "__main__":

@@ -218,6 +218,18 @@ class RolesConfig:
         "activation memory for long documents. 0 = one pass. The update's rows are still "
         "ppo.minibatch_size.", ge=0
     )
+    generate_batch_size: int = option(
+        0, "Rows per generate call of a rollout worker (its shard is sampled in chunks of at most "
+        "this many, in order after one seeding). 0 = as roles.forward_batch_size. Set it larger when "
+        "memory allows: a decode step costs about the same for 32 rows as for 8 while the KV cache "
+        "is small beside a full pass's logits (SmolLM2-135M PPO, 32 rows: chunks of 8 took 30 s "
+        "to sample what one call samples in 17 s); keep it small for long encoder inputs.", ge=0
+    )
+
+    @property
+    def rows_per_generate(self) -> int:
+        """The chunk size generation uses (0: the whole shard)."""
+        return self.generate_batch_size or self.forward_batch_size
     max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
     weight_sync: WeightSync = option(
         "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "

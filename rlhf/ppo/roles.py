@@ -134,7 +134,7 @@ class Generator:
     def generate(self, documents: list[str], seed: int, version: int) -> Rollout:
         """Sampled summaries of ``documents``; ``seed`` makes a retried batch identical.
 
-        Chunks of ``roles.forward_batch_size`` are generated in order after one seeding, so a batch
+        Chunks of ``roles.rows_per_generate`` are generated in order after one seeding, so a batch
         is still reproducible from its seed; ``Rollout.concat`` re-pads them to common widths.
         """
         if version != self.version:
@@ -146,7 +146,7 @@ class Generator:
                 self.policy, documents[rows], temperature=algo.temperature, top_p=algo.top_p,
                 max_new_tokens=algo.max_new_tokens, stop_at_eos=algo.stop_at_eos,
             ).to("cpu")
-            for rows in forward_chunks(len(documents), self.cfg.roles.forward_batch_size)
+            for rows in forward_chunks(len(documents), self.cfg.roles.rows_per_generate)
         ]
         return Rollout.concat(parts)
 

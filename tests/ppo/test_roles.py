@@ -12,6 +12,8 @@ import torch
 from rlhf.config.core import ConfigError, load_config
 from rlhf.errors import InputError
 from rlhf.metrics import IterationMetrics
+from rlhf.ppo import experience as experience_module
+from rlhf.ppo import roles as roles_module
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import response_mask
 from rlhf.ppo.functional import kl_penalty
@@ -154,12 +156,29 @@ def test_chunked_forwards_equal_one_pass(local_roles: LocalRoles) -> None:
         torch.testing.assert_close(parts, one, atol=1e-5, rtol=0)
 
 
-def test_chunked_generation_is_consistent_and_reproducible(local_roles: LocalRoles) -> None:
-    _set_chunk(local_roles, 3)
+@pytest.mark.parametrize(("forward", "generate"), [(3, 0), (0, 3), (8, 3)])
+def test_chunked_generation_is_consistent_and_reproducible(
+    local_roles: LocalRoles, forward: int, generate: int
+) -> None:
+    """Chunks of 3 rows, from roles.generate_batch_size or, when it is 0, roles.forward_batch_size."""
+    roles_cfg = local_roles.generator.cfg.roles
+    _set_chunk(local_roles, forward)
+    roles_cfg.generate_batch_size = generate
+    calls: list[int] = []
+    sample = experience_module.generate_rollout
+
+    def counted(policy, documents, **kwargs):
+        calls.append(len(documents))
+        return sample(policy, documents, **kwargs)
+
     try:
-        first, again = (local_roles.generate(CHUNK_DOCS, seed=5) for _ in range(2))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(roles_module, "generate_rollout", counted)
+            first, again = (local_roles.generate(CHUNK_DOCS, seed=5) for _ in range(2))
     finally:
         _set_chunk(local_roles, 0)
+        roles_cfg.generate_batch_size = 0
+    assert calls == [3, 3, 2] * 2
     tokenizer = local_roles.generator.policy.tokenizer
     assert first.documents == CHUNK_DOCS
     assert first.response_ids.shape[0] == first.mask.shape[0] == len(first.summaries) == 8
