@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="compare+feedback pairs per client (bound)")
     parser.add_argument("--seconds", type=float, default=120, help="time bound per run")
     parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched run")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="only the batched run (compare with an earlier run's max_batch_size 1 row)")
     parser.add_argument("--arch", default="tiny", choices=("tiny", *ARCHITECTURES))
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--new-tokens", type=int, default=24)
@@ -203,9 +205,12 @@ def main() -> None:
                  f"serve.threads_per_replica={args.threads_per_replica}"]
     rows, ratios = [], []
     for clients in args.clients:
-        on, off = (run_load(url, size, clients, args.rounds, args.seconds, workdir, overrides)
-                   for size in (args.batch_size, 1))
-        rows += [on, off]
+        on = run_load(url, args.batch_size, clients, args.rounds, args.seconds, workdir, overrides)
+        rows.append(on)
+        if args.no_baseline:
+            continue
+        off = run_load(url, 1, clients, args.rounds, args.seconds, workdir, overrides)
+        rows.append(off)
         steady = on["steady_state"]["compares_per_s"], off["steady_state"]["compares_per_s"]
         ratios.append({
             "clients": clients,

@@ -302,7 +302,9 @@ def main() -> None:
     try:
         serve_job = submit(address, "serve.py", f"output_dir={work / 'serve'}", f"registry={registry}",
                            f"store.url={db_url}", f"serve.port={serve_port}", "serve.cpus_per_replica=0.5",
-                           "serve.reload_interval_s=1", f"serve.max_new_tokens={MAX_NEW_TOKENS}", wait=False)
+                           "serve.reload_interval_s=1", f"serve.max_new_tokens={MAX_NEW_TOKENS}",
+                           # one user, one request at a time: no batch to wait for
+                           "serve.batch_wait_timeout_s=0.01", wait=False)
         url = f"http://127.0.0.1:{serve_port}"
 
         def ready() -> bool:

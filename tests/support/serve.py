@@ -65,7 +65,9 @@ def serve_config(registry: Path, db: Path, *overrides: str) -> ServeConfig:
     return load_config(ServeConfig, None, [
         f"registry={registry}", f"store.url=sqlite:///{db}", f"output_dir={db.parent / 'serve'}",
         "serve.host=127.0.0.1", f"serve.port={free_port()}", "serve.max_new_tokens=24",
-        "serve.max_text_bytes=20000", "serve.reload_interval_s=0.5", *overrides,
+        "serve.max_text_bytes=20000", "serve.reload_interval_s=0.5",
+        # Tests send one request at a time: nothing fills a batch, so waiting for one costs time.
+        "serve.batch_wait_timeout_s=0.01", *overrides,
     ])
 
 
