@@ -212,8 +212,9 @@ class RolesConfig:
         "CPU), bf16 or fp32."
     )
     forward_batch_size: int = option(
-        0, "Rows per forward pass of generation, reward scoring, reference and old log-probs/values, "
-        "and per forward+backward of an update (each actor's shard or minibatch is split into chunks "
+        0, "Rows per forward pass of reward scoring, reference and old log-probs/values (and of "
+        "generation unless roles.generate_batch_size is set), and per forward+backward of an update "
+        "(each actor's shard or minibatch is split into chunks "
         "of at most this many; results and gradients are joined as one pass would give): bounds "
         "activation memory for long documents. 0 = one pass. The update's rows are still "
         "ppo.minibatch_size.", ge=0
@@ -222,14 +223,9 @@ class RolesConfig:
         0, "Rows per generate call of a rollout worker (its shard is sampled in chunks of at most "
         "this many, in order after one seeding). 0 = as roles.forward_batch_size. Set it larger when "
         "memory allows: a decode step costs about the same for 32 rows as for 8 while the KV cache "
-        "is small beside a full pass's logits (SmolLM2-135M PPO, 32 rows: chunks of 8 took 30 s "
-        "to sample what one call samples in 17 s); keep it small for long encoder inputs.", ge=0
+        "is small beside a full pass's logits (SmolLM2-135M PPO, 32 rows: chunks of 8 took 32 s "
+        "to sample what one call samples in 15 s); keep it small for long encoder inputs.", ge=0
     )
-
-    @property
-    def rows_per_generate(self) -> int:
-        """The chunk size generation uses (0: the whole shard)."""
-        return self.generate_batch_size or self.forward_batch_size
     max_restarts: int = option(2, "Times Ray restarts a dead rollout/reward/reference actor.", ge=0)
     weight_sync: WeightSync = option(
         "auto", "How new weights reach the rollout workers: object_store (Ray objects), collective "
@@ -240,6 +236,11 @@ class RolesConfig:
         BUCKET_MB, "Weight sync moves (and a ZeRO-3 learner gathers) the policy in buckets of at most "
         "this many MiB: the extra memory a sync needs on any rank.", gt=0
     )
+
+    @property
+    def rows_per_generate(self) -> int:
+        """The chunk size generation uses (0: the whole shard)."""
+        return self.generate_batch_size or self.forward_batch_size
 
     def validate(self) -> None:
         resolve_transport(self.weight_sync, self.gpus_per_actor)
