@@ -30,6 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s, so each of the suite's ~15 tiny Ray Train runs
 # waits ~2.5 s more for its start and end to be seen; every 0.5 s costs the polls nothing measurable.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train also starts a PreemptionWatcher actor per run to follow node drains (spot instances); on
+# one local node there is nothing to watch, and the actor's process cost ~4.5 CPU-s of every run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Every process this session starts inherits this mark, Ray's raylet and workers too (Ray puts
 # workers in process groups of their own, and they outlive their parent when they leak), so the
@@ -46,6 +49,8 @@ def ray_local() -> Iterator[None]:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
+    if "ray.serve" in sys.modules:  # the serving tests leave one Serve instance (tests/support/serve.py)
+        sys.modules["ray.serve"].shutdown()
     ray.shutdown()
 
 

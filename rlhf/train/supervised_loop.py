@@ -1,8 +1,8 @@
 """The training loop every supervised job shares: Ray Train workers running a DeepSpeed engine.
 
 A job supplies a :class:`TrainTask` (what model, how a batch becomes a loss, how to evaluate and
-save); this module owns the rest: sharded Ray Data input, gradient accumulation, LR schedule,
-progress lines, metrics JSONL, Ray Train checkpoints and exact resume.
+save); this module owns the rest: each rank's share of the rows (from the object store), gradient
+accumulation, LR schedule, progress lines, metrics JSONL, Ray Train checkpoints and exact resume.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from rlhf.metrics import MetricsWriter, emit, progress_line
-from rlhf.runtime import derive_seed, init_ray, quiet_ray_data, set_torch_threads, sigint_restored
+from rlhf.runtime import derive_seed, init_ray, set_torch_threads, sigint_restored
 from rlhf.tracking import TrackedRun
 from rlhf.train.config import TrainConfig
 from rlhf.train.deepspeed_setup import initialize, lr_lambda, training_config, zero3_init_context
@@ -110,23 +111,19 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _epoch_batches(shard: Any, cfg: TrainConfig, seed: int, epoch: int) -> Iterator[Rows]:
-    """Micro-batches of one epoch in an order fixed by (seed, epoch), so resume can replay it."""
-    for batch in shard.iter_batches(
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.batch_size * 8,
-        local_shuffle_seed=derive_seed(seed, epoch),
-    ):
-        yield batch.to_pydict()
+def rank_shard(table: pa.Table, rank: int, world: int) -> pa.Table:
+    """Rank ``rank``'s contiguous share of ``table``: ``n // world`` rows each, so every rank runs
+    the same number of micro-batches (ZeRO and DDP ranks step in lockstep)."""
+    share = table.num_rows // world
+    return table.slice(rank * share, share)
 
 
-def _read_all(shard: Any, limit: int) -> Rows:
-    tables = []
-    for batch in shard.iter_batches(batch_size=limit, batch_format="pyarrow"):
-        tables.append(batch)
-    return pa.concat_tables(tables).slice(0, limit).to_pydict() if tables else {}
+def _epoch_batches(shard: pa.Table, cfg: TrainConfig, seed: int, epoch: int) -> Iterator[Rows]:
+    """Full micro-batches of one epoch, the shard shuffled in an order fixed by (seed, epoch), so
+    resume can replay it."""
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(shard.num_rows)
+    for start in range(0, shard.num_rows - cfg.batch_size + 1, cfg.batch_size):
+        yield shard.take(order[start:start + cfg.batch_size]).to_pydict()
 
 
 class _MetricsLog:
@@ -209,8 +206,11 @@ class _Worker:
             model = self.task.build_model()
         self.engine, self.scheduler = initialize(model, ds_config, lr_lambda(self.cfg))
         self.state = self._restore(config["resume_from"])
-        self.shard = ray.train.get_dataset_shard("train")
-        self.validation = _read_all(ray.train.get_dataset_shard("validation"), self.cfg.max_eval_rows)
+        context = ray.train.get_context()
+        self.shard = rank_shard(ray.get(config["train_rows"]), context.get_world_rank(),
+                                context.get_world_size())
+        validation = ray.get(config["validation_rows"]).slice(0, self.cfg.max_eval_rows)  # all, every rank
+        self.validation = validation.to_pydict() if validation.num_rows else {}
         self.log = _MetricsLog(self.settings, self.state.step)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.last_eval: dict[str, float] = {}
@@ -354,7 +354,6 @@ def run_training(
     """Train ``task`` on Ray Train; the final model is copied to ``output_dir/model``."""
     import ray
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = settings.train
@@ -369,13 +368,16 @@ def run_training(
         emit(f"resuming from {resume_from}")
 
     init_ray()
-    quiet_ray_data()
     trainer = TorchTrainer(
         train_loop_per_worker,
+        # The rows are in the driver's memory already: one copy in the object store, which ranks
+        # on a node read without copying (Ray Data's split would add two actors and tasks per run).
         train_loop_config={
             "task": task,
             "settings": dataclasses.replace(settings, output_dir=str(output_dir)),
             "resume_from": str(resume_from) if resume_from else None,
+            "train_rows": ray.put(train_rows),
+            "validation_rows": ray.put(validation_rows),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -387,14 +389,6 @@ def run_training(
             name=f"ray_train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str(output_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={
-            "train": ray.data.from_arrow(train_rows),
-            "validation": ray.data.from_arrow(validation_rows),
-        },
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ExecutionOptions(preserve_order=True),
         ),
     )
     with sigint_restored():

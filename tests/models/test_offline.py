@@ -1,5 +1,5 @@
 """A real pretrained model: SmolLM2-135M-Instruct by its hub name with the hub offline, converted once
-per test run from the packaged GGUF (a killed conversion and two at once included), its weights
+per test run from the packaged GGUF (a failed conversion and two at once included), its weights
 real, its special tokens right in every encoding, and a short GRPO run with LoRA on Ray whose
 published version Serve answers from."""
 
@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,13 +16,13 @@ import pytest
 import requests
 import torch
 from support.paths import ROOT
-from support.serve import serve_config, start_with_admin
+from support.serve import serve_config, start_with_admin, stop_app
 
 from rlhf.config.core import load_config
 from rlhf.config.sections import ModelConfig
-from rlhf.models import load_policy
+from rlhf.models import load_policy, offline
 from rlhf.models.encoding import CAUSAL_SEPARATOR, IGNORE_INDEX
-from rlhf.models.offline import CACHE_ENV, resolve_name_or_path
+from rlhf.models.offline import CACHE_ENV, PackagedGGUF, resolve_name_or_path
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import generate_rollout
 from rlhf.ppo.job import run_ppo
@@ -40,22 +38,24 @@ def _resolver(cache: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_once_converting(process: subprocess.Popen) -> None:
-    for line in process.stdout:
-        if "converting" in line:
-            time.sleep(2)  # inside the GGUF load
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+def _fail_midway(source: PackagedGGUF, scratch: Path) -> tuple[Path, bool]:
+    """Stands in for the wheel fetch: leaves half a file in the partial folder, then fails, as a
+    conversion killed there would (a process killed for real costs the suite a second fetch)."""
+    scratch.mkdir(parents=True)
+    (scratch / source.file).write_bytes(b"GGUF, half written")
+    raise OSError("disk full")
 
 
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The conversion, once for this file: one killed mid-way, then two processes at once; every
+    """The conversion, once for this file: one failing mid-way, then two processes at once; every
     test after it reads the folder they made."""
     cache = tmp_path_factory.mktemp("model-cache")
-    _kill_once_converting(_resolver(cache))
-    assert not (cache / SMOLLM.replace("/", "--")).exists()  # a killed conversion leaves no folder
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(OSError, match="disk full"):
+        patch.setattr(offline, "_gguf_folder", _fail_midway)
+        offline.convert_packaged(SMOLLM, offline.OFFLINE_MODELS[SMOLLM], cache)
+    assert not (cache / SMOLLM.replace("/", "--")).exists()  # a failed conversion leaves no folder
+    assert list(cache.glob(".*partial*"))  # only its scraps, which the next conversion removes
     first, second = _resolver(cache), _resolver(cache)
     outputs = [p.communicate(timeout=300)[0] for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], outputs
@@ -77,7 +77,7 @@ def test_the_hub_name_resolves_offline_to_a_plain_folder_with_real_weights(model
     folder = Path(resolve_name_or_path(SMOLLM))
     assert folder.parent == model_cache and os.environ["HF_HUB_OFFLINE"] == "1"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
-    assert not list(model_cache.glob(".*partial*"))  # the killed conversion's scraps are gone
+    assert not list(model_cache.glob(".*partial*"))  # the failed conversion's scraps are gone
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no gguf marker
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     policy = load_policy(ModelConfig(name_or_path=SMOLLM, max_source_length=256, max_target_length=48))
@@ -143,8 +143,6 @@ def test_special_tokens_and_masks_with_the_bpe_tokenizer(model_cache: Path) -> N
 def test_grpo_with_lora_on_ray_publishes_a_version_that_serve_answers_from(
     model_cache: Path, tmp_path: Path
 ) -> None:
-    from ray import serve
-
     cfg = load_config(PPOConfig, None, [
         f"policy.name_or_path={SMOLLM}", "policy.max_source_length=96", f"prompts.path={SFT_SAMPLE}",
         "prompts.limit=2", "ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=2",
@@ -164,4 +162,4 @@ def test_grpo_with_lora_on_ray_publishes_a_version_that_serve_answers_from(
         assert body["policy_version"] == "v0001"
         assert sum(c.isalpha() for c in body["summary"]) >= 10  # English words, not ids or bytes
     finally:
-        serve.shutdown()
+        stop_app()
