@@ -118,7 +118,7 @@ def rank_shard(table: pa.Table, rank: int, world: int) -> pa.Table:
     return table.slice(rank * share, share)
 
 
-def _epoch_batches(shard: pa.Table, cfg: TrainConfig, seed: int, epoch: int) -> Iterator[Rows]:
+def epoch_batches(shard: pa.Table, cfg: TrainConfig, seed: int, epoch: int) -> Iterator[Rows]:
     """Full micro-batches of one epoch, the shard shuffled in an order fixed by (seed, epoch), so
     resume can replay it."""
     order = np.random.default_rng(derive_seed(seed, epoch)).permutation(shard.num_rows)
@@ -233,7 +233,7 @@ class _Worker:
             self._evaluate()
         window = _Window()
         while self.state.step < self.cfg.max_steps:
-            batches = _epoch_batches(self.shard, self.cfg, self.settings.seed, self.state.epoch)
+            batches = epoch_batches(self.shard, self.cfg, self.settings.seed, self.state.epoch)
             for index, rows in enumerate(batches):
                 if index < self.state.micro_in_epoch:
                     continue  # consumed before the checkpoint we resumed from

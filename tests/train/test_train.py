@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,7 +24,7 @@ from rlhf.models import load_reward_model
 from rlhf.train.config import RewardConfig, SFTConfig
 from rlhf.train.reward import RewardTask, bradley_terry_loss, run_reward
 from rlhf.train.sft import run_sft
-from rlhf.train.supervised_loop import STATE_FILE
+from rlhf.train.supervised_loop import STATE_FILE, epoch_batches, rank_shard
 
 DATA = ROOT / "tests" / "fixtures"
 
@@ -122,6 +123,18 @@ def _assert_logged_to_mlflow(output_dir: Path, model_dir: Path) -> None:
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         run_sft(_sft_config(tmp_path, "train.max_steps=1"), resume=True)
+
+
+def test_ranks_get_equal_contiguous_shares_and_epochs_replay_their_order() -> None:
+    table = pa.table({"i": list(range(10))})
+    assert [rank_shard(table, r, 3)["i"].to_pylist() for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    cfg = SFTConfig().train
+    cfg.batch_size = 4
+    epoch = [batch["i"] for batch in epoch_batches(table, cfg, seed=7, epoch=0)]
+    assert [len(b) for b in epoch] == [4, 4]  # the last 2 rows do not fill a batch: left out
+    assert len({i for b in epoch for i in b}) == 8  # no row twice
+    assert [b["i"] for b in epoch_batches(table, cfg, seed=7, epoch=0)] == epoch  # resume replays it
+    assert [b["i"] for b in epoch_batches(table, cfg, seed=7, epoch=1)] != epoch  # each epoch reshuffles
 
 
 def test_bradley_terry_loss_matches_hand_computed_values() -> None:
