@@ -49,8 +49,6 @@ def ray_local() -> Iterator[None]:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
-    if "ray.serve" in sys.modules:  # the serving tests leave one Serve instance (tests/support/serve.py)
-        sys.modules["ray.serve"].shutdown()
     ray.shutdown()
 
 

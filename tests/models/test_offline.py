@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 from support.paths import ROOT
-from support.serve import serve_config, start_with_admin, stop_app
+from support.serve import serve_config, start_with_admin
 
 from rlhf.config.core import load_config
 from rlhf.config.sections import ModelConfig
@@ -143,6 +143,8 @@ def test_special_tokens_and_masks_with_the_bpe_tokenizer(model_cache: Path) -> N
 def test_grpo_with_lora_on_ray_publishes_a_version_that_serve_answers_from(
     model_cache: Path, tmp_path: Path
 ) -> None:
+    from ray import serve
+
     cfg = load_config(PPOConfig, None, [
         f"policy.name_or_path={SMOLLM}", "policy.max_source_length=96", f"prompts.path={SFT_SAMPLE}",
         "prompts.limit=2", "ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=2",
@@ -162,4 +164,4 @@ def test_grpo_with_lora_on_ray_publishes_a_version_that_serve_answers_from(
         assert body["policy_version"] == "v0001"
         assert sum(c.isalpha() for c in body["summary"]) >= 10  # English words, not ids or bytes
     finally:
-        stop_app()
+        serve.shutdown()

@@ -18,14 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 from support.paths import FIXTURES
-from support.serve import (
-    publish_tiny,
-    publish_tiny_adapter,
-    serve_config,
-    start_with_admin,
-    stop_app,
-    summarize_stream,
-)
+from support.serve import publish_tiny, publish_tiny_adapter, serve_config, start_with_admin, summarize_stream
 
 from rlhf.store import FeedbackStore
 
@@ -50,6 +43,8 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    from ray import serve
+
     root = tmp_path_factory.mktemp("serve")
     registry = root / "registry"
     publish_tiny(registry, seed=1)
@@ -59,7 +54,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     store = FeedbackStore(cfg.store.url)
     yield App(url, store, registry, cfg.serve.max_text_bytes)
     store.close()
-    stop_app()
+    serve.shutdown()
 
 
 def _compare(app: App, text: str = TEXT) -> dict:

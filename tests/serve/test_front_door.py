@@ -21,7 +21,7 @@ import pytest
 import requests
 from support.cli import run_cli
 from support.pdf import piled_lines, short_word_lines
-from support.serve import publish_tiny, serve_config, start_with_admin, stop_app
+from support.serve import publish_tiny, serve_config, start_with_admin
 
 from rlhf.serve.access import RateLimiter, client_address
 from rlhf.store import FeedbackStore, InvalidFeedbackError
@@ -93,6 +93,8 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """Labeler auth, HTTPS, a causal tiny policy whose prompt leaves 32 positions, half the queue
     gold, per-address limits behind the loopback proxy, and a PDF parse stopped after a few seconds
     (its page caps raised, so a bomb runs into the time limit)."""
+    from ray import serve
+
     root = tmp_path_factory.mktemp("front_door")
     cert, key = _certificate(root)
     publish_tiny(root / "registry", seed=1, preset="tiny-gpt2")
@@ -118,7 +120,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     store = FeedbackStore(cfg.store.url)
     yield App(url, str(cert), store, cfg.serve.port)
     store.close()
-    stop_app()
+    serve.shutdown()
 
 
 def test_the_app_speaks_https_only_and_answers_only_its_own_host_names(app: App):

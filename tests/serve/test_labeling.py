@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from support.serve import publish_tiny, serve_config, start_with_admin, stop_app
+from support.serve import publish_tiny, serve_config, start_with_admin
 
 from rlhf.serve.access import RateLimiter, queue_kind
 from rlhf.store import FeedbackStore
@@ -51,6 +51,8 @@ def _auth(token: str | None, kwargs: dict) -> dict:
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """One app for the module: labeler auth on, gold_rate 0.5, overlap_rate 0.25, per-labeler limit."""
+    from ray import serve
+
     root = tmp_path_factory.mktemp("labelers")
     registry = root / "registry"
     publish_tiny(registry, seed=1)
@@ -62,7 +64,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     store = FeedbackStore(cfg.store.url)
     yield App(url, store)
     store.close()
-    stop_app()
+    serve.shutdown()
 
 
 def test_admins_create_and_revoke_labelers(app: App):

@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 import torch
-from support.serve import publish_tiny, publish_tiny_adapter, serve_config, start_with_admin, stop_app
+from support.serve import publish_tiny, publish_tiny_adapter, serve_config, start_with_admin
 
 from rlhf.serve.openai_messages import (
     AssistantMessage,
@@ -141,6 +141,8 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    from ray import serve
+
     root = tmp_path_factory.mktemp("openai")
     registry = root / "registry"
     publish_tiny_adapter(registry, publish_tiny(registry, seed=1), seed=2)
@@ -149,7 +151,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     served = App(start_with_admin(cfg, ADMIN_TOKEN), "")
     served.token = served.labeler("alice")
     yield served
-    stop_app()
+    serve.shutdown()
 
 
 def _chat(client: openai.OpenAI, text: str = TEXT, **kwargs) -> openai.types.chat.ChatCompletion:

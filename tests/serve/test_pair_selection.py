@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from support.serve import publish_tiny, serve_config, start_with_admin, stop_app
+from support.serve import publish_tiny, serve_config, start_with_admin
 
 from rlhf.config.core import ConfigError, load_config, parse_cli
 from rlhf.config.sections import ModelConfig
@@ -83,6 +83,8 @@ class App:
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """Two tiny policy versions, one tiny reward model, pair_selection=uncertain with 3 candidates."""
+    from ray import serve
+
     root = tmp_path_factory.mktemp("selection")
     publish_tiny(root / "registry", seed=1)
     publish_tiny(root / "registry", seed=2)
@@ -93,7 +95,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     store = FeedbackStore(cfg.store.url)
     yield App(url, store, root / "rewards", cfg.policy)
     store.close()
-    stop_app()
+    serve.shutdown()
 
 
 def _check_selection(app: App, selection: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from support.online import label_choices, online_config
-from support.serve import publish_tiny, serve_config, start_with_admin, stop_app, summarize_stream
+from support.serve import publish_tiny, serve_config, start_with_admin, summarize_stream
 
 from rlhf.online.loop import OnlineLoop
 from rlhf.registry import CURRENT_FILE, PolicyRegistry, UnknownVersionError
@@ -59,6 +59,8 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    from ray import serve
+
     root = tmp_path_factory.mktemp("rollback")
     registry = root / "registry"
     for seed in (1, 2, 3):
@@ -67,7 +69,7 @@ def app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
                        "serve.reload_interval_s=0.5")
     url = start_with_admin(cfg, ADMIN_TOKEN)
     yield App(url, PolicyRegistry(registry))
-    stop_app()
+    serve.shutdown()
 
 
 def _rollback_during_requests(app: App, version: str) -> tuple[list[str], list[str]]:

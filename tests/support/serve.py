@@ -1,14 +1,7 @@
-"""Shared by the serving tests: a registry of tiny published policies and a running Serve app.
-
-One Serve instance per test process (each xdist worker has its own Ray): a test file deploys its
-app with ``start_with_admin`` and removes it with ``stop_app``, and the controller and HTTP proxy
-stay for the next file. Restarting them cost each file ~4 CPU-s and ~6 s; a file that needs other
-proxy options (HTTPS) gets a fresh instance, and the session's Ray ends the last one.
-"""
+"""Shared by the serving tests: a registry of tiny published policies and a running Serve app."""
 
 from __future__ import annotations
 
-import functools
 import socket
 import threading
 from collections.abc import Iterator
@@ -67,17 +60,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@functools.cache
-def serve_port() -> int:
-    """The HTTP port of this process's Serve instance, chosen once."""
-    return free_port()
-
-
 def serve_config(registry: Path, db: Path, *overrides: str) -> ServeConfig:
     """The tiny serving config on a free loopback port, validated like jobs/serve.py's."""
     return load_config(ServeConfig, None, [
         f"registry={registry}", f"store.url=sqlite:///{db}", f"output_dir={db.parent / 'serve'}",
-        "serve.host=127.0.0.1", f"serve.port={serve_port()}", "serve.max_new_tokens=24",
+        "serve.host=127.0.0.1", f"serve.port={free_port()}", "serve.max_new_tokens=24",
         "serve.max_text_bytes=20000", "serve.reload_interval_s=0.5",
         # Tests send one request at a time: nothing fills a batch, so waiting for one costs time.
         "serve.batch_wait_timeout_s=0.01", *overrides,
@@ -112,31 +99,11 @@ def summarize_stream(url: str, text: str, clients: int = 4) -> Iterator[list[str
     assert errors == []
 
 
-_proxy_options: list[dict] = []  # the HTTP options of the running Serve instance, once started
-
-
 def start_with_admin(cfg: ServeConfig, admin_token: str) -> str:
-    """Deploy the app of ``cfg`` on this process's Serve instance (restarted first when its proxy
-    options differ) with ``admin_token`` in the variable it reads (only while the driver builds the
-    app); its URL."""
-    from ray import serve
+    """Deploy the app of ``cfg`` with ``admin_token`` in the variable it reads (only while the driver
+    builds the app); its URL."""
+    from rlhf.serve.app import start_app
 
-    from rlhf.serve.app import http_options, start_app
-
-    if _proxy_options and _proxy_options[-1] != http_options(cfg):
-        serve.shutdown()
-        _proxy_options.clear()
     with pytest.MonkeyPatch.context() as env:
         env.setenv(cfg.serve.admin_token_env, admin_token)
-        url = start_app(cfg)
-    _proxy_options.append(http_options(cfg))
-    return url
-
-
-def stop_app() -> None:
-    """Remove the app ``start_with_admin`` deployed; the Serve instance stays for the next file."""
-    from ray import serve
-
-    from rlhf.serve.app import APP_NAME
-
-    serve.delete(APP_NAME)
+        return start_app(cfg)
