@@ -50,7 +50,8 @@ def measure(registry: Path, base: Path, new_tokens: int) -> dict:
 
     from rlhf.config.sections import ModelConfig
     from rlhf.serve.config import ServingConfig
-    from rlhf.serve.policy_versions import PolicyVersions, SummaryRequest
+    from rlhf.serve.policy_versions import PolicyVersions
+    from rlhf.serve.records import SummaryRequest
 
     imported = _rss_mib()
     start = time.perf_counter()

@@ -3,6 +3,7 @@
 Actors are thin: each wraps a plain role class from :mod:`rlhf.ppo.roles`. ``RayRoles`` offers
 the same methods as ``LocalRoles``, so :class:`rlhf.ppo.trainer.PPOTrainer` runs unchanged on a
 laptop (fractional CPUs) or a GPU cluster (fractional GPUs or whole nodes per role).
+``ColocatedRoles`` (``roles.colocate``) puts ``LocalRoles`` itself in one actor instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rlhf.ppo.roles import (
     Generator,
     Learner,
     LearnStats,
+    LocalRoles,
     PendingRollout,
     ReferenceScorer,
     RewardScorer,
@@ -252,6 +254,66 @@ class RayRoles:
         for actor in self.generators + self.scorers + self.references + self.learners:
             ray.kill(actor)
         remove_placement_group(self.pg)
+
+
+class ColocatedRoles:
+    """Every role in one Ray actor (``roles.colocate``): :class:`LocalRoles` inside it, so the
+    roles share one process and take turns, and a weight sync is an in-process copy. Same methods
+    as RayRoles; the actor runs calls in the order they are sent, so a sampling started before an
+    update (``ppo.async_rollout``) still uses the weights it was started with."""
+
+    def __init__(self, cfg: PPOConfig):
+        check_placement(cfg)
+        r = cfg.roles
+        remote: Any = ray.remote(LocalRoles)  # Any, as for RayRoles' actors: Ray's stubs type no methods
+        self.actor = remote.options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor,
+                                    max_restarts=0).remote(cfg, _threads(cfg))
+        self.version = self._version()
+
+    def _version(self) -> int:
+        return ray.get(self.actor.__ray_call__.remote(lambda roles: roles.version))
+
+    def generate(self, documents: list[str], seed: int) -> Rollout:
+        return ray.get(self.actor.generate.remote(documents, seed))
+
+    def start_generate(self, documents: list[str], seed: int) -> PendingRollout:
+        sampled = self.actor.start_generate.remote(documents, seed)
+        return RayPendingRollout(lambda: ray.get(sampled).result())
+
+    def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return ray.get(self.actor.score.remote(documents, summaries))
+
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return ray.get(self.actor.ref_logprobs.remote(rollout))
+
+    def evaluate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        return ray.get(self.actor.evaluate.remote(rollout))
+
+    def train(self, batch: PPOBatch) -> LearnStats:
+        return ray.get(self.actor.train.remote(batch))
+
+    def sync(self) -> SyncReport:
+        report = ray.get(self.actor.sync.remote())
+        self.version = self._version()
+        return report
+
+    def save_policy(self, path: str) -> None:
+        ray.get(self.actor.save_policy.remote(path))
+
+    def save_checkpoint(self, path: str) -> None:
+        ray.get(self.actor.save_checkpoint.remote(path))
+
+    def load_checkpoint(self, path: str) -> None:
+        ray.get(self.actor.load_checkpoint.remote(path))  # syncs the generator too
+        self.version = self._version()
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor)
+
+
+def start_roles(cfg: PPOConfig) -> RayRoles | ColocatedRoles:
+    """The roles as ``roles.colocate`` places them: one actor, or actors per role."""
+    return ColocatedRoles(cfg) if cfg.roles.colocate else RayRoles(cfg)
 
 
 @dataclass

@@ -198,6 +198,13 @@ class RolesConfig:
         "with the adapter off is the reference).", gt=0
     )
     learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
+    colocate: bool = option(
+        False, "Every role in one Ray actor (veRL's hybrid engine, OpenRLHF's colocate_all_models): "
+        "one process and one torch runtime instead of one per role, and a weight sync that is an "
+        "in-process copy; the roles take turns on its roles.cpus_per_actor and roles.gpus_per_actor. "
+        "For one machine or one GPU; needs one worker per role, and a failure ends the run (resume "
+        "from its checkpoint) since no role restarts alone."
+    )
     cpus_per_actor: float = option(0.5, "CPUs reserved by each actor.", gt=0)
     threads_per_actor: int = option(
         0, "Torch threads in each actor; 0 = whole CPUs reserved (at least 1). The roles run one "
@@ -244,6 +251,13 @@ class RolesConfig:
 
     def validate(self) -> None:
         resolve_transport(self.weight_sync, self.gpus_per_actor)
+        if self.colocate:
+            counts = {"rollout_workers": self.rollout_workers, "reward_workers": self.reward_workers,
+                      "reference_workers": self.reference_workers, "learner_workers": self.learner_workers}
+            for name, count in counts.items():
+                if count != 1:
+                    raise ConfigError(name, f"{count} with roles.colocate=true, which runs one worker per "
+                                            f"role in one actor; set roles.{name}=1 or roles.colocate=false")
 
 
 @dataclass
@@ -272,7 +286,10 @@ class PPOTrainingConfig:
 
     @property
     def actors(self) -> int:
+        """Ray actors the roles start (one when colocated)."""
         r = self.roles
+        if r.colocate:
+            return 1
         return r.rollout_workers + r.reward_workers + self.reference_actors + r.learner_workers
 
     def validate(self) -> None:

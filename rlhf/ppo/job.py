@@ -9,7 +9,7 @@ from rlhf.cli import tracked_run
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import read_dataset
 from rlhf.metrics import IterationMetrics, MetricsWriter, emit, progress_line
-from rlhf.ppo.actors import RayRoles
+from rlhf.ppo.actors import start_roles
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.trainer import PPOTrainer, PromptStream, latest_ppo_checkpoint
 from rlhf.runtime import derive_seed, init_ray, quiet_ray_data
@@ -57,7 +57,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> list[IterationMetrics]:
             metrics.write(iteration.to_record())
             emit(f"ppo {iteration.iteration}/{cfg.ppo.iterations} | {progress(iteration)}")
 
-        roles = RayRoles(cfg)
+        roles = start_roles(cfg)
         try:
             trainer = PPOTrainer(cfg, roles, prompts, log)
             if resume_from is not None:

@@ -464,7 +464,8 @@ class Learner:
 
 
 class LocalRoles:
-    """Every role in this process: for tests, the no-Ray benchmark twin, and debugging."""
+    """Every role in this process: inside one Ray actor with ``roles.colocate``, and for tests, the
+    no-Ray benchmark twin and debugging."""
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
         self.generator = Generator(cfg, threads)

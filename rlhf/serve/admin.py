@@ -41,7 +41,7 @@ from rlhf.serve.messages import (
     RollbackRequest,
     SelectionInfo,
 )
-from rlhf.serve.reward_versions import Selection
+from rlhf.serve.records import Selection
 from rlhf.store import FeedbackStore
 from rlhf.store.labelers import Labelers
 from rlhf.store.queue import GoldPair, LabelingQueue

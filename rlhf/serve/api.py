@@ -17,7 +17,7 @@ import secrets
 from collections import deque
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
@@ -51,18 +51,32 @@ from rlhf.serve.openai_routes import OpenAIHandles, is_openai_route
 from rlhf.serve.openai_routes import http_error as openai_http_error
 from rlhf.serve.openai_routes import invalid_request as openai_invalid_request
 from rlhf.serve.openai_routes import router as openai_router
-from rlhf.serve.policy_versions import Summary
-from rlhf.serve.reward_versions import CurrentRewardModel, Selection
+from rlhf.serve.records import Selection, Summary
 from rlhf.store import AlreadyDecidedError, Comparison, FeedbackStore, NotFoundError, StoreInputError
 from rlhf.store.labelers import Labelers
 from rlhf.store.queue import LabelingQueue
 from rlhf.store.tables import ANONYMOUS
+
+if TYPE_CHECKING:
+    from rlhf.serve.reward_versions import CurrentRewardModel
 
 logger = logging.getLogger(__name__)
 
 PDF_MAGIC = b"%PDF"
 READY_TIMEOUT_S = 5.0
 SELECTIONS_KEPT = 100  # uncertain selections GET /admin/selections shows, newest last
+
+def _pair_scorer(cfg: ServeConfig) -> "CurrentRewardModel | None":
+    """The reward model choosing pairs with ``serve.pair_selection=uncertain``, else None.
+
+    Imported only then: it loads torch and transformers, which the ingress needs for nothing else
+    (a lighter replica: ~1.7 CPU-s to import this module instead of ~6)."""
+    if cfg.serve.pair_selection != "uncertain":
+        return None
+    from rlhf.serve import reward_versions
+
+    return reward_versions.CurrentRewardModel(cfg.serve.reward_registry, cfg.policy)
+
 
 app = FastAPI(
     title="rlhf summarizer",
@@ -155,8 +169,7 @@ class FeedbackApi:
         self.gate = LabelerGate(self.labelers, cfg.serve.labeler_auth)
         self.per_labeler = RateLimiter(cfg.serve.requests_per_minute_per_labeler)
         self.per_address = RateLimiter(cfg.serve.requests_per_minute_per_address)
-        uncertain = cfg.serve.pair_selection == "uncertain"
-        self.rewards = CurrentRewardModel(cfg.serve.reward_registry, cfg.policy) if uncertain else None
+        self.rewards = _pair_scorer(cfg)
         self.recent_selections: deque[tuple[str, Selection]] = deque(maxlen=SELECTIONS_KEPT)
         self.pdf_parses = asyncio.Semaphore(cfg.serve.parallel_pdf_parses)
         registry = PolicyRegistry(cfg.registry)

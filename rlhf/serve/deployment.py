@@ -1,4 +1,8 @@
-"""The policy deployment: a thin Ray Serve wrapper that batches requests into PolicyVersions."""
+"""The policy deployment: a thin Ray Serve wrapper that batches requests into PolicyVersions.
+
+torch and the models load in the replica's constructor, not at import: the driver that deploys
+the app (``jobs/serve.py``, which then waits for as long as the app serves) stays without them.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ import logging
 import random
 import threading
 import time
+from typing import TYPE_CHECKING
 
-import torch
 from ray import serve
 
 from rlhf.runtime import compute_device, set_torch_threads
 from rlhf.serve.config import ServeConfig
-from rlhf.serve.policy_versions import BatchSizes, PolicyVersions, Sampling, Summary, SummaryRequest
+from rlhf.serve.records import Sampling, Summary, SummaryRequest
+
+if TYPE_CHECKING:
+    from rlhf.serve.policy_versions import BatchSizes
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +33,10 @@ class PolicyDeployment:
     """Generates summaries; watches the registry and switches to a newly published version."""
 
     def __init__(self, cfg: ServeConfig):
+        import torch
+
+        from rlhf.serve.policy_versions import PolicyVersions
+
         serving = cfg.serve
         set_torch_threads(serving.cpus_per_replica, serving.threads_per_replica)
         torch.manual_seed(cfg.seed)

@@ -54,7 +54,7 @@ from rlhf.serve.openai_messages import (
     Usage,
     error_body,
 )
-from rlhf.serve.policy_versions import Sampling, Summary, registry_current, servable_versions
+from rlhf.serve.records import Sampling, Summary, registry_current, servable_versions
 
 OPENAI_TAG = "openai"  # the tag of this router's routes: how the app's error handlers know them
 CURRENT = "current"  # the model name of whichever version the registry's CURRENT names

@@ -7,25 +7,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.config.sections import ModelConfig
 from rlhf.models import RewardModel, load_reward_model
 from rlhf.registry import PolicyRegistry
+from rlhf.serve.records import Selection
 from rlhf.serve.selection import least_certain
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which of the candidate pairs was shown, and the reward scores (r_0, r_1) that chose it."""
-
-    reward_version: str
-    pairs: tuple[tuple[str, str], ...]
-    scores: tuple[tuple[float, float], ...]
-    chosen: int
 
 
 class CurrentRewardModel:

@@ -303,8 +303,8 @@ class _Worker:
         self.log.evaluation(self.state.step, self.last_eval)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker."""
+def run_rank(config: dict[str, Any]) -> None:
+    """Body of each Ray Train rank (through :func:`rlhf.train.rank_entry.train_loop_per_worker`)."""
     worker = _Worker(config)
     try:
         worker.run()
@@ -356,6 +356,8 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rlhf.train.rank_entry import train_loop_per_worker
+
     cfg = settings.train
     check_data_size(train_rows.num_rows, cfg)
     output_dir = Path(settings.output_dir).resolve()
@@ -368,17 +370,19 @@ def run_training(
         emit(f"resuming from {resume_from}")
 
     init_ray()
+    # The rows are in the driver's memory already: one copy in the object store, which ranks on a
+    # node read without copying (Ray Data's split would add two actors and tasks per run). The whole
+    # config is one more reference, so Ray Train's controller never unpickles the task (rank_entry).
+    run = {
+        "task": task,
+        "settings": dataclasses.replace(settings, output_dir=str(output_dir)),
+        "resume_from": str(resume_from) if resume_from else None,
+        "train_rows": ray.put(train_rows),
+        "validation_rows": ray.put(validation_rows),
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # The rows are in the driver's memory already: one copy in the object store, which ranks
-        # on a node read without copying (Ray Data's split would add two actors and tasks per run).
-        train_loop_config={
-            "task": task,
-            "settings": dataclasses.replace(settings, output_dir=str(output_dir)),
-            "resume_from": str(resume_from) if resume_from else None,
-            "train_rows": ray.put(train_rows),
-            "validation_rows": ray.put(validation_rows),
-        },
+        train_loop_config={"run": ray.put(run)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,

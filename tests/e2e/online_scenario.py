@@ -1,5 +1,5 @@
 """End to end on a real local Ray cluster: a published policy -> Serve app -> a simulated person -> an
-online cycle (reward model, then PPO on Ray actors) -> the next served version.
+online cycle (reward model, then PPO in one colocated Ray actor) -> the next served version.
 
     python tests/e2e/online_scenario.py WORKDIR
 
@@ -326,7 +326,8 @@ def main() -> None:
         user.start()
         common = (f"store.url={db_url}", f"registry={registry}", f"feedback.min_new={MIN_NEW}",
                   "feedback.settle_s=0.5", "feedback.poll_interval_s=1", "feedback.max_wait_s=300",
-                  f"feedback.holdout_fraction={HOLDOUT}", "rl.roles.cpus_per_actor=0.5")
+                  f"feedback.holdout_fraction={HOLDOUT}", "rl.roles.cpus_per_actor=0.5",
+                  "rl.roles.colocate=true")  # one machine: every PPO role in one actor
         run_online(address, "reward_model", work / "online", *common, "cycles=1", "reward.train.max_steps=60",
                    "reward.train.batch_size=8", "reward.train.eval_every=60", "reward.train.save_every=60",
                    "rl.ppo.iterations=6", "rl.ppo.max_new_tokens=24")

@@ -1,7 +1,7 @@
 """A real pretrained model: SmolLM2-135M-Instruct by its hub name with the hub offline, converted once
 per test run from the packaged GGUF (a failed conversion and two at once included), its weights
-real, its special tokens right in every encoding, and a short GRPO run with LoRA on Ray whose
-published version Serve answers from."""
+real, its special tokens right in every encoding, and a short GRPO run with LoRA on Ray (every role
+in one colocated actor) whose published version Serve answers from."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_grpo_with_lora_on_ray_publishes_a_version_that_serve_answers_from(
         f"policy.name_or_path={SMOLLM}", "policy.max_source_length=96", f"prompts.path={SFT_SAMPLE}",
         "prompts.limit=2", "ppo.advantage=grpo", "ppo.samples_per_document=2", "ppo.rollout_batch_size=2",
         "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.iterations=1", "ppo.max_new_tokens=6", "ppo.lr=1e-4",
-        "lora.r=4", "roles.threads_per_actor=1", f"output_dir={tmp_path / 'grpo'}",
+        "lora.r=4", "roles.threads_per_actor=1", "roles.colocate=true", f"output_dir={tmp_path / 'grpo'}",
     ])
     history = run_ppo(cfg)
     assert len(history) == 1 and history[0].sync_bytes < 5e6  # the adapters moved, not 538 MB

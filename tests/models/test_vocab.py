@@ -18,7 +18,8 @@ from rlhf.models.scoring import policy_inputs
 from rlhf.models.tiny import EOS_ID, PAD_ID
 from rlhf.models.vocab import KnownIdsOnly, known_logits, mask_unknown_ids, with_known_ids_only
 from rlhf.ppo.experience import generate_rollout, response_logprobs
-from rlhf.serve.policy_versions import BASE_VERSION, PolicyVersions, SummaryRequest
+from rlhf.serve.policy_versions import PolicyVersions
+from rlhf.serve.records import BASE_VERSION, SummaryRequest
 
 torch.set_num_threads(1)
 

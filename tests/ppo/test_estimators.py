@@ -89,6 +89,9 @@ def test_minibatch_size_counts_summaries() -> None:
     assert cfg.ppo.summaries_per_iteration == 12
     assert _error("ppo.rollout_batch_size=4", "ppo.samples_per_document=3", "ppo.minibatch_size=6",
                   "roles.learner_workers=4").key == "roles.learner_workers"
+    colocated = _error("roles.colocate=true", "roles.rollout_workers=2")
+    assert colocated.key == "roles.rollout_workers" and "roles.colocate=false" in colocated.message
+    assert load_config(PPOConfig, None, ["roles.colocate=true"]).actors == 1
 
 
 def test_kl_defaults_follow_the_estimator_unless_given() -> None:

@@ -1,5 +1,5 @@
 """PPO end to end on tiny models: known rewards go up with bounded KL, on local roles and on Ray
-actors (ZeRO-3 learners, resume, a rollout worker killed mid-run)."""
+actors (ZeRO-3 learners, resume, a rollout worker killed mid-run, every role in one actor)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from support.ppo import DOCUMENTS, policy_state, ppo_config, ppo_overrides
 from rlhf.config.sections import ModelConfig
 from rlhf.metrics import IterationMetrics
 from rlhf.models import load_policy, load_reward_model
-from rlhf.ppo.actors import RayRoles
+from rlhf.ppo.actors import ColocatedRoles, RayRoles, start_roles
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import generate_rollout
 from rlhf.ppo.job import run_ppo
@@ -227,6 +227,46 @@ def test_ray_async_rollout_samples_the_next_batch_during_the_update_with_one_upd
     # pi_old is the generator's own log-probs: equal to the learner's up to float rounding at lag 0
     assert history[0].approx_kl < 1e-9 and all(m.approx_kl > 1e-7 for m in history[1:]), history
     assert all(torch.equal(generator[k], learner[k]) for k in learner)  # the last sync arrived
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_colocated_roles_train_in_one_actor_and_load_their_checkpoint_back(tmp_path: Path) -> None:
+    """roles.colocate: one actor, reserving roles.cpus_per_actor once, holds every role; its generator
+    ends with the learner's weights, and loading a checkpoint brings both back to it."""
+    cfg = ppo_config(tmp_path, "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+                     "ppo.epochs=1", "roles.colocate=true", "roles.cpus_per_actor=0.5")
+    roles = start_roles(cfg)
+    assert isinstance(roles, ColocatedRoles)
+
+    def policies(actor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        def read(local: LocalRoles) -> tuple[dict[str, torch.Tensor], ...]:
+            return tuple({k: v.detach().clone() for k, v in role.policy.model.state_dict().items()}
+                         for role in (local.generator, local.learner))
+        return ray.get(actor.__ray_call__.remote(read))
+
+    try:
+        trainer = PPOTrainer(cfg, roles, PromptStream(lambda epoch: iter(DOCUMENTS)), lambda m: None)
+        history = trainer.run()
+        roles.save_checkpoint(str(tmp_path / "checkpoint"))
+        generator, learner = policies(roles.actor)
+        version = roles.version
+        trainer.step()  # one more update moves the weights past the checkpoint
+        _, moved = policies(roles.actor)
+        roles.load_checkpoint(str(tmp_path / "checkpoint"))
+        generator_back, learner_back = policies(roles.actor)
+        reserved = ray.get(roles.actor.__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_assigned_resources()))
+    finally:
+        roles.shutdown()
+    assert [h.iteration for h in history] == [1, 2] and reserved == {"CPU": 0.5}
+    assert version == 3  # the first sync at start, then one per iteration
+    assert all(torch.equal(generator[k], learner[k]) for k in learner)
+    initial = load_policy(cfg.policy).model.state_dict()
+    assert any(not torch.equal(initial[k], learner[k]) for k in learner)  # training moved weights
+    assert any(not torch.equal(moved[k], learner[k]) for k in learner)
+    assert roles.version == 5  # iteration 3's sync, then the one after loading
+    assert all(torch.equal(learner_back[k], learner[k]) and torch.equal(generator_back[k], learner[k])
+               for k in learner)
 
 
 def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 from support.paths import ROOT
 
@@ -97,3 +99,20 @@ def test_no_function_longer_than_the_limit() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+# Modules loaded by processes that never run a model: Serve's HTTP ingress replica and the driver
+# that deploys the app (jobs/serve.py, alive as long as the app), and Ray Train's controller, which
+# unpickles the train function. Each would otherwise pay torch + transformers (~4 CPU-s, ~0.4 GiB).
+MODEL_FREE = ("rlhf.serve.app", "rlhf.serve.api", "rlhf.train.rank_entry")
+
+
+def test_processes_that_run_no_model_import_neither_torch_nor_transformers() -> None:
+    probe = ("import importlib, sys\n"
+             f"for name in {MODEL_FREE!r}:\n"
+             "    importlib.import_module(name)\n"
+             "    heavy = ('torch', 'transformers', 'peft', 'deepspeed')\n"
+             "    print(name, sorted(m for m in heavy if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"{name} []" for name in MODEL_FREE]

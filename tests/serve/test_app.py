@@ -166,6 +166,24 @@ def test_policy_health_readiness_and_openapi_routes(app: App):
     assert app.get("/docs").status_code == 200
 
 
+def test_the_ingress_replica_answers_without_torch_and_transformers(app: App):
+    """Only the policy replicas load models: the HTTP ingress imports neither library (a replica
+    that starts in seconds and holds no torch runtime), as each running replica reports."""
+    import ray
+
+    def heavy_modules_loaded(_replica) -> list[str]:
+        import sys
+
+        return sorted(name for name in ("torch", "transformers") if name in sys.modules)
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    replicas = {entry["name"].split("#")[1]: ray.get_actor(entry["name"], namespace=entry["namespace"])
+                for entry in named if entry["name"].startswith("SERVE_REPLICA")}
+    loaded = {deployment: ray.get(replica.__ray_call__.remote(heavy_modules_loaded))
+              for deployment, replica in replicas.items()}
+    assert loaded == {"FeedbackApi": [], "PolicyDeployment": ["torch", "transformers"]}
+
+
 def test_admin_routes_need_the_token_and_export_every_comparison(app: App):
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     assert app.post("/admin/reload").status_code == 401

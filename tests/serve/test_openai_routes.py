@@ -33,7 +33,8 @@ from rlhf.serve.openai_routes import (
     usage_of,
     word_chunks,
 )
-from rlhf.serve.policy_versions import PolicyVersions, Sampling, Summary, SummaryRequest
+from rlhf.serve.policy_versions import PolicyVersions
+from rlhf.serve.records import Sampling, Summary, SummaryRequest
 
 ADMIN_TOKEN = "openai-admin-token-0123456789abcdefghij"
 TEXT = "The city council voted on Tuesday to extend the bike lane network across the river."

@@ -14,7 +14,8 @@ from support.serve import PRESET, publish_tiny, publish_tiny_adapter, serve_conf
 from rlhf.config.sections import ModelConfig
 from rlhf.errors import InputError
 from rlhf.models import build_tiny_lm, load_policy
-from rlhf.serve.policy_versions import BASE_VERSION, PolicyVersions, SummaryRequest
+from rlhf.serve.policy_versions import PolicyVersions
+from rlhf.serve.records import BASE_VERSION, SummaryRequest
 
 TEXTS = ["The river flooded the old mill.", "Prices rose for the third month in a row, the report says."]
 

@@ -32,6 +32,7 @@ def label_choices(store: FeedbackStore, n: int, offset: int = 0) -> list[str]:
 
 
 def online_config(tmp_path: Path, *overrides: str) -> OnlineConfig:
+    """A cycle small enough for 2 cores; PPO's roles in one actor (tests/ppo covers actors per role)."""
     return load_config(OnlineConfig, None, [
         f"output_dir={tmp_path / 'online'}", f"store.url=sqlite:///{tmp_path}/feedback.db",
         f"registry={tmp_path / 'registry'}", "cycles=1", "feedback.min_new=16", "feedback.settle_s=0",
@@ -39,5 +40,5 @@ def online_config(tmp_path: Path, *overrides: str) -> OnlineConfig:
         "feedback.max_accuracy_drop=1.0", "reward.train.max_steps=4", "reward.train.batch_size=4",
         "reward.train.eval_every=4", "reward.train.save_every=4", "rl.ppo.iterations=1",
         "rl.ppo.rollout_batch_size=4", "rl.ppo.minibatch_size=4", "rl.ppo.epochs=1",
-        "rl.ppo.max_new_tokens=8", "rl.roles.cpus_per_actor=0.5", *overrides,
+        "rl.ppo.max_new_tokens=8", "rl.roles.cpus_per_actor=0.5", "rl.roles.colocate=true", *overrides,
     ])
