@@ -14,6 +14,8 @@ Configurations, each in its own process (``--config all`` runs them back to back
 * ``single`` -- LocalRoles + PPOTrainer in one process, no Ray, 2 torch threads.
 * ``ray``    -- RayRoles + PPOTrainer on ``ray.init(num_cpus=2)``: generator, reward, learner (and
   reference, full fine-tuning only) actors at 0.5 CPU with 2 threads each; they run one after another.
+* ``ray_colocated`` -- ``roles.colocate=true`` on the same Ray: every role in one actor (2 CPUs,
+  2 threads), the weight sync an in-process copy.
 * ``trl``    -- the anchor itself, in its own venv (``--trl-python``; install line in its README).
 * ``single_plain`` -- ``single`` with every prompt read once per row and the old-log-prob pass run
   (the two changes of issue 30 switched off in this process): what they save.
@@ -56,7 +58,9 @@ ANCHORS = {"grpo": ROOT.parent / "shared" / "bench" / "trl_grpo_anchor.py",
 DATA = ROOT.parent / "shared" / "data" / "tldr_sft.jsonl"
 TRL_PYTHONS = {"grpo": Path("/tmp/trl-grpo/bin/python"), "ppo": Path("/tmp/trl/bin/python")}  # 1.16, 0.28
 MODEL_CACHE = Path("/tmp/smollm2-135m-hf")
-CONFIGS = ("single", "ray", "trl", "single_plain")
+CONFIGS = ("single", "ray", "trl", "single_plain", "ray_colocated")
+RAY_CONFIGS = {"ray": ["roles.cpus_per_actor=0.5"],
+               "ray_colocated": ["roles.colocate=true", "roles.cpus_per_actor=2"]}
 # The scaling grid (``--config scaling``): summaries per step (posts x GROUP) x tokens per summary.
 SCALING_PROMPTS, SCALING_TOKENS = (2, 4, 8), (32, 64, 128)
 PROMPTS_PER_STEP, GROUP, PROMPT_TOKENS, NEW_TOKENS = 8, 4, 192, 48
@@ -148,7 +152,7 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
         switch_off_issue_30()
     workdir = Path(tempfile.mkdtemp(prefix=f"{args.algo}-real-{name}-"))
     iterations = args.warmup + args.iters
-    extra = ["roles.cpus_per_actor=0.5", f"roles.threads_per_actor={args.threads}"] if name == "ray" else []
+    extra = [*RAY_CONFIGS[name], f"roles.threads_per_actor={args.threads}"] if name in RAY_CONFIGS else []
     extra += [f"roles.forward_batch_size={args.forward_batch_size}",
               f"roles.generate_batch_size={args.generate_batch_size}",
               f"ppo.async_rollout={str(args.async_rollout).lower()}", f"ppo.lr={args.lr}"]
@@ -162,13 +166,13 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     ray_mod = None
-    if name == "ray":
+    if name in RAY_CONFIGS:
         import ray as ray_mod
 
-        from rlhf.ppo.actors import RayRoles
+        from rlhf.ppo.actors import start_roles
 
         ray_mod.init(address="local", num_cpus=2, include_dashboard=False)
-        roles = RayRoles(cfg)
+        roles = start_roles(cfg)
     else:
         from rlhf.ppo.roles import LocalRoles
 
@@ -198,7 +202,8 @@ def run_ours(name: str, args: argparse.Namespace) -> dict:
         "forward_batch_size": args.forward_batch_size, "generate_batch_size": args.generate_batch_size,
         "async_rollout": args.async_rollout,
         "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens,
-        "threads_per_actor": args.threads if name == "ray" else THREADS, "lr": args.lr, "seed": args.seed,
+        "threads_per_actor": args.threads if name in RAY_CONFIGS else THREADS,
+        "lr": args.lr, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "prompt_shape": shape, "roles_setup_s": setup_s,
         "single_update": cfg.ppo.single_update if name != "single_plain" else False,
         "warmup_steps": args.warmup, "measured_steps": len(measured),
@@ -217,6 +222,8 @@ def role_peaks(roles) -> dict[str, float]:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    if not hasattr(roles, "learners"):  # ColocatedRoles: one actor holds them all
+        return {"colocated": ray.get(roles.actor.__ray_call__.remote(peak))}
     groups = {"generator": roles.generators, "reward": roles.scorers, "reference": roles.references,
               "learner": roles.learners}
     return {name: max(ray.get([actor.__ray_call__.remote(peak) for actor in actors]))
@@ -314,7 +321,7 @@ def memory_table(out_dir: Path) -> str:
             "| peak RSS per Ray role MB |", "|---|---|---|---|---|---|---|"]
     for path in sorted(out_dir.glob("*.json")):
         res = json.loads(path.read_text())
-        if res.get("config") not in ("single", "ray"):
+        if res.get("config") not in ("single", *RAY_CONFIGS):
             continue
         peaks = res.get("role_peak_rss_mb") or {}
         actors = ", ".join(f"{name} {mb:,.0f}" for name, mb in peaks.items())
@@ -384,7 +391,7 @@ def main() -> None:
     elif args.config == "trl":
         run_trl(args, result_path(args.out_dir, "trl", args.lora, shape=step_shape(args), algo=args.algo))
     elif args.config != "summary":
-        if args.config != "ray":  # before torch starts its thread pool
+        if args.config not in RAY_CONFIGS:  # before torch starts its thread pool
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
         result = run_ours(args.config, args)
         result["argv"] = sys.argv
