@@ -137,6 +137,24 @@ def sigint_restored() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address and a free port on it: where a process group's rank 0 listens.
+
+    Run as a Ray task on rank 0's node; it lives here, beside no torch import, so the task's
+    worker loads only this module (from rlhf.ppo it paid ~5 CPU-s of torch and transformers imports).
+    """
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
 def derive_seed(seed: int, *parts: int) -> int:
     """A seed for one stream of randomness (an epoch, iteration, rank, shard, cycle) of a run.
 

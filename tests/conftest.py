@@ -33,6 +33,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train also starts a PreemptionWatcher actor per run to follow node drains (spot instances); on
 # one local node there is nothing to watch, and the actor's process cost ~4.5 CPU-s of every run.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's log monitor lists the log folder anew 10 times a second while it holds under 1,000 files, and
+# a session's hundreds of worker processes leave hundreds there: at 0 it lists every 0.5 s instead.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 # Every process this session starts inherits this mark, Ray's raylet and workers too (Ray puts
 # workers in process groups of their own, and they outlive their parent when they leak), so the

@@ -65,7 +65,7 @@ class DPOTask:
             return self._base_logprobs(rows)
         if self.reference is None:  # not in build_model: ZeRO-3's init context would partition it
             self.reference = load_frozen_policy(self.model_cfg, resolve_dtype(self.dtype, device))
-            self.reference.model.to(device)  # type: ignore[arg-type]  # transformers' _Wrapped stub
+            self.reference.model.to(device)
         with torch.no_grad():
             return pair_logprobs(self.reference.model, self.reference, rows)
 
@@ -76,7 +76,7 @@ class DPOTask:
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), model.disable_adapter():  # type: ignore[operator]  # PeftModel's, untyped
+            with torch.no_grad(), model.disable_adapter():
                 return pair_logprobs(model, policy, rows)
         finally:
             model.train(training)
@@ -126,7 +126,7 @@ class _ReferenceScorer:
         set_torch_threads(train.cpus_per_worker, export_omp=True)
         device = compute_device(1.0 if train.use_gpu else 0.0)
         self.reference = load_frozen_policy(model_cfg, resolve_dtype(train.dtype, device))
-        self.reference.model.to(device)  # type: ignore[arg-type]  # transformers' _Wrapped stub
+        self.reference.model.to(device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with torch.no_grad():

@@ -231,7 +231,7 @@ def _load_backbone(name: str, dtype: torch.dtype | None, dropout: bool = True) -
     """
     if is_tiny_preset(name):
         backbone = build_tiny_backbone(name, dropout=dropout)
-        backbone = backbone if dtype is None else backbone.to(dtype)  # type: ignore[arg-type]  # _Wrapped stub
+        backbone = backbone if dtype is None else backbone.to(dtype)
     else:
         config, _ = checkpoint_config(name, dropout)
         backbone = AutoModel.from_pretrained(name, config=config, dtype=dtype, use_safetensors=True)

@@ -185,7 +185,7 @@ def _convert_gguf(folder: Path, file: str, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
-    model.hf_quantizer = None  # type: ignore[assignment]  # typed by nn.Module.__setattr__ only
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))

@@ -123,7 +123,7 @@ class Policy:
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs["logits_processor"] = self.logits_processors(gen_kwargs.get("logits_processor"))
         # PeftModel forwards generate to the model it wraps (untyped __getattr__)
-        output = self.model.generate(**batch, **gen_kwargs)  # type: ignore[operator]  # (B, T_out)
+        output = self.model.generate(**batch, **gen_kwargs)  # (B, T_out)
         if not self.is_encoder_decoder:
             output = output[:, batch["input_ids"].shape[1]:]  # drop the left-padded prompt
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
@@ -190,7 +190,7 @@ def _load_model(
         return attach_saved_adapter(base, name_or_path).merge_and_unload(), zeroed
     if is_tiny_preset(name_or_path):
         model = build_tiny_lm(name_or_path, dropout=dropout)
-        model = model if dtype is None else model.to(dtype)  # type: ignore[arg-type]  # _Wrapped stub
+        model = model if dtype is None else model.to(dtype)
     else:
         config, zeroed = checkpoint_config(name_or_path, dropout)
         auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

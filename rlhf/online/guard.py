@@ -44,7 +44,7 @@ def summary_stats(policy: Policy, documents: list[str], max_new_tokens: int, ngr
     for start in range(0, len(documents), GENERATE_BATCH):
         batch = policy.encode_documents(documents[start:start + GENERATE_BATCH]).to(model.device)
         # PeftModel forwards generate to the model it wraps (untyped __getattr__)
-        output = model.generate(  # type: ignore[operator]
+        output = model.generate(
             **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
             logits_processor=policy.logits_processors(),
         )  # (B, prefix + T)

@@ -34,20 +34,14 @@ from rlhf.ppo.roles import (
     ReferenceScorer,
     RewardScorer,
     StaleWeightsError,
-    free_port,
 )
 from rlhf.ppo.weight_sync import COLLECTIVE, SyncReport, resolve_transport
-from rlhf.runtime import derive_seed, thread_count
+from rlhf.runtime import derive_seed, rendezvous_address, thread_count
 
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120
 RESTART_WAIT_S = 120
-
-
-def _rendezvous() -> tuple[str, int]:
-    """Address and a free port on the node of learner rank 0, for its process group."""
-    return ray.util.get_node_ip_address(), free_port()
 
 
 def _threads(cfg: PPOConfig) -> int:
@@ -98,7 +92,7 @@ class RayRoles:
         self.references = [self._actor(ReferenceScorer, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(cfg.reference_actors)]  # none with LoRA
         first_learner = next(bundles)
-        address, port = ray.get(self._task(_rendezvous, first_learner).remote())
+        address, port = ray.get(self._task(rendezvous_address, first_learner).remote())
         learner_bundles = [first_learner] + [next(bundles) for _ in range(r.learner_workers - 1)]
         self.learners = [
             self._actor(Learner, bundle, {}, cfg, rank, r.learner_workers, address, port, _threads(cfg))

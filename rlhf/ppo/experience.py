@@ -174,7 +174,7 @@ def generate_rollout(
     if share_prompts and groups.shared:
         inputs.update(shared_prompt_inputs(policy, inputs, groups))
     # PeftModel forwards generate to the model it wraps (untyped __getattr__)
-    output = model.generate(  # type: ignore[operator]
+    output = model.generate(
         **inputs,
         **_PLAIN_SAMPLING,
         temperature=temperature,

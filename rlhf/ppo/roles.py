@@ -8,7 +8,6 @@ an actor needs nothing from the driver but the config and the data it works on.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,7 +32,7 @@ from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.experience import Rollout, generate_rollout, response_logprobs, response_values
 from rlhf.ppo.rewards import load_reward_fn
 from rlhf.ppo.weight_sync import SyncPlan, SyncReport, WeightGroup
-from rlhf.runtime import compute_device, derive_seed, set_torch_threads
+from rlhf.runtime import compute_device, derive_seed, free_port, set_torch_threads
 from rlhf.train.deepspeed_setup import deepspeed_config, initialize, zero3_init_context
 from rlhf.train.zero_gather import cpu_copies, follow_gathers, parameter_gather, save_policy, unique_tensors
 
@@ -55,7 +54,7 @@ def _frozen_policy(
     set_torch_threads(cfg.roles.cpus_per_actor, threads)
     device = compute_device(cfg.roles.gpus_per_actor)
     policy = load_policy(cfg.policy, dtype=resolve_dtype(cfg.roles.dtype, device), dropout=False, lora=lora)
-    policy.model.to(device).eval()  # type: ignore[arg-type]  # transformers' _Wrapped stub
+    policy.model.to(device).eval()
     return policy, device
 
 
@@ -245,12 +244,6 @@ def trained_module(policy: nn.Module, value: nn.Module | None) -> nn.Module:
     return policy if value is None else ActorCritic(policy, value)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group(rank: int, world_size: int, address: str, port: int, gpu: bool) -> None:
     """The learner ranks' own process group (DeepSpeed gradient all-reduce).
 
@@ -333,7 +326,7 @@ class Learner:
         """(B, T) log pi_ref with the adapter off (lora.r > 0): the frozen base the adapters were
         added to is the initial policy, so no reference copy of the model is loaded."""
         self.engine.eval()
-        with self.policy.model.disable_adapter():  # type: ignore[operator]  # PeftModel's, untyped
+        with self.policy.model.disable_adapter():
             return chunked_logprobs(self.policy, self.device, rollout, self.cfg)
 
     def train(self, batch: PPOBatch) -> LearnStats:

@@ -226,7 +226,7 @@ class PolicyVersions:
         if fingerprint not in self._backbones:
             cfg = ModelConfig(**{**vars(self.base), "name_or_path": name_or_path})
             policy = load_policy(cfg, dtype=inference_dtype(self.device))
-            policy.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' _Wrapped stub
+            policy.model.to(self.device).eval()
             self._backbones[fingerprint] = Backbone(policy, fingerprint)
         return self._backbones[fingerprint]
 

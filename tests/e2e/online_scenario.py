@@ -195,9 +195,9 @@ def run_online(address: str, method: str, output_dir: Path, *overrides: str) -> 
 
 
 def preference_win_rates(registry: Path, documents: list[str], samples: int = 8) -> dict[str, float]:
-    """Per version: how often the simulated person prefers its summary over v0001's (ties count
-    half), on a fixed probe set, sampled as /v1/compare and PPO sample (same seed for every version,
-    so v0001 against itself is exactly 0.5)."""
+    """Per version after v0001: how often the simulated person prefers its summary over v0001's
+    (ties count half), on a fixed probe set, sampled as /v1/compare and PPO sample (the same seed for
+    every version)."""
     import torch
 
     from rlhf.config.sections import ModelConfig
@@ -210,10 +210,10 @@ def preference_win_rates(registry: Path, documents: list[str], samples: int = 8)
         return [len(summary) for _ in range(samples)
                 for summary in policy.generate(documents, max_new_tokens=MAX_NEW_TOKENS, do_sample=True)]
 
-    versions = sorted(p.name for p in registry.iterdir() if p.name.startswith("v"))
-    start = lengths(versions[0])
+    first, *later = sorted(p.name for p in registry.iterdir() if p.name.startswith("v"))
+    start = lengths(first)
     rates = {}
-    for version in versions:
+    for version in later:
         wins = sum(1.0 if a < b else 0.5 if a == b else 0.0 for a, b in zip(lengths(version), start))
         rates[version] = round(wins / len(start), 3)
     return rates

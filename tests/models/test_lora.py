@@ -24,7 +24,8 @@ from rlhf.models import load_policy, load_reward_model
 from rlhf.models.lora import target_modules
 from rlhf.models.scoring import load_frozen_policy
 from rlhf.models.tiny import build_tiny_lm
-from rlhf.ppo.roles import free_port, init_process_group
+from rlhf.ppo.roles import init_process_group
+from rlhf.runtime import free_port
 from rlhf.train.config import SFTConfig
 from rlhf.train.deepspeed_setup import deepspeed_config, initialize, zero3_init_context
 from rlhf.train.reward import bradley_terry_loss

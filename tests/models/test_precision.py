@@ -19,8 +19,9 @@ from rlhf.models import load_reward_model, resolve_dtype
 from rlhf.models import policy as policy_module
 from rlhf.models.policy import cpu_flags, has_native_bf16
 from rlhf.ppo.config import PPOConfig
-from rlhf.ppo.roles import Learner, LocalRoles, ReferenceScorer, RewardScorer, free_port, init_process_group
+from rlhf.ppo.roles import Learner, LocalRoles, ReferenceScorer, RewardScorer, init_process_group
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
+from rlhf.runtime import free_port
 from rlhf.train.config import RewardConfig
 from rlhf.train.deepspeed_setup import (
     deepspeed_config,

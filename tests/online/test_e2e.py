@@ -40,4 +40,4 @@ def test_choices_from_the_served_page_train_a_policy_that_matches_them_better(tm
     assert summary["held_out"]["rows"] >= 10 and summary["held_out"]["accuracy"] > 0.6
     # The person prefers each cycle's policy over the starting one's more often than chance.
     rates = summary["win_rate_vs_start"]
-    assert rates["v0001"] == 0.5 and rates["v0002"] > 0.55, rates
+    assert list(rates) == ["v0002"] and rates["v0002"] > 0.55, rates

@@ -13,8 +13,9 @@ from rlhf.config.core import ConfigError
 from rlhf.config.sections import DeepSpeedConfig, ModelConfig
 from rlhf.errors import InputError
 from rlhf.models import load_policy, resolve_dtype
-from rlhf.ppo.roles import free_port, init_process_group
+from rlhf.ppo.roles import init_process_group
 from rlhf.ppo.weight_sync import SyncPlan, WeightGroup, resolve_transport
+from rlhf.runtime import free_port
 from rlhf.train.deepspeed_setup import deepspeed_config, initialize
 from rlhf.train.zero_gather import _buckets, cpu_copies, gathered_buckets, unique_tensors
 

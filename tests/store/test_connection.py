@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from support.paths import ROOT
 
+from rlhf.runtime import free_port
 from rlhf.store import StoreInputError, check_url
 from rlhf.store.connection import ACCEPTED_FORMS
 
@@ -25,12 +26,6 @@ def _check_fails(url: str, match: str, timeout_s: float = 5.0) -> str:
     message = str(info.value)
     assert message.startswith("store.url: ") and "\n" not in message
     return message
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -67,7 +62,7 @@ def test_postgres_on_a_closed_port_fails_fast_without_the_password(monkeypatch: 
     pytest.importorskip("psycopg")
     monkeypatch.setenv("RLHF_TEST_PASSWORD", "s3cret-Pa55")
     start = time.monotonic()
-    message = _check_fails(f"postgresql+psycopg://u:${{RLHF_TEST_PASSWORD}}@127.0.0.1:{_free_port()}/db",
+    message = _check_fails(f"postgresql+psycopg://u:${{RLHF_TEST_PASSWORD}}@127.0.0.1:{free_port()}/db",
                            "cannot connect to the database .*refused", timeout_s=3.0)
     assert time.monotonic() - start < 3.0
     assert "s3cret" not in message and ACCEPTED_FORMS in message

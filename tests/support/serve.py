@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from rlhf.models.policy import Policy, load_policy
 from rlhf.models.tiny import build_tiny_lm
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.registry import PolicyRegistry
+from rlhf.runtime import free_port
 from rlhf.serve.config import ServeConfig
 
 PRESET = "tiny-t5"
@@ -52,12 +52,6 @@ def publish_tiny_adapter(registry: Path, base: Path | str, seed: int) -> Path:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
     metrics = {"iteration": seed, "reward_mean": float(seed)}
     return PolicyRegistry(registry).publish(policy.save_adapter, metrics)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_config(registry: Path, db: Path, *overrides: str) -> ServeConfig:
