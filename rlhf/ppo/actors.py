@@ -88,7 +88,8 @@ class RayRoles:
         self.generators = [self._actor(Generator, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(r.rollout_workers)]
         self.scorers = [self._actor(RewardScorer, next(bundles), restartable, cfg, _threads(cfg))
-                        for _ in range(r.reward_workers)]
+                        for _ in range(cfg.reward_actors)]  # none for a rule-based reward.fn
+        self.rule = None if self.scorers else RewardScorer(cfg)  # that function, in this process
         self.references = [self._actor(ReferenceScorer, next(bundles), restartable, cfg, _threads(cfg))
                            for _ in range(cfg.reference_actors)]  # none with LoRA
         first_learner = next(bundles)
@@ -160,6 +161,8 @@ class RayRoles:
     # ------------------------------------------------------------ scoring and learning
 
     def score(self, documents: list[str], summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rule is not None:
+            return self.rule.score(documents, summaries)
         shards = _split(len(documents), len(self.scorers))
         parts = ray.get([w.score.remote(documents[s], summaries[s]) for w, s in zip(self.scorers, shards)])
         return torch.cat([raw for raw, _ in parts]), torch.cat([used for _, used in parts])

@@ -192,7 +192,9 @@ class RolesConfig:
     placement: Placement = option("PACK", "Placement group strategy: PACK (colocate) or SPREAD (across "
                                           "nodes).")
     rollout_workers: int = option(1, "Generation actors, each with a policy copy.", gt=0)
-    reward_workers: int = option(1, "Reward-scoring actors.", gt=0)
+    reward_workers: int = option(
+        1, "Reward-model actors; none start for a rule-based reward.fn, which scores in the driver.", gt=0
+    )
     reference_workers: int = option(
         1, "Actors holding the frozen initial policy; none start with lora.r > 0 (the learners' base "
         "with the adapter off is the reference).", gt=0
@@ -284,14 +286,6 @@ class PPOTrainingConfig:
         """Reference actors to start: none with adapters (the learners hold the base)."""
         return 0 if self.lora.r else self.roles.reference_workers
 
-    @property
-    def actors(self) -> int:
-        """Ray actors the roles start (one when colocated)."""
-        r = self.roles
-        if r.colocate:
-            return 1
-        return r.rollout_workers + r.reward_workers + self.reference_actors + r.learner_workers
-
     def validate(self) -> None:
         algo = self.ppo
         if algo.estimator.needs_groups and algo.samples_per_document < 2:
@@ -320,6 +314,28 @@ class PPOConfig(PPOTrainingConfig):
                                        help="Documents to summarise (any layout with a document column).")
     registry: str = option("", "Policy registry directory or URI; empty = output_dir/registry.")
     tracking: TrackingConfig = option(factory=TrackingConfig, help="Experiment trackers (W&B, MLflow).")
+
+    @property
+    def reward_actors(self) -> int:
+        """Reward actors to start: none for a rule-based reward.fn. A Python function scores the
+        gathered rollout in the driver (as veRL's reward functions run in its trainer): an actor for
+        it cost a process with torch and a reserved CPU to call it."""
+        return 0 if self.reward.model is None else self.roles.reward_workers
+
+    @property
+    def actors(self) -> int:
+        """Ray actors the roles start (one when colocated)."""
+        r = self.roles
+        if r.colocate:
+            return 1
+        return r.rollout_workers + self.reward_actors + self.reference_actors + r.learner_workers
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward.model is None and self.roles.reward_workers != 1:
+            raise ConfigError("roles.reward_workers", f"{self.roles.reward_workers} with the rule-based "
+                              f"reward.fn ({self.reward.fn}), which scores in the driver; reward workers "
+                              "hold a reward.model: set roles.reward_workers=1 or name a reward.model")
 
     @classmethod
     def for_run(

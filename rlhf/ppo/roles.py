@@ -192,11 +192,11 @@ class RewardScorer:
     """Scores (document, summary) pairs with a reward model or a rule-based function."""
 
     def __init__(self, cfg: PPOConfig, threads: int = 1):
-        set_torch_threads(cfg.roles.cpus_per_actor, threads)
         self.cfg = cfg.reward
         self.roles = cfg.roles  # forward_batch_size
         self.model: RewardModel | None = None
-        if cfg.reward.model is not None:
+        if cfg.reward.model is not None:  # a function leaves the threads of its process alone
+            set_torch_threads(cfg.roles.cpus_per_actor, threads)
             device = compute_device(cfg.roles.gpus_per_actor)
             dtype = resolve_dtype(cfg.roles.dtype, device)
             self.model = load_reward_model(cfg.reward.model, dtype=dtype, dropout=False)

@@ -92,6 +92,12 @@ def test_minibatch_size_counts_summaries() -> None:
     colocated = _error("roles.colocate=true", "roles.rollout_workers=2")
     assert colocated.key == "roles.rollout_workers" and "roles.colocate=false" in colocated.message
     assert load_config(PPOConfig, None, ["roles.colocate=true"]).actors == 1
+    # A rule-based reward.fn (the default) scores in the driver: no reward actor, and none to ask for.
+    assert load_config(PPOConfig, None, []).actors == 3
+    assert load_config(PPOConfig, None, ["reward.model.name_or_path=tiny-gpt2",
+                                         "roles.reward_workers=2"]).actors == 5
+    rule = _error("roles.reward_workers=2")
+    assert rule.key == "roles.reward_workers" and "scores in the driver" in rule.message
 
 
 def test_kl_defaults_follow_the_estimator_unless_given() -> None:

@@ -164,6 +164,8 @@ def test_killed_rollout_workers_are_restarted_and_brought_up_to_date(tmp_path: P
                "roles.weight_sync=collective")
     roles = RayRoles(cfg)
     assert roles.transport == "collective"
+    # 2 rollout workers, the reference and the learner: the rule-based reward scores in this process
+    assert len(roles.pg.bundle_specs) == 4 and roles.scorers == []
     train = roles.train
 
     def log(metrics: IterationMetrics) -> None:
@@ -197,11 +199,15 @@ def test_ray_async_rollout_samples_the_next_batch_during_the_update_with_one_upd
     tmp_path: Path,
 ) -> None:
     """ppo.async_rollout on Ray actors: the next batch is asked for before the update and taken
-    after the sync, so every batch after the first was sampled one update behind."""
+    after the sync, so every batch after the first was sampled one update behind. A (random) reward
+    model scores, in its own actor."""
     cfg = ppo_config(tmp_path, "ppo.iterations=3", "ppo.advantage=grpo", "ppo.samples_per_document=2",
                      "ppo.rollout_batch_size=4", "ppo.minibatch_size=8", "ppo.epochs=1",
-                     "ppo.async_rollout=true", "roles.cpus_per_actor=0.5")
+                     "ppo.async_rollout=true", "roles.cpus_per_actor=0.5",
+                     "reward.model.name_or_path=tiny-gpt2", "reward.model.max_source_length=64",
+                     rule_reward=False)
     roles = RayRoles(cfg)
+    assert len(roles.scorers) == 1 and roles.rule is None
     started: list[int] = []  # the learner's update count when each next batch was asked for
     start_generate, train = roles.start_generate, roles.train
     updates = []
@@ -275,7 +281,7 @@ def test_unmeetable_placement_fails_before_any_work_with_one_line(tmp_path: Path
     error_lines = [line for line in run.stderr.splitlines() if line.startswith("ppo.py: error")]
     assert len(error_lines) == 1
     assert re.fullmatch(
-        r"ppo\.py: error: roles: 4 actors need 4000 CPUs and 0 GPUs, the cluster has \d+ CPUs and 0 GPUs; "
+        r"ppo\.py: error: roles: 3 actors need 3000 CPUs and 0 GPUs, the cluster has \d+ CPUs and 0 GPUs; "
         r"lower roles\.cpus_per_actor, roles\.gpus_per_actor or the worker counts", error_lines[0]
     ), error_lines
     assert "Traceback" not in run.stderr

@@ -144,9 +144,8 @@ def test_gpu_ppo_configs_fit_one_worker_node(name: str) -> None:
     cfg = load_config(PPOConfig, str(ROOT / "configs" / name), GPU_CONFIGS[name])
     _, worker = node_types(cluster())
     roles = cfg.roles
-    actors = roles.rollout_workers + roles.reward_workers + roles.reference_workers + roles.learner_workers
-    assert actors * roles.gpus_per_actor <= worker["resources"]["GPU"]
-    assert actors * roles.cpus_per_actor <= worker["resources"]["CPU"]
+    assert cfg.actors * roles.gpus_per_actor <= worker["resources"]["GPU"]
+    assert cfg.actors * roles.cpus_per_actor <= worker["resources"]["CPU"]
     assert cfg.ppo.minibatch_size % roles.learner_workers == 0
     assert cfg.output_dir.startswith("/mnt/shared/")  # the file system every node mounts
 
