@@ -20,8 +20,8 @@ SCENARIO = ROOT / "tests" / "e2e" / "online_scenario.py"
 
 
 def test_choices_from_the_served_page_train_a_policy_that_matches_them_better(tmp_path: Path):
-    # `ray stop` ends every Ray process on the machine; in a private PID namespace it ends only the
-    # scenario's cluster, and anything left over dies with the namespace.
+    # The scenario is PID 1 of a private PID namespace: its exit ends the cluster it started and
+    # nothing else on the machine (`ray stop` would end every Ray process here, the session's too).
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.fail("the end-to-end test needs root and util-linux's unshare (a private PID namespace)")
     command = ["unshare", "--fork", "--pid", "--mount-proc", "--kill-child",
