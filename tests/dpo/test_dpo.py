@@ -30,6 +30,7 @@ from rlhf.online.dpo_cycle import DPOCycle
 from rlhf.online.loop import OnlineLoop
 from rlhf.registry import PolicyRegistry
 from rlhf.store import CycleLog, FeedbackStore
+from rlhf.train.supervised_loop import TrainResult
 
 STEPS = 8
 
@@ -146,7 +147,8 @@ def test_an_online_dpo_cycle_resumes_to_publish_and_the_gate_rejects_a_worse_upd
     ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cycle 1 is killed after its DPO update, before publishing: the restarted job publishes that
-    update without training again. Cycle 2's update scores worse on held-out choices: not published."""
+    update without training again. Cycle 2's update (cycle 1's policy again) scores worse on
+    held-out choices: not published."""
     publish_tiny(tmp_path / "registry", seed=1)
     # Half the ids held out: with 24 random comparison ids, fewer than 2 held out has odds ~1e-6
     # (at the default fraction it was ~3%, and the gate then had nothing to judge).
@@ -177,6 +179,11 @@ def test_an_online_dpo_cycle_resumes_to_publish_and_the_gate_rejects_a_worse_upd
     policy = load_policy(ModelConfig(name_or_path=str(registry.latest()), max_target_length=8))
     assert policy.generate(["a post"], do_sample=False)
 
+    # Cycle 2 judges cycle 1's trained policy again, as its own update (a second DPO run on Ray
+    # Train would cost ~25 CPU-s and test nothing cycle 1 did not): the gate is what is under test.
+    trained = Path(record.dpo_policy)
+    again = TrainResult(trained, trained.parent, trained.parent / "metrics.jsonl")
+    monkeypatch.setattr("rlhf.online.dpo_cycle.train_dpo_policy", lambda *_args, **_kwargs: again)
     label_choices(store, 24, offset=24)
     measured = DPOCycle.health
 
