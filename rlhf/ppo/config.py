@@ -191,15 +191,6 @@ class RolesConfig:
 
     placement: Placement = option("PACK", "Placement group strategy: PACK (colocate) or SPREAD (across "
                                           "nodes).")
-    rollout_workers: int = option(1, "Generation actors, each with a policy copy.", gt=0)
-    reward_workers: int = option(
-        1, "Reward-model actors; none start for a rule-based reward.fn, which scores in the driver.", gt=0
-    )
-    reference_workers: int = option(
-        1, "Actors holding the frozen initial policy; none start with lora.r > 0 (the learners' base "
-        "with the adapter off is the reference).", gt=0
-    )
-    learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
     colocate: bool = option(
         False, "Every role in one Ray actor (veRL's hybrid engine, OpenRLHF's colocate_all_models): "
         "one process and one torch runtime instead of one per role, and a weight sync that is an "
@@ -207,6 +198,13 @@ class RolesConfig:
         "For one machine or one GPU; needs one worker per role, and a failure ends the run (resume "
         "from its checkpoint) since no role restarts alone."
     )
+    rollout_workers: int = option(1, "Generation actors, each with a policy copy.", gt=0)
+    reward_workers: int = option(1, "Reward-model actors (a rule-based reward.fn runs in the driver).", gt=0)
+    reference_workers: int = option(
+        1, "Actors holding the frozen initial policy; none start with lora.r > 0 (the learners' base "
+        "with the adapter off is the reference).", gt=0
+    )
+    learner_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.", gt=0)
     cpus_per_actor: float = option(0.5, "CPUs reserved by each actor.", gt=0)
     threads_per_actor: int = option(
         0, "Torch threads in each actor; 0 = whole CPUs reserved (at least 1). The roles run one "
