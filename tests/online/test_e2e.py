@@ -36,8 +36,8 @@ def test_choices_from_the_served_page_train_a_policy_that_matches_them_better(tm
     (cycle,) = summary["cycles"]
     assert (cycle["cycle"], cycle["policy_version"]) == (1, "v0002")
     assert cycle["new"] > 0 and cycle["reward_kept"]
-    # The reward model learned the simulated preference: on held-out choices it never trained on.
-    assert summary["held_out"]["rows"] >= 10 and summary["held_out"]["accuracy"] > 0.6
+    # The reward model learned the simulated preference: on the choices it never trained on.
+    assert summary["held_out"]["rows"] >= 15 and summary["held_out"]["accuracy"] > 0.6
     # The person prefers each cycle's policy over the starting one's more often than chance.
     rates = summary["win_rate_vs_start"]
     assert list(rates) == ["v0002"] and rates["v0002"] > 0.55, rates

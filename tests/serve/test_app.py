@@ -258,44 +258,48 @@ def _second_app(app: App, registry: Path, name: str) -> Iterator[str]:
         serve.delete(name)
 
 
+def _wait_for_version(url: str, version: str) -> None:
+    """Until the app's current version is ``version`` (a reload is due within 0.5 s); 60 s at most."""
+    deadline = time.monotonic() + 60
+    while requests.get(url + "/v1/policy", timeout=60).json()["version"] != version:
+        assert time.monotonic() < deadline, f"{version} was not picked up within 60 s"
+        time.sleep(0.2)
+
+
 def _publish_during_requests(url: str, publish: Callable[[], Path], version: str) -> list[str]:
     """The versions that answered 4 clients' stream of /v1/summarize while ``publish`` ran, until
     ``version`` was current and 8 more answers came; fails if any request failed."""
     with summarize_stream(url, TEXT) as versions:
         time.sleep(2)
         publish()
-        deadline = time.monotonic() + 60
-        while requests.get(url + "/v1/policy", timeout=60).json()["version"] != version:
-            assert time.monotonic() < deadline, f"{version} was not picked up within 60 s"
-            time.sleep(0.2)
+        _wait_for_version(url, version)
         seen = len(versions)
         while len(versions) < seen + 8:  # keep the stream going after the switch
             time.sleep(0.1)
     return versions
 
 
-def test_a_published_version_is_served_without_failing_requests_in_flight(app: App, tmp_path: Path):
-    """A second app with its own registry: publish v0002 during a stream of requests."""
+def test_full_and_adapter_versions_published_during_requests_are_served_without_failing(
+    app: App, tmp_path: Path
+):
+    """A second app with its own registry: v0002, a full policy, is published during a stream of
+    requests; then v0003 and v0004, LoRA adapters on v0002, the second also during requests; a
+    comparison then shows the two adapter versions."""
     registry = tmp_path / "registry"
     publish_tiny(registry, seed=1)
     with _second_app(app, registry, "reload") as url:
-        versions = _publish_during_requests(url, partial(publish_tiny, registry, 2), "v0002")
-    assert versions[0] == "v0001" and versions[-1] == "v0002"
-    assert versions.index("v0002") > 0 and "v0001" not in versions[versions.index("v0002") + 8:]
-
-
-def test_adapter_versions_on_one_base_hot_reload_and_compare(app: App, tmp_path: Path):
-    """v0001 a full policy, v0002 and then v0003 (published during requests) LoRA adapters on it."""
-    registry = tmp_path / "registry"
-    base = publish_tiny(registry, seed=1)
-    publish_tiny_adapter(registry, base, seed=2)
-    with _second_app(app, registry, "adapters") as url:
-        versions = _publish_during_requests(url, partial(publish_tiny_adapter, registry, base, 3), "v0003")
+        full = _publish_during_requests(url, partial(publish_tiny, registry, 2), "v0002")
+        base = registry / "v0002"
+        publish_tiny_adapter(registry, base, seed=3)
+        _wait_for_version(url, "v0003")
+        adapters = _publish_during_requests(url, partial(publish_tiny_adapter, registry, base, 4), "v0004")
         compared = requests.post(url + "/v1/compare", json={"text": TEXT}, timeout=60)
-    assert versions[0] == "v0002" and versions[-1] == "v0003"
+    assert full[0] == "v0001" and full[-1] == "v0002"
+    assert full.index("v0002") > 0 and "v0001" not in full[full.index("v0002") + 8:]
+    assert adapters[0] == "v0003" and adapters[-1] == "v0004"
     assert compared.status_code == 200, compared.text
     store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
     stored = store.get_comparison(compared.json()["comparison_id"])
     store.close()
-    assert sorted([stored.policy_0, stored.policy_1]) == ["v0002", "v0003"]  # two adapter versions
+    assert sorted([stored.policy_0, stored.policy_1]) == ["v0003", "v0004"]  # two adapter versions
     assert stored.summary_0 != stored.summary_1 and all(s.strip() for s in compared.json()["summaries"])
