@@ -25,9 +25,9 @@ class DPOAlgoConfig:
         0.0, "Assumed share of flipped labels (cDPO), in [0, 0.5); sigmoid only.", ge=0
     )
     reference: ReferenceMode = option(
-        "cached", "cached: the frozen initial policy scores every pair once before training (Ray Data), "
-        "so no second model sits beside the learner; online: a frozen copy in each worker scores each "
-        "batch."
+        "cached", "cached: each rank scores its pairs once with the policy before its first update "
+        "(the initial weights are the reference; ZeRO-3 partitioned), so no second model is loaded; "
+        "online: a frozen copy in each worker scores each batch."
     )
     dropout: bool = option(
         True, "Keep the checkpoint's dropout while training (as SFT does); false zeroes it (as the PPO "

@@ -1,4 +1,4 @@
-"""DPO on the shared Ray Train + DeepSpeed loop: the task, the cached reference, and the job.
+"""DPO on the shared Ray Train + DeepSpeed loop: the task (with its cached reference) and the job.
 
 The policy trains in the loop's train mode with the checkpoint's dropout unless
 ``dpo.dropout=false``; the reference (cached or online) and every validation pass score in eval
@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import pyarrow as pa
 import torch
@@ -25,17 +24,15 @@ from rlhf.errors import InputError
 from rlhf.metrics import emit
 from rlhf.models import Policy, load_policy, resolve_dtype
 from rlhf.models.scoring import load_frozen_policy
-from rlhf.runtime import compute_device, init_ray, quiet_ray_data, set_torch_threads
 from rlhf.store import check_url
 from rlhf.tracking import TrackedRun
 from rlhf.train.config import TrainConfig
 from rlhf.train.data import human_comparisons
-from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, built, check_data_size, run_training
-from rlhf.train.zero_gather import Gather, save_policy
+from rlhf.train.supervised_loop import LoopSettings, Rows, TrainResult, built, run_training
+from rlhf.train.zero_gather import Gather, rank, save_policy
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the cached reference, one value per row
 PROGRESS_EVERY_S = 30.0  # a progress line at most this often while the reference scores
-ROW_COLUMN = "_dpo_row"  # restores the table's order after Ray Data scored it
 
 
 @dataclass
@@ -53,6 +50,29 @@ class DPOTask:
     def build_model(self) -> nn.Module:
         self.policy = load_policy(self.model_cfg, dropout=self.algo.dropout, lora=self.lora)
         return self.policy.model
+
+    def prepare(self, model: nn.Module, table: pa.Table) -> pa.Table:
+        """With ``dpo.reference=cached``: ``table`` plus ``REF_COLUMNS``, scored by ``model`` itself
+        before its first update (its initial weights are the reference, a fresh adapter adds
+        nothing): no second copy is loaded, and under ZeRO-3 the scoring runs partitioned."""
+        if self.algo.reference != "cached":
+            return table
+        chosen: list[torch.Tensor] = []
+        rejected: list[torch.Tensor] = []
+        start = shown = time.time()
+        for offset in range(0, table.num_rows, self.batch_size):
+            rows = table.slice(offset, self.batch_size).to_pydict()
+            for scores, got in zip((chosen, rejected), pair_logprobs(model, built(self.policy, self), rows)):
+                scores.append(got.double().cpu())
+            done = min(offset + self.batch_size, table.num_rows)
+            if rank() == 0 and (done == table.num_rows or time.time() - shown > PROGRESS_EVERY_S):
+                emit(f"dpo: reference log-probs {done}/{table.num_rows} pairs on rank 0 | "
+                     f"{done / max(time.time() - start, 1e-9):.1f} pairs/s")
+                shown = time.time()
+        for name, scores in zip(REF_COLUMNS, (chosen, rejected)):
+            values = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+            table = table.append_column(name, pa.array(values.numpy()))
+        return table
 
     def _reference(self, rows: Rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) reference log-probs (B,) each: the cached columns, the base with the
@@ -119,48 +139,6 @@ class DPOTask:
         save_policy(built(self.policy, self), path, self.lora.publish, gather)
 
 
-class _ReferenceScorer:
-    """Ray Data actor holding the frozen initial policy: adds ``REF_COLUMNS`` to each batch."""
-
-    def __init__(self, model_cfg: ModelConfig, train: TrainConfig):
-        set_torch_threads(train.cpus_per_worker, export_omp=True)
-        device = compute_device(1.0 if train.use_gpu else 0.0)
-        self.reference = load_frozen_policy(model_cfg, resolve_dtype(train.dtype, device))
-        self.reference.model.to(device)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with torch.no_grad():
-            scores = pair_logprobs(self.reference.model, self.reference, batch.to_pydict())
-        for name, values in zip(REF_COLUMNS, scores):
-            batch = batch.append_column(name, pa.array(values.double().cpu().numpy()))
-        return batch
-
-
-def with_reference_logprobs(table: pa.Table, model_cfg: ModelConfig, train: TrainConfig) -> pa.Table:
-    """``table`` plus the reference's log-probs of each row's chosen and rejected summary, scored
-    once before training by ``train.num_workers`` Ray Data actors (a GPU each with use_gpu)."""
-    import ray
-
-    init_ray()
-    quiet_ray_data()
-    indexed = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
-    scored = ray.data.from_arrow(indexed).map_batches(
-        _ReferenceScorer, fn_constructor_kwargs={"model_cfg": model_cfg, "train": train},
-        batch_size=train.batch_size, batch_format="pyarrow", concurrency=train.num_workers,
-        num_cpus=train.cpus_per_worker, num_gpus=1 if train.use_gpu else 0,
-    )
-    tables, done, start, shown = [], 0, time.time(), time.time()
-    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-        block = cast(pa.Table, batch)  # batch_format="pyarrow": a table; Ray types every format
-        tables.append(block)
-        done += block.num_rows
-        if done == table.num_rows or time.time() - shown > PROGRESS_EVERY_S:  # minutes at real size
-            emit(f"dpo: reference log-probs {done}/{table.num_rows} pairs | "
-                 f"{done / max(time.time() - start, 1e-9):.1f} pairs/s")
-            shown = time.time()
-    return pa.concat_tables(tables).sort_by(ROW_COLUMN).drop_columns([ROW_COLUMN])
-
-
 def train_dpo_policy(
     model_cfg: ModelConfig, train_cfg: TrainConfig, algo: DPOAlgoConfig, train: pa.Table,
     validation: pa.Table, output_dir: str, seed: int, resume: bool = False, lora: LoraConfig | None = None,
@@ -168,12 +146,6 @@ def train_dpo_policy(
 ) -> TrainResult:
     """DPO of ``model_cfg`` (also the reference) on comparisons; jobs/dpo.py and online cycles call it
     (a cycle's run logs to tensorboard only: ``tracked`` None)."""
-    check_data_size(train.num_rows, train_cfg)  # before the reference pass
-    validation = validation.slice(0, train_cfg.max_eval_rows)  # all the loop validates on
-    if algo.reference == "cached":  # one Ray Data pass over both tables
-        emit(f"dpo: scoring {train.num_rows + validation.num_rows} pairs with the reference")
-        scored = with_reference_logprobs(pa.concat_tables([train, validation]), model_cfg, train_cfg)
-        train, validation = scored.slice(0, train.num_rows), scored.slice(train.num_rows)
     task = DPOTask(model_cfg, algo, train_cfg.batch_size, train_cfg.dtype, lora or LoraConfig())
     settings = LoopSettings(train_cfg, seed, output_dir, tracked or TrackedRun())
     return run_training(task, settings, train, validation, resume=resume)

@@ -83,6 +83,10 @@ class RewardTask:
         self.reward_model = load_reward_model(self.model_cfg, heads=self.heads.layout, lora=self.lora)
         return self.reward_model
 
+    def prepare(self, model: nn.Module, table: pa.Table) -> pa.Table:
+        """Reward training reads the rows as they are."""
+        return table
+
     def _scores(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head raw scores (B, n) of the chosen and of the rejected summaries."""
         documents, chosen, rejected = chosen_and_rejected(rows)

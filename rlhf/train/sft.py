@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -49,6 +50,10 @@ class SFTTask:
     def build_model(self) -> nn.Module:
         self.policy = load_policy(self.model_cfg, lora=self.lora)
         return self.policy.model
+
+    def prepare(self, model: nn.Module, table: pa.Table) -> pa.Table:
+        """SFT reads the rows as they are."""
+        return table
 
     def _batch(self, model: nn.Module, rows: Rows) -> dict[str, torch.Tensor]:
         batch = built(self.policy, self).encode_pairs(rows["original_text"], rows["summary"])

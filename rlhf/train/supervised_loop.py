@@ -51,6 +51,11 @@ class TrainTask(Protocol):
     def loss(self, model: nn.Module, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss of a micro-batch and per-batch metrics to average into the progress line."""
 
+    def prepare(self, model: nn.Module, table: pa.Table) -> pa.Table:
+        """``table`` with what the initial weights compute once, e.g. DPO's cached reference: every
+        rank calls it on its shard and on the validation rows, in eval mode without gradients,
+        before a checkpoint is restored, so resume and a restarted worker compute the same."""
+
     def evaluate(self, model: nn.Module, rows: Rows) -> dict[str, float]:
         """Validation metrics on ``rows``; every rank calls it with the same rows (ZeRO-3 lockstep)."""
 
@@ -205,12 +210,15 @@ class _Worker:
         with zero3_init_context(ds_config):
             model = self.task.build_model()
         self.engine, self.scheduler = initialize(model, ds_config, lr_lambda(self.cfg))
-        self.state = self._restore(config["resume_from"])
         context = ray.train.get_context()
-        self.shard = rank_shard(ray.get(config["train_rows"]), context.get_world_rank(),
-                                context.get_world_size())
+        shard = rank_shard(ray.get(config["train_rows"]), context.get_world_rank(), context.get_world_size())
         validation = ray.get(config["validation_rows"]).slice(0, self.cfg.max_eval_rows)  # all, every rank
+        self.engine.eval()
+        with torch.no_grad():  # the initial weights, before _restore loads a checkpoint's
+            self.shard = self.task.prepare(self.engine.module, shard)
+            validation = self.task.prepare(self.engine.module, validation)
         self.validation = validation.to_pydict() if validation.num_rows else {}
+        self.state = self._restore(config["resume_from"])
         self.log = _MetricsLog(self.settings, self.state.step)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.last_eval: dict[str, float] = {}

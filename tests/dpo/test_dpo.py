@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import torch
 from support.cli import run_cli
 from support.online import label_choices, online_config
 from support.paths import ROOT
@@ -22,7 +23,7 @@ from rlhf.config.sections import ModelConfig
 from rlhf.data.schemas import Schema
 from rlhf.data.sources import load_source
 from rlhf.dpo.config import DPOConfig, ReferenceMode
-from rlhf.dpo.task import DPOTask, _ReferenceScorer, run_dpo
+from rlhf.dpo.task import REF_COLUMNS, DPOTask, run_dpo
 from rlhf.eval.config import EvalConfig
 from rlhf.eval.job import run_eval
 from rlhf.models import load_policy
@@ -84,16 +85,20 @@ def test_dpo_on_a_seq2seq_policy_fits_its_pairs_and_saves_a_policy(t5_run: Path)
 @pytest.mark.parametrize("preset", ["tiny-t5", "tiny-gpt2"])
 def test_cached_and_online_reference_give_the_same_first_loss(pairs: Path, preset: str) -> None:
     """The task's loss on one batch of the initial policy, without the loop: the cached columns
-    (scored by the Ray Data actor's code) and the online frozen copy must agree, at pi == ref."""
+    (what ``prepare`` adds in each rank before step 0, here in chunks of 3) and the online frozen
+    copy must agree, at pi == ref."""
     cfg = _dpo_config(pairs.parent, pairs, f"model.name_or_path={preset}")
     rows = load_source(cfg.data, Schema.PREFERENCE).table.slice(0, 8)
     losses = {}
     for mode in get_args(ReferenceMode):
         algo = dataclasses.replace(cfg.dpo, reference=mode)
-        task = DPOTask(cfg.model, algo, cfg.train.batch_size, cfg.train.dtype)
-        table = _ReferenceScorer(cfg.model, cfg.train)(rows) if mode == "cached" else rows
-        task.build_model().train()
-        losses[mode] = task.loss(task.policy.model, table.to_pydict())
+        task = DPOTask(cfg.model, algo, 3, cfg.train.dtype)
+        model = task.build_model().eval()
+        with torch.no_grad():
+            table = task.prepare(model, rows)
+        added = set(table.column_names) - set(rows.column_names)
+        assert added == (set(REF_COLUMNS) if mode == "cached" else set()) and table.num_rows == 8
+        losses[mode] = task.loss(model.train(), table.to_pydict())
     (cached, cached_metrics), (online, online_metrics) = losses["cached"], losses["online"]
     assert online.item() == pytest.approx(cached.item(), abs=1e-5)
     assert online.item() == pytest.approx(math.log(2), abs=1e-4) and cached.requires_grad
