@@ -8,11 +8,14 @@ else a fresh local Ray) but fail in seconds, with the fix, where Ray would retry
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import hashlib
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -182,6 +185,20 @@ def compute_device(gpus: float, cuda_available: bool | None = None) -> torch.dev
 
     present = torch.cuda.is_available() if cuda_available is None else cuda_available
     return torch.device("cuda" if gpus > 0 and present else "cpu")
+
+
+def release_freed_memory() -> None:
+    """Hand the system the heap pages a finished pass freed, before a larger one begins.
+
+    glibc keeps freed heap memory for reuse, and a pass of no-grad forwards leaves it too scattered
+    to serve a training step: a DPO rank that scored its reference first peaked at 11.1 GB instead
+    of 8.1 GB (SmolLM2, stop 35). ``malloc_trim`` returns every whole free page; elsewhere than
+    glibc it is a garbage collection only.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def thread_count(cpus: float, threads: int = 0) -> int:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf.metrics import MetricsWriter, emit, progress_line
-from rlhf.runtime import derive_seed, init_ray, set_torch_threads, sigint_restored
+from rlhf.runtime import derive_seed, init_ray, release_freed_memory, set_torch_threads, sigint_restored
 from rlhf.tracking import TrackedRun
 from rlhf.train.config import TrainConfig
 from rlhf.train.deepspeed_setup import initialize, lr_lambda, training_config, zero3_init_context
@@ -217,6 +217,7 @@ class _Worker:
         with torch.no_grad():  # the initial weights, before _restore loads a checkpoint's
             self.shard = self.task.prepare(self.engine.module, shard)
             validation = self.task.prepare(self.engine.module, validation)
+        release_freed_memory()  # what scoring freed, before the first training step's peak
         self.validation = validation.to_pydict() if validation.num_rows else {}
         self.state = self._restore(config["resume_from"])
         self.log = _MetricsLog(self.settings, self.state.step)
