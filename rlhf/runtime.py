@@ -192,7 +192,7 @@ def release_freed_memory() -> None:
 
     glibc keeps freed heap memory for reuse, and a pass of no-grad forwards leaves it too scattered
     to serve a training step: a DPO rank that scored its reference first peaked at 11.1 GB instead
-    of 8.1 GB (SmolLM2, stop 35). ``malloc_trim`` returns every whole free page; elsewhere than
+    of 7.9 GB (SmolLM2, stop 35). ``malloc_trim`` returns every whole free page; elsewhere than
     glibc it is a garbage collection only.
     """
     gc.collect()

@@ -1,7 +1,7 @@
 """The product loop end to end on a real local Ray cluster (tests/e2e/online_scenario.py): Serve, a
 submitted job, serves the published policy; a simulated person who prefers shorter summaries
-compares and chooses over HTTP; a submitted online job's reward_model cycle (reward model, then PPO
-in one colocated Ray actor) publishes a new version that Serve picks up.
+compares and chooses over HTTP; a submitted online job's reward_model cycle (reward model, then RL
+by GRPO with every role in one colocated Ray actor) publishes a new version that Serve picks up.
 """
 
 from __future__ import annotations
