@@ -57,12 +57,13 @@ class DPOTask:
         nothing): no second copy is loaded, and under ZeRO-3 the scoring runs partitioned."""
         if self.algo.reference != "cached":
             return table
+        policy = built(self.policy, self)
         chosen: list[torch.Tensor] = []
         rejected: list[torch.Tensor] = []
         start = shown = time.time()
         for offset in range(0, table.num_rows, self.batch_size):
             rows = table.slice(offset, self.batch_size).to_pydict()
-            for scores, got in zip((chosen, rejected), pair_logprobs(model, built(self.policy, self), rows)):
+            for scores, got in zip((chosen, rejected), pair_logprobs(model, policy, rows)):
                 scores.append(got.double().cpu())
             done = min(offset + self.batch_size, table.num_rows)
             if rank() == 0 and (done == table.num_rows or time.time() - shown > PROGRESS_EVERY_S):
