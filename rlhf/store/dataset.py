@@ -43,8 +43,10 @@ def feedback_dataset(url: str, kind: Schema, since: datetime | None = None) -> r
     The URL is expanded here, on the driver, so workers need neither the secret's environment
     variable nor the driver's working directory. The values are rendered into the SQL (they are
     typed datetimes, never user text) because DB-API drivers disagree on parameter syntax. One
-    read task: feedback tables are small, and read_sql's sharding needs MD5, which SQLite lacks.
-    With no matching rows the dataset is empty and its ``schema()`` is None (Ray drops empty blocks).
+    read task making one block: feedback tables are small, read_sql's sharding needs MD5, which
+    SQLite lacks, and Ray Data splits one task's output into as many blocks as it guesses the
+    cluster wants (200 on 2 CPUs), which the map below may then return out of order. With no
+    matching rows the dataset is empty and its ``schema()`` is None (Ray drops empty blocks).
     """
     import ray.data  # deferred: only this function of rlhf.store needs Ray
 
@@ -53,5 +55,5 @@ def feedback_dataset(url: str, kind: Schema, since: datetime | None = None) -> r
     query = canonical_query(kind, since)
     sql = str(query.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
     store.close()
-    dataset = ray.data.read_sql(sql, _Connect(engine.url))
+    dataset = ray.data.read_sql(sql, _Connect(engine.url), override_num_blocks=1)
     return dataset.map_batches(partial(_cast, schema=kind.arrow), batch_format="pyarrow", batch_size=None)
