@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib
 import importlib.util
 import os
@@ -22,9 +23,10 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlhf.errors import InputError
 from rlhf.metrics import emit
@@ -74,7 +76,7 @@ def model_cache_dir() -> Path:
 def resolve_name_or_path(name: str) -> str:
     """A local folder for ``name`` when a package ships it, else ``name`` unchanged (the hub's).
 
-    A real folder of that name wins. A packaged GGUF model is converted on first use (about 20 s)
+    A real folder of that name wins. A packaged GGUF model is converted on first use (about 10 s)
     and read from the cache afterwards; without the ``pretrained`` extra the hub is used where it
     answers, and otherwise an ``InputError`` names the extra to install.
     """
@@ -183,10 +185,34 @@ def _convert_gguf(folder: Path, file: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """Within one conversion, each GGUF file is parsed once and each tensor-name map built once.
+
+    transformers parses the file's header for the config, the tokenizer and the weights (three times
+    ~4.5 s for SmolLM2's 49k-token vocabulary) and builds gguf's tensor-name map anew for each of the
+    model's ~400 modules (~6 s); both are pure functions of their arguments. transformers imports
+    them from ``gguf`` at call time, so caching the module's attributes reaches every call.
+    """
+    import gguf
+
+    originals: dict[str, Callable[..., Any]] = {
+        "GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map,
+    }
+    for attribute, function in originals.items():
+        setattr(gguf, attribute, functools.lru_cache(maxsize=None)(function))
+    try:
+        yield
+    finally:
+        for attribute, function in originals.items():
+            setattr(gguf, attribute, function)
