@@ -22,9 +22,10 @@ from rlhf.config.core import load_config
 from rlhf.config.sections import ModelConfig
 from rlhf.models import load_reward_model
 from rlhf.train.config import RewardConfig, SFTConfig
-from rlhf.train.reward import RewardTask, bradley_terry_loss, run_reward
+from rlhf.train.reward import RewardTask, bradley_terry_loss, reward_data, run_reward
 from rlhf.train.sft import run_sft
 from rlhf.train.supervised_loop import STATE_FILE, epoch_batches, rank_shard
+from rlhf.train.zero_gather import no_gather
 
 DATA = ROOT / "tests" / "fixtures"
 
@@ -147,17 +148,23 @@ def test_bradley_terry_loss_matches_hand_computed_values() -> None:
     assert margin.item() == pytest.approx(0.5)
 
 
-def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
+def test_reward_model_learns_an_easy_preference_with_zero3_on_two_workers(tmp_path: Path) -> None:
+    """The preference is learned with the state partitioned over two ZeRO-3 ranks, and saved whole."""
     data = easy_preferences(tmp_path / "easy.jsonl", 96)
     cfg = load_config(RewardConfig, None, [
         f"output_dir={tmp_path / 'run'}", f"data.path={data}", "model.max_source_length=64",
         "model.max_target_length=32", "train.batch_size=8", "train.lr=2e-3", "train.max_steps=24",
-        "train.eval_every=24", "train.save_every=24",
+        "train.eval_every=24", "train.save_every=24", "train.num_workers=2", "train.cpus_per_worker=1",
+        "train.deepspeed.zero_stage=3",
     ])
     result = run_reward(cfg)
     evals = _evals(tmp_path / "run")
     assert evals[-1]["val_accuracy"] >= 0.9, evals
+    shards = sorted(p.name for p in (result.checkpoint_dir / "deepspeed").glob("*optim_states.pt"))
+    assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], shards  # state split over 2 ranks
     model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
+    whole = load_reward_model(ModelConfig(name_or_path=cfg.model.name_or_path))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in whole.parameters())
     assert model.stats["total"].std > 0 and model.stats["total"].mean != 0.0
     scores = model.score(["post about cat"] * 2, ["cat dog rent job", "#$%&*@!?#$%&"])
     assert scores[0] > scores[1]
@@ -176,23 +183,31 @@ def test_reward_model_learns_an_easy_preference(tmp_path: Path) -> None:
     assert first_eval["val_accuracy"] >= 0.9, first_eval
 
 
-def test_minilm_reward_backbone_trains_with_zero3_on_two_workers(tmp_path: Path) -> None:
-    """The real-model path of configs/reward_minilm.yaml, cut to a few steps on sample data, with
-    its state partitioned over two ZeRO-3 ranks and saved whole."""
+def test_minilm_reward_config_builds_a_real_backbone_that_trains_saves_and_loads(tmp_path: Path) -> None:
+    """configs/reward_minilm.yaml's model through the reward task as a rank drives it (loss, step,
+    save), in this process: its real pretrained BERT weights, whole after saving. Its Ray Train run
+    is benchmarks/rehearsal.py's reward_minilm; ZeRO-3 over two ranks is the easy-preference test's."""
     cfg = load_config(RewardConfig, str(ROOT / "configs" / "reward_minilm.yaml"), [
         f"output_dir={tmp_path}", f"data.path={DATA / 'tldr_comparisons_sample.jsonl'}",
-        "model.max_source_length=128", "train.batch_size=4", "train.max_steps=2",
-        "train.warmup_steps=0", "train.eval_every=2", "train.save_every=2", "train.max_eval_rows=8",
-        "train.num_workers=2", "train.cpus_per_worker=1", "train.deepspeed.zero_stage=3",
+        "model.max_source_length=128", "train.batch_size=4",
     ])
-    result = run_reward(cfg)
-    assert [e["step"] for e in _evals(tmp_path)] == [0, 2]
-    shards = sorted(p.name for p in (result.checkpoint_dir / "deepspeed").glob("*optim_states.pt"))
-    assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], shards  # state split over 2 ranks
-    model = load_reward_model(ModelConfig(name_or_path=str(result.model_dir)))
-    assert model.backbone.config.model_type == "bert" and model.backbone.config.num_hidden_layers == 6
-    assert sum(p.numel() for p in model.parameters()) > 20_000_000  # saved whole, gathered from the shards
-    assert model.score(["d"], ["s"]).shape == (1,)
+    task = RewardTask(cfg.model, cfg.train.batch_size, cfg.seed, cfg.heads, cfg.lora)
+    model = task.build_model().train()
+    batch = reward_data(cfg)[0].slice(0, 4).to_pydict()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, metrics = task.loss(model, batch)
+    loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=cfg.train.lr).step()
+    assert 0 <= metrics["accuracy"] <= 1 and loss.item() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step moved it
+    task.finalize(model)
+    task.save(model, tmp_path / "model", no_gather)
+    saved = load_reward_model(ModelConfig(name_or_path=str(tmp_path / "model")))
+    assert saved.backbone.config.model_type == "bert" and saved.backbone.config.num_hidden_layers == 6
+    assert sum(p.numel() for p in saved.parameters()) > 20_000_000
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[name]) for name, p in saved.named_parameters())
+    assert saved.score(["d"], ["s"]).shape == (1,)
 
 
 def test_bad_data_stops_the_job_with_one_line(tmp_path: Path) -> None:
@@ -205,7 +220,6 @@ def test_bad_data_stops_the_job_with_one_line(tmp_path: Path) -> None:
 
 def test_reward_data_mixes_files_feedback_database_and_synthetic_pairs(tmp_path: Path) -> None:
     from rlhf.store import FeedbackStore
-    from rlhf.train.reward import reward_data
 
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     store = FeedbackStore(url)
