@@ -74,7 +74,7 @@ def _bootstrap_address(address: str | None, temp_dir: str | None) -> str | None:
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return services.canonicalize_bootstrap_address(address, temp_dir)  # type: ignore[arg-type]  # None is its "auto"
+        return services.canonicalize_bootstrap_address(address, temp_dir)  # None is its "auto"
     except ConnectionError as err:  # address="auto" and no Ray running on this machine
         raise InputError(f"ray address=auto: {err}") from None
     finally:

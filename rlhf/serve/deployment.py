@@ -44,9 +44,9 @@ class PolicyDeployment:
         self.versions = PolicyVersions(cfg.registry, cfg.policy, serving, device)
         self.max_new_tokens = serving.max_new_tokens
         self.rng = random.Random(cfg.seed)
-        # @serve.batch adds these setters; its typing does not show them
-        self._generate_batch.set_max_batch_size(serving.max_batch_size)  # type: ignore[attr-defined]
-        self._generate_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        # setters that @serve.batch adds
+        self._generate_batch.set_max_batch_size(serving.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
         watcher = threading.Thread(target=self._watch, args=(serving.reload_interval_s,), daemon=True)
         watcher.start()
         logger.info("policy replica serving %s on %s", self.versions.current, device)
