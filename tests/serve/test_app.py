@@ -18,7 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 from support.paths import FIXTURES
-from support.serve import publish_tiny, publish_tiny_adapter, serve_config, start_with_admin, summarize_stream
+from support.serve import (
+    publish_tiny,
+    publish_tiny_adapter,
+    serve_config,
+    start_with_admin,
+    summarize_stream,
+    wait_for_answers,
+)
 
 from rlhf.store import FeedbackStore
 
@@ -270,7 +277,7 @@ def _publish_during_requests(url: str, publish: Callable[[], Path], version: str
     """The versions that answered 4 clients' stream of /v1/summarize while ``publish`` ran, until
     ``version`` was current and 8 more answers came; fails if any request failed."""
     with summarize_stream(url, TEXT) as versions:
-        time.sleep(2)
+        wait_for_answers(versions, 4)
         publish()
         _wait_for_version(url, version)
         seen = len(versions)

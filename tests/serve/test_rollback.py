@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from support.online import label_choices, online_config
-from support.serve import publish_tiny, serve_config, start_with_admin, summarize_stream
+from support.serve import publish_tiny, serve_config, start_with_admin, summarize_stream, wait_for_answers
 
 from rlhf.online.loop import OnlineLoop
 from rlhf.registry import CURRENT_FILE, PolicyRegistry, UnknownVersionError
@@ -77,7 +77,7 @@ def _rollback_during_requests(app: App, version: str) -> tuple[list[str], list[s
     ``version`` returned, and after it; the stream runs until 12 answers in a row came from
     ``version`` (every replica has followed; 60 s at most) and 12 more; fails if any request failed."""
     with summarize_stream(app.url, TEXT) as answers:
-        time.sleep(1)
+        wait_for_answers(answers, 4)
         rolled = requests.post(f"{app.url}/admin/rollback", json={"version": version}, headers=AUTH,
                                timeout=60)
         assert rolled.status_code == 200 and rolled.json()["version"] == version, rolled.text

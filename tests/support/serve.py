@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,6 +92,15 @@ def summarize_stream(url: str, text: str, clients: int = 4) -> Iterator[list[str
         for thread in threads:
             thread.join()
     assert errors == []
+
+
+def wait_for_answers(answers: list[str], count: int, timeout_s: float = 60) -> None:
+    """Until a ``summarize_stream``'s ``answers`` hold ``count``: requests are in flight and
+    answered, however slow the machine, before the test changes what is served."""
+    deadline = time.monotonic() + timeout_s
+    while len(answers) < count:
+        assert time.monotonic() < deadline, f"{len(answers)} of {count} answers in {timeout_s} s"
+        time.sleep(0.05)
 
 
 def start_with_admin(cfg: ServeConfig, admin_token: str) -> str:
