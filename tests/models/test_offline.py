@@ -90,6 +90,20 @@ def test_the_hub_name_resolves_offline_to_a_plain_folder_with_real_weights(model
     assert real < 4.0 and random > 9.0  # nats per reference token: ~3 against ~10.8 = ln(49,152)
 
 
+def test_a_conversion_builds_each_gguf_table_once_and_leaves_gguf_as_it_found_it() -> None:
+    """transformers asks gguf for the same tensor-name map once per module and parses the same file
+    once per from_pretrained: within a conversion each is built once (28 -> 10 s for SmolLM2)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with offline._gguf_read_once():
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first  # keyed by its arguments
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not first
+
+
 def test_without_the_extra_and_the_hub_one_line_names_the_extra(tmp_path: Path) -> None:
     code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
             "importlib.util.find_spec = lambda name, *a: None if name == 'gguf' else real(name, *a)\n"
